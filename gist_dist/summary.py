@@ -1,0 +1,36 @@
+"""A few lines about a finished run: loss before/after, throughput per rank, where outputs are."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics (did the run start?)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summarize(run_dir: str | Path) -> str:
+    rows = read_metrics(run_dir)
+    steps = [r for r in rows if "step" in r]
+    if not steps:
+        raise FileNotFoundError(f"{run_dir}: metrics.jsonl has no training steps yet")
+    start = next((r for r in rows if r.get("event") == "start"), {})
+    timed = steps[1:] or steps  # the first step includes warm-up (JIT, allocation)
+    per_rank = [sum(r["rank_tokens_per_s"][i] for r in timed) / len(timed)
+                for i in range(len(timed[0]["rank_tokens_per_s"]))]
+    evals = [r["eval_loss"] for r in steps if "eval_loss" in r]
+    out = Path(run_dir)
+    lines = [
+        f"run:          {out} (mode={start.get('mode')}, k={start.get('num_gist')}, ranks={start.get('world_size')})",
+        f"loss:         {steps[0]['loss']:.4f} (step 1) -> {steps[-1]['loss']:.4f} (step {steps[-1]['step']})",
+        f"eval loss:    {evals[-1]:.4f}" if evals else "eval loss:    (none logged)",
+        "tokens/s:     " + ", ".join(f"rank {i}: {v:.0f}" for i, v in enumerate(per_rank)) + f" (total {sum(per_rank):.0f})",
+        f"step time:    {sum(r['step_time_s'] for r in timed) / len(timed):.2f} s (mean after step 1)",
+        f"peak memory:  " + ", ".join(f"rank {i}: {v:.2f} GB" for i, v in enumerate(steps[-1]["rank_peak_mem_gb"])),
+        f"outputs:      {out / 'metrics.jsonl'}, {out / 'checkpoints'}, "
+        + (f"{out / 'final'}" if (out / "final").exists() else f"{out / 'gist.safetensors'}"),
+    ]
+    return "\n".join(lines)

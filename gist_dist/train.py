@@ -1,0 +1,253 @@
+"""The training loop, top to bottom. Modes differ only in what trains and which loss is used.
+
+    # one process (CPU, fp32)
+    gist-dist train configs/tiny.yaml output_dir=runs/tiny
+    # 2 ranks on one machine, ZeRO-3
+    torchrun --nproc_per_node 2 .venv/bin/gist-dist train configs/tiny.yaml
+    deepspeed --num_accelerators 2 --module gist_dist.cli train configs/tiny.yaml
+    # two nodes (see launchers/ and slurm/ for mpirun, srun, sbatch)
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \
+        .venv/bin/gist-dist train configs/llama-7b.yaml
+
+Modes: gist / pos_control / neg_control fine-tune the whole model with the matching attention
+mask and the LM loss; distill freezes the backbone and trains only [k, hidden] gist embeddings by
+KL(teacher with the full prompt || student with the gist tokens).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from . import artifact, checkpoint, dist
+from .batches import ShardedBatches
+from .config import RunConfig, to_dict
+from .data import DataStats, GistTemplate, load_records, model_inputs, pad_batch
+from .distill import GistDistiller, mean_embedding
+from .engine import deepspeed_config, warmup_cosine
+from .gist import add_gist_tokens, init_gist_embeddings
+from .model import is_shape_file, load_model, load_shape, load_tokenizer, resolve_dtype, resolve_model_path
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def hidden_size_of(cfg: RunConfig) -> int:
+    path = resolve_model_path(cfg.model.name)
+    if is_shape_file(path):
+        return int(load_shape(path)["hidden_size"])
+    from transformers import AutoConfig
+    return int(AutoConfig.from_pretrained(path).hidden_size)
+
+
+def gather_context(stage: int):
+    """Context that makes ZeRO-3 partitioned params whole (and writable on rank 0)."""
+    if stage != 3:
+        return contextlib.nullcontext
+    import deepspeed
+    return lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
+class Batcher:
+    """Turns a list of examples into model kwargs for the run's mode."""
+
+    def __init__(self, cfg: RunConfig, gist_ids, pad_id, dtype):
+        self.mode, self.gist_ids, self.pad_id, self.dtype = cfg.mode, gist_ids, pad_id, dtype
+
+    def __call__(self, examples):
+        if self.mode == "distill":
+            t = pad_batch([e["teacher"] for e in examples], self.pad_id)
+            s = pad_batch([e["student"] for e in examples], self.pad_id)
+            return {"teacher": model_inputs(t, self.gist_ids, "pos_control", self.dtype),
+                    "student": model_inputs(s, self.gist_ids, "gist", self.dtype),
+                    "labels_t": t["labels"], "labels_s": s["labels"]}, int(s["attention_mask"].sum())
+        b = pad_batch(examples, self.pad_id)
+        return {**model_inputs(b, self.gist_ids, self.mode, self.dtype), "labels": b["labels"]}, \
+            int(b["attention_mask"].sum())
+
+
+def encode(cfg: RunConfig, template: GistTemplate, records, stats):
+    if cfg.mode != "distill":
+        return template.encode_all(records, stats)
+    out = []
+    for rec in records:
+        teacher = template.encode(rec, stats, with_gist=False)
+        student = template.encode(rec, stats, with_prompt=cfg.distill.student == "gist_mask")
+        if teacher is not None and student is not None:
+            out.append({"teacher": teacher, "student": student})
+    return out
+
+
+def compute_loss(engine, mode, batch):
+    if mode == "distill":
+        return engine(**batch)
+    return engine(**batch).loss
+
+
+def run(cfg: RunConfig) -> dict:
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    env = dist.init(cfg.timeout_s)
+    rank, world = env.rank, env.world_size
+    out = Path(cfg.output_dir)
+    torch.manual_seed(cfg.train.seed)
+
+    tok = load_tokenizer(cfg.model)
+    num_old = len(tok)
+    gist_ids = add_gist_tokens(tok, cfg.num_gist)
+    dtype = resolve_dtype(cfg.model.dtype)
+    ds_config = deepspeed_config(cfg, hidden_size_of(cfg), dtype)
+
+    # Data first: bad input fails before the model is built or anything is written.
+    stats = DataStats()
+    template = GistTemplate(tok, gist_ids, cfg.data.max_length, cfg.data.overlong)
+    train_records = load_records(cfg.data.train, split="seen", n=cfg.data.num_train, seed=cfg.data.seed,
+                                 bad_records=cfg.data.bad_records, stats=stats)
+    eval_records = load_records(cfg.data.eval, split="seen", n=cfg.data.num_eval, seed=cfg.data.seed + 1,
+                                bad_records=cfg.data.bad_records)
+    train_examples = encode(cfg, template, train_records, stats)
+    eval_examples = encode(cfg, template, eval_records, None)
+    if not train_examples:
+        raise ValueError(f"{cfg.data.train}: every record was dropped (max_length={cfg.data.max_length})")
+    train_batches = ShardedBatches(train_examples, cfg.train.micro_batch_size, rank, world, cfg.train.seed)
+    eval_batches = ShardedBatches(eval_examples, cfg.train.micro_batch_size, rank, world, 0, shuffle=False)
+
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    # Keep the HF ZeRO-3 config alive while building: from_pretrained/from_config then use zero.Init.
+    hf_ds = HfDeepSpeedConfig(ds_config) if cfg.zero.stage == 3 else None  # noqa: F841
+    t_build = time.time()
+    model = load_model(cfg.model, vocab_min=num_old)
+    gather = gather_context(cfg.zero.stage)
+    meta = {}
+    if cfg.mode == "distill":
+        init = mean_embedding(model, gather).expand(cfg.num_gist, -1)
+        with gather([model.get_input_embeddings().weight]):
+            meta["base_fingerprint"] = artifact.model_fingerprint(model.config, model.get_input_embeddings().weight)
+        module = GistDistiller(model, gist_ids, init, cfg.distill.temperature, cfg.distill.lm_weight)
+        trainable = [module.gist]
+    else:
+        init_gist_embeddings(model, gist_ids, num_old, len(tok), gather)
+        model.config.use_cache = False
+        module, trainable = model, [p for p in model.parameters() if p.requires_grad]
+    build_s = time.time() - t_build
+
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    batcher = Batcher(cfg, gist_ids, tok.pad_token_id, dtype)
+
+    ckpt = checkpoint.Checkpointer(out / "checkpoints", cfg.train.keep_checkpoints)
+    start_step = ckpt.resume(engine, train_batches)
+    stopper = checkpoint.StopSignal()
+
+    n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable)
+    dist.log(f"gist-dist: mode={cfg.mode} k={cfg.num_gist} ranks={world} ({env.source}) zero={cfg.zero.stage} "
+             f"dtype={dtype} trainable={n_trainable:,} train={len(train_examples)} data={stats.as_dict()}")
+    metrics_path = out / "metrics.jsonl"
+
+    def log_metrics(record):
+        if rank == 0:
+            with metrics_path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    if rank == 0 and start_step == 0:
+        log_metrics({"event": "start", "world_size": world, "mode": cfg.mode, "num_gist": cfg.num_gist,
+                     "trainable_params": n_trainable, "build_s": build_s, "data": stats.as_dict(),
+                     "launcher": env.source, "optimizer_state_bytes": 2 * 4 * n_trainable})
+
+    def evaluate_loss():
+        engine.eval()
+        eval_batches.epoch = eval_batches.index = 0
+        total = count = 0.0
+        with torch.no_grad():
+            for _ in range(min(cfg.train.eval_batches, eval_batches.per_epoch)):
+                batch, _ = batcher(next(eval_batches))
+                total += float(compute_loss(engine, cfg.mode, batch))
+                count += 1
+        engine.train()
+        total, count = dist.all_reduce([total, count])
+        return total / max(count, 1)
+
+    first_loss = last_loss = None
+    step = start_step
+    bar = tqdm(total=cfg.train.max_steps, initial=start_step, disable=rank != 0, desc=f"train[{cfg.mode}]")
+    while step < cfg.train.max_steps:
+        t0 = time.time()
+        loss_sum, tokens = 0.0, 0
+        for _ in range(cfg.train.grad_accum):
+            batch, n_tok = batcher(next(train_batches))
+            loss = compute_loss(engine, cfg.mode, batch)
+            engine.backward(loss)
+            engine.step()
+            loss_sum += float(loss)
+            tokens += n_tok
+        step += 1
+        step_time = time.time() - t0
+        loss_mean, total_tokens = dist.all_reduce([loss_sum / cfg.train.grad_accum / world, tokens])
+        rank_tps = dist.all_gather_object(tokens / step_time)
+        rank_mem = dist.all_gather_object(peak_memory_gb())
+        record = {"step": step, "loss": loss_mean, "lr": scheduler.get_last_lr()[0], "step_time_s": step_time,
+                  "tokens": int(total_tokens), "tokens_per_s": sum(rank_tps), "rank_tokens_per_s": rank_tps,
+                  "peak_mem_gb": max(rank_mem), "rank_peak_mem_gb": rank_mem}
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
+            record["eval_loss"] = evaluate_loss()
+        log_metrics(record)
+        first_loss = loss_mean if first_loss is None else first_loss
+        last_loss = loss_mean
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_mean:.4f}")
+        stop = stopper.agreed()
+        if stop or (cfg.train.save_every and step % cfg.train.save_every == 0):
+            ckpt.save(engine, train_batches, step)
+        if stop:
+            dist.log(f"gist-dist: stop signal received, checkpoint saved at step {step}; exiting for requeue")
+            raise SystemExit(checkpoint.REQUEUE_EXIT_CODE)
+    bar.close()
+    ckpt.save(engine, train_batches, step)
+    export(cfg, engine, module, tok, out, meta, last_loss)
+    dist.barrier()
+    summary = {"first_loss": first_loss, "last_loss": last_loss, "steps": step, "output_dir": str(out)}
+    return summary
+
+
+def export(cfg: RunConfig, engine, module, tok, out: Path, meta: dict, last_loss):
+    """gist modes: OUTPUT_DIR/final/ (safetensors + tokenizer). distill: the gist artifact."""
+    if cfg.mode == "distill":
+        with gather_context(cfg.zero.stage)([module.gist]):
+            gist = module.gist.detach().clone()
+        if dist.is_main():
+            artifact.save(out, gist, {
+                **meta, "base_model": cfg.model.name, "num_gist": cfg.num_gist,
+                "gist_tokens": tok.convert_ids_to_tokens(list(module.gist_ids.tolist())),
+                "hidden_size": gist.shape[1], "tokenizer": cfg.model.tokenizer or cfg.model.name,
+                "mode": "distill", "final_loss": last_loss, "temperature": cfg.distill.temperature})
+        return
+    if cfg.zero.stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # gathered on rank 0 only
+    else:
+        state = module.state_dict()
+    if dist.is_main():
+        final = out / "final"
+        tmp = out / "final.tmp"
+        module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "gist_config.json").write_text(json.dumps(
+            {"mode": cfg.mode, "num_gist": cfg.num_gist, "gist_tokens": tok.convert_ids_to_tokens(
+                tok.convert_tokens_to_ids([f"<GIST_{i}>" for i in range(cfg.num_gist)]))}, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)

@@ -1,0 +1,53 @@
+"""Shared test helpers: run the real CLI under real launchers, on CPU ranks with gloo."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+os.environ.setdefault("GIST_DIST_CACHE", str(ROOT / ".cache"))
+os.environ.setdefault("HF_HOME", str(ROOT / ".cache" / "hf"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str], timeout: int = 600, env: dict | None = None, check: bool = True, cwd=ROOT):
+    """Run a command; on failure show its output so the test report says why."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n--- stdout\n"
+                             f"{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def torchrun(args: list[str], nproc: int = 2, **kw):
+    return run([BIN / "torchrun", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+                "--master_port", str(free_port()), BIN / "gist-dist", *args], **kw)
+
+
+def gist_dist(args: list[str], **kw):
+    return run([BIN / "gist-dist", *args], **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_gist_run(tmp_path_factory) -> Path:
+    """One 2-rank ZeRO-3 gist-mode training of the tiny config, shared by several tests."""
+    out = tmp_path_factory.mktemp("tiny_gist")
+    torchrun(["train", TINY, f"output_dir={out}"])
+    return out
