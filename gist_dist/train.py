@@ -165,11 +165,6 @@ def run(cfg: RunConfig) -> dict:
             with metrics_path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
 
-    if rank == 0 and start_step == 0:
-        log_metrics({"event": "start", "world_size": world, "mode": cfg.mode, "num_gist": cfg.num_gist,
-                     "trainable_params": n_trainable, "build_s": build_s, "data": stats.as_dict(),
-                     "launcher": env.source, "optimizer_state_bytes": 2 * 4 * n_trainable})
-
     def evaluate_loss():
         engine.eval()
         eval_batches.epoch = eval_batches.index = 0
@@ -183,6 +178,12 @@ def run(cfg: RunConfig) -> dict:
         total, count = dist.all_reduce([total, count])
         return total / max(count, 1)
 
+    if start_step == 0:
+        eval_before = evaluate_loss()  # the baseline the run is judged against
+        log_metrics({"event": "start", "world_size": world, "mode": cfg.mode, "num_gist": cfg.num_gist,
+                     "eval_loss_before": eval_before, "trainable_params": n_trainable, "build_s": build_s, "data": stats.as_dict(),
+                     "launcher": env.source, "optimizer_state_bytes": 2 * 4 * n_trainable})
+
     first_loss = last_loss = None
     step = start_step
     bar = tqdm(total=cfg.train.max_steps, initial=start_step, disable=rank != 0, desc=f"train[{cfg.mode}]")
@@ -194,7 +195,7 @@ def run(cfg: RunConfig) -> dict:
             loss = compute_loss(engine, cfg.mode, batch)
             engine.backward(loss)
             engine.step()
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
             tokens += n_tok
         step += 1
         step_time = time.time() - t0
