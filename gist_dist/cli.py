@@ -33,6 +33,31 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_compress(args) -> int:
+    from . import compress, dist
+    from .config import load_config
+    from .train import run
+
+    overrides = [f"num_gist={args.num_gist}", *args.overrides]
+    cfg = compress.prepare(load_config(args.config, overrides), args.prompt_file, args.queries,
+                           args.num_queries, args.answer_tokens, args.heldout)
+    summary = run(cfg)
+    compress.record_prompt_meta(cfg)
+    if dist.is_main():
+        print(json.dumps(summary))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .inference import GistModel
+
+    gm = GistModel.load(args.gist, model_name=args.model)
+    queries = [args.query] if args.query else [q for q in sys.stdin.read().splitlines() if q.strip()]
+    for q in queries:
+        print(gm.generate(q, instruction=args.instruction, max_new_tokens=args.max_new_tokens))
+    return 0
+
+
 def cmd_resolve_output(args) -> int:
     from .config import load_config
     print(load_config(args.config, args.overrides).output_dir)
@@ -45,6 +70,28 @@ def cmd_summary(args) -> int:
     return 0
 
 
+def cmd_flops(args) -> int:
+    from . import flops, latency
+    result = flops.flops_for(args.model, args.num_gist, data=args.data, prompt_tokens=args.prompt_tokens,
+                             tail_tokens=args.tail_tokens, n=args.n, dtype=args.dtype, tokenizer=args.tokenizer)
+    text = [flops.format_table(result)]
+    if args.measure:  # FlopCounterMode on forward passes; shape files run on the meta device (no weights)
+        lengths = [(args.prompt_tokens, args.tail_tokens)] if not args.data else None
+        lengths = lengths or flops.prompt_lengths(flops.load_records_for(args.data, 3), flops.tokenizer_for(args.model)[0])
+        result["measured_check"] = flops.check_against_counter(args.model, lengths, args.num_gist,
+                                                               meta=flops.is_shape(args.model))
+        text.append(flops.format_check(result["measured_check"]))
+    if args.latency:
+        result["latency"] = latency.latency_for(args.model, args.num_gist, data=args.data, n=args.latency_examples,
+                                                prompt_tokens=args.prompt_tokens, tail_tokens=args.tail_tokens,
+                                                repeats=args.repeats)
+        text.append(latency.format_latency(result["latency"]))
+    if args.out:
+        flops.write_json(result, args.out)
+    print(json.dumps(result, indent=2) if args.json else "\n".join(text))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gist-dist", description="Distributed gist-token trainer (DeepSpeed ZeRO-3)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -52,10 +99,46 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
     t.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested keys")
     t.set_defaults(func=cmd_train)
+    c = sub.add_parser("compress", help="distill one long prompt into K gist embeddings (frozen backbone)")
+    c.add_argument("--prompt-file", required=True, help="text file holding the prompt to compress")
+    c.add_argument("--num-gist", type=int, required=True, help="K, the number of gist tokens")
+    c.add_argument("--queries", help="file of training queries (one per line or JSONL {\"query\": ...}); "
+                   "default: sampled from the model itself")
+    c.add_argument("--num-queries", type=int, default=48, help="queries to sample when --queries is not given")
+    c.add_argument("--answer-tokens", type=int, default=32, help="length of the teacher's answers")
+    c.add_argument("--heldout", type=float, default=0.2, help="share of queries held out for evaluation")
+    c.add_argument("--config", default=None, help="YAML run config (model, train, zero settings)")
+    c.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=runs/sys-prompt")
+    c.set_defaults(func=cmd_compress)
+    g = sub.add_parser("generate", help="answer queries with a gist artifact in place of the prompt")
+    g.add_argument("--gist", required=True, help="directory with gist.safetensors + gist_config.json")
+    g.add_argument("--query", help="the query (default: one per line on stdin)")
+    g.add_argument("--instruction", help="for artifacts trained with the instruction visible (gist mask)")
+    g.add_argument("--model", help="base model (default: the one recorded in gist_config.json)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.set_defaults(func=cmd_generate)
     r = sub.add_parser("resolve-output", help="print the output_dir a config + overrides resolve to")
     r.add_argument("config")
     r.add_argument("overrides", nargs="*")
     r.set_defaults(func=cmd_resolve_output)
+    f = sub.add_parser("flops", help="inference FLOPs, KV bytes (and measured latency) per caching strategy")
+    f.add_argument("--model", default="smollm2", help="llama-7b|llama-13b|llama-70b|tiny|smollm2, a shape YAML, "
+                   "an HF folder or config.json")
+    f.add_argument("--num-gist", type=int, default=1)
+    f.add_argument("--data", default="", help="Alpaca JSON/JSONL (or 'generated'): real prompt lengths")
+    f.add_argument("-n", type=int, default=0, help="use the first N records of --data (0: all)")
+    f.add_argument("--prompt-tokens", type=int, default=0, help="one instruction length instead of --data")
+    f.add_argument("--tail-tokens", type=int, default=3,
+                   help="input + '\\nOutput:' tokens with --prompt-tokens (3: no input, SmolLM2 tokenizer)")
+    f.add_argument("--tokenizer", default="", help="tokenizer for --data (default: the model's, else SmolLM2's)")
+    f.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype of stored KV")
+    f.add_argument("--measure", action="store_true", help="check against torch FlopCounterMode forward passes")
+    f.add_argument("--latency", action="store_true", help="time TTFT/decode per strategy on this machine")
+    f.add_argument("--latency-examples", type=int, default=4)
+    f.add_argument("--repeats", type=int, default=10)
+    f.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    f.add_argument("--out", default="", help="also write the JSON here (e.g. RUN_DIR/flops.json)")
+    f.set_defaults(func=cmd_flops)
     s = sub.add_parser("summary", help="short summary of a training run (loss, tokens/s per rank, outputs)")
     s.add_argument("run_dir")
     s.set_defaults(func=cmd_summary)

@@ -66,6 +66,7 @@ class TrainConfig:
     eval_batches: int = 4
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
+    verify_frozen: bool = True  # distill: digest every frozen weight before and after training
     seed: int = 0
 
 

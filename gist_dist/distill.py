@@ -72,3 +72,15 @@ def mean_embedding(model, gather=contextlib.nullcontext) -> torch.Tensor:
     w = model.get_input_embeddings().weight
     with gather([w]):
         return w.detach().float().mean(0).to(w.dtype).clone()
+
+
+def parameter_digest(named_params, gather=contextlib.nullcontext) -> str:
+    """sha256 over every (gathered) parameter's name and bytes: proves frozen weights unchanged."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(named_params, key=lambda item: item[0]):
+        with gather([p]):
+            h.update(name.encode())
+            h.update(p.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -108,6 +108,33 @@ def llama_config_from_shape(path: str, vocab_min: int = 0):
     return LlamaConfig(**shape)
 
 
+MATERIALIZE_MAX_PARAMS = 500_000_000
+
+
+def approx_params(config) -> int:
+    h, i, L, v = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    kv = h * config.num_key_value_heads // config.num_attention_heads
+    return v * h * (1 if config.tie_word_embeddings else 2) + L * (2 * h * h + 2 * h * kv + 3 * h * i)
+
+
+def materialize_shape(config, seed: int) -> Path:
+    """Random weights for a small shape, written once, so every process and world size (and
+    later inference) loads the very same base model."""
+    import hashlib
+    from transformers import AutoModelForCausalLM
+
+    key = hashlib.sha256((config.to_json_string(use_diff=False) + str(seed)).encode()).hexdigest()[:16]
+    target = cache_dir() / f"shape-{key}"
+    with _file_lock(cache_dir() / f"shape-{key}.lock"):
+        if not (target / "config.json").exists():
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+            model.save_pretrained(tmp)
+            tmp.rename(target)
+    return target
+
+
 def load_tokenizer(cfg_model):
     from transformers import AutoTokenizer
 
@@ -127,7 +154,11 @@ def load_model(cfg_model, vocab_min: int = 0):
     dtype = resolve_dtype(cfg_model.dtype)
     path = resolve_model_path(cfg_model.name)
     if is_shape_file(path):
-        torch.manual_seed(cfg_model.seed)  # same weights on every rank
         config = llama_config_from_shape(path, vocab_min)
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg_model.attn_implementation)
+        if approx_params(config) > MATERIALIZE_MAX_PARAMS:
+            # Too big to write out: random weights built directly inside zero.Init (not reproducible
+            # across world sizes, which is fine for scale tests that never reload them).
+            torch.manual_seed(cfg_model.seed)
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg_model.attn_implementation)
+        path = str(materialize_shape(config, cfg_model.seed))
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=cfg_model.attn_implementation)

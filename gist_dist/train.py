@@ -29,8 +29,8 @@ from tqdm import tqdm
 from . import artifact, checkpoint, dist
 from .batches import ShardedBatches
 from .config import RunConfig, to_dict
-from .data import DataStats, GistTemplate, load_records, model_inputs, pad_batch
-from .distill import GistDistiller, mean_embedding
+from .data import DataError, DataStats, GistTemplate, load_records, model_inputs, pad_batch
+from .distill import GistDistiller, mean_embedding, parameter_digest
 from .engine import deepspeed_config, warmup_cosine
 from .gist import add_gist_tokens, init_gist_embeddings
 from .model import is_shape_file, load_model, load_shape, load_tokenizer, resolve_dtype, resolve_model_path
@@ -119,9 +119,13 @@ def run(cfg: RunConfig) -> dict:
     train_examples = encode(cfg, template, train_records, stats)
     eval_examples = encode(cfg, template, eval_records, None)
     if not train_examples:
-        raise ValueError(f"{cfg.data.train}: every record was dropped (max_length={cfg.data.max_length})")
-    train_batches = ShardedBatches(train_examples, cfg.train.micro_batch_size, rank, world, cfg.train.seed)
-    eval_batches = ShardedBatches(eval_examples, cfg.train.micro_batch_size, rank, world, 0, shuffle=False)
+        raise DataError(f"{cfg.data.train}: every record was dropped (max_length={cfg.data.max_length})")
+    try:
+        train_batches = ShardedBatches(train_examples, cfg.train.micro_batch_size, rank, world, cfg.train.seed)
+        eval_batch = max(1, min(cfg.train.micro_batch_size, len(eval_examples) // world))
+        eval_batches = ShardedBatches(eval_examples, eval_batch, rank, world, 0, shuffle=False)
+    except ValueError as e:
+        raise DataError(f"{cfg.data.train}: {e}") from None
 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -137,6 +141,8 @@ def run(cfg: RunConfig) -> dict:
         with gather([model.get_input_embeddings().weight]):
             meta["base_fingerprint"] = artifact.model_fingerprint(model.config, model.get_input_embeddings().weight)
         module = GistDistiller(model, gist_ids, init, cfg.distill.temperature, cfg.distill.lm_weight)
+        if cfg.train.verify_frozen:  # costs one gather of every weight; proves the backbone never moved
+            meta["frozen_digest_before"] = parameter_digest(model.named_parameters(), gather)
         trainable = [module.gist]
     else:
         init_gist_embeddings(model, gist_ids, num_old, len(tok), gather)
@@ -220,7 +226,13 @@ def run(cfg: RunConfig) -> dict:
             raise SystemExit(checkpoint.REQUEUE_EXIT_CODE)
     bar.close()
     ckpt.save(engine, train_batches, step)
+    if cfg.mode == "distill" and cfg.train.verify_frozen:
+        meta["frozen_digest_after"] = parameter_digest(module.model.named_parameters(), gather_context(cfg.zero.stage))
+        if meta["frozen_digest_after"] != meta.get("frozen_digest_before", meta["frozen_digest_after"]):
+            raise RuntimeError("distill: a frozen backbone weight changed during training")
     export(cfg, engine, module, tok, out, meta, last_loss)
+    log_metrics({"event": "end", "steps": step, "last_loss": last_loss,
+                 **{k: v for k, v in meta.items() if k.startswith("frozen_digest")}})
     dist.barrier()
     summary = {"first_loss": first_loss, "last_loss": last_loss, "steps": step, "output_dir": str(out)}
     return summary

@@ -1,0 +1,132 @@
+"""`gist-dist compress`: distill one long prompt (e.g. a system prompt) into k gist embeddings.
+
+No labelled data is needed: queries come from a file or are sampled from the frozen model itself,
+and the answers are the frozen model's own greedy answers with the full prompt (the teacher).
+The student sees only the gist tokens and the query (distill.student=no_prompt), so the trained
+embeddings replace the prompt at inference.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from . import dist
+from .config import ConfigError, RunConfig
+from .data import DataError, GistTemplate
+from .datagen import write_jsonl
+from .model import load_model, load_tokenizer
+
+QUERY_REQUEST = "\n\nWrite one short question a user could ask about the text above.\nQuestion:"
+
+
+def read_queries(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{path}: queries file not found")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not valid UTF-8") from None
+    queries = []
+    for lineno, line in enumerate(lines, 1):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                line = json.loads(line)["query"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataError(f"{path}:{lineno}: expected a plain line or {{\"query\": ...}}") from None
+        if line:
+            queries.append(str(line))
+    if not queries:
+        raise DataError(f"{path}: no queries")
+    return queries
+
+
+@torch.no_grad()
+def _continue(model, tok, ids: list[int], max_new: int, sample: bool, gen: torch.Generator) -> list[int]:
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=max_new, do_sample=sample, top_k=50 if sample else None,
+                         temperature=1.0 if sample else None, top_p=None, pad_token_id=tok.pad_token_id)
+    return out[0, len(ids):].tolist()
+
+
+def teacher_records(cfg: RunConfig, prompt: str, queries: list[str] | None, n_queries: int,
+                    answer_tokens: int) -> list[dict]:
+    """Records {instruction: prompt, input: query, output: the teacher's answer}."""
+    torch.manual_seed(cfg.train.seed)
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    tok = load_tokenizer(cfg.model)
+    model = load_model(cfg.model).eval()
+    template = GistTemplate(tok, [], max_length=1 << 30)
+    if queries is None:  # sample queries from the frozen model itself
+        ask = template.text_ids(prompt + QUERY_REQUEST)
+        queries = []
+        for _ in range(n_queries * 3):
+            text = tok.decode(_continue(model, tok, ask, 24, True, gen), skip_special_tokens=True)
+            text = text.strip().split("\n")[0].strip()
+            if text and text not in queries:
+                queries.append(text)
+            if len(queries) == n_queries:
+                break
+        if len(queries) < 4:
+            raise DataError("compress: the model produced too few distinct queries; pass --queries FILE")
+    records = []
+    for q in queries:
+        rec = {"instruction": prompt, "input": q, "output": ""}
+        ids = template.encode(rec, with_gist=False, with_output=False)["input_ids"]
+        answer = _continue(model, tok, ids, answer_tokens, False, gen)
+        answer = [t for t in answer if t != tok.eos_token_id]
+        rec["output"] = tok.decode(answer, skip_special_tokens=True).strip() or "."
+        records.append(rec)
+    return records
+
+
+def prepare(cfg: RunConfig, prompt_file: str, queries_file: str | None, n_queries: int, answer_tokens: int,
+            heldout: float) -> RunConfig:
+    """Make the teacher data (rank 0), then return the distill run config that trains on it."""
+    p = Path(prompt_file)
+    if not p.is_file():
+        raise DataError(f"{prompt_file}: prompt file not found")
+    prompt = p.read_text(encoding="utf-8", errors="strict").strip()
+    if not prompt:
+        raise DataError(f"{prompt_file}: prompt is empty")
+    if not 0 < heldout < 1:
+        raise ConfigError("--heldout must be between 0 and 1")
+    queries = read_queries(queries_file) if queries_file else None
+    data_dir = Path(cfg.output_dir) / "compress_data"
+    dist.init(cfg.timeout_s)
+    if dist.is_main():
+        records = teacher_records(cfg, prompt, queries, n_queries, answer_tokens)
+        n_eval = max(1, int(len(records) * heldout))
+        write_jsonl(records[:-n_eval], data_dir / "train.jsonl")
+        write_jsonl(records[-n_eval:], data_dir / "heldout.jsonl")
+        prompt_tokens = len(load_tokenizer(cfg.model)(prompt, add_special_tokens=False)["input_ids"])
+        (data_dir / "prompt.json").write_text(json.dumps({
+            "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest(), "prompt_tokens": prompt_tokens,
+            "num_gist": cfg.num_gist, "compression_ratio": prompt_tokens / cfg.num_gist}, indent=2))
+    dist.barrier()
+    # The teacher sees the whole prompt: make room for the longest teacher example.
+    tok, longest = load_tokenizer(cfg.model), 0
+    template = GistTemplate(tok, [], max_length=1 << 30)
+    for line in (data_dir / "train.jsonl").read_text().splitlines():
+        longest = max(longest, len(template.encode(json.loads(line), with_gist=False)["input_ids"]))
+    cfg.data.max_length = max(cfg.data.max_length, longest + cfg.num_gist)
+    cfg.mode, cfg.distill.student = "distill", "no_prompt"
+    cfg.data.train, cfg.data.eval = str(data_dir / "train.jsonl"), str(data_dir / "heldout.jsonl")
+    cfg.data.num_train = cfg.data.num_eval = 0
+    return cfg
+
+
+def record_prompt_meta(cfg: RunConfig):
+    """Fold the prompt's hash and token count into gist_config.json."""
+    if not dist.is_main():
+        return
+    out = Path(cfg.output_dir)
+    meta = json.loads((out / "gist_config.json").read_text())
+    meta.update(json.loads((out / "compress_data" / "prompt.json").read_text()))
+    tmp = out / "gist_config.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    tmp.replace(out / "gist_config.json")
