@@ -1,0 +1,97 @@
+"""Analytic FLOPs vs torch's FlopCounterMode on real forward passes; gist-cache correctness; CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import gist_dist
+from gist_dist import flops, latency
+from gist_dist.gist import make_attention_mask
+
+LENGTHS = [(5, 3), (26, 11), (40, 1)]  # (instruction tokens, tail tokens)
+
+
+@pytest.mark.parametrize("model, meta", [("tiny", False), ("smollm2", False), ("llama-7b", True)])
+def test_analytic_flops_match_counter_within_2_percent(model, meta):
+    check = flops.check_against_counter(model, LENGTHS, num_gist=2, meta=meta)
+    for strategy in flops.STRATEGIES:
+        assert check[strategy]["measured"] > 0
+        assert abs(check[strategy]["rel_error"]) < 0.02, (strategy, check[strategy])
+    # the cut comes from not re-encoding the instruction: gist <= instruction < none
+    assert check["gist"]["measured"] <= check["instruction"]["measured"] < check["none"]["measured"]
+
+
+@pytest.mark.parametrize("model", ["tiny", "smollm2"])
+def test_parameter_count_matches_the_real_model(model):
+    net = flops.load_eager(model)
+    assert flops.shape_of(model, net.config).params() == sum(p.numel() for p in net.parameters())
+
+
+def test_gist_prefix_gives_the_masked_full_sequence_logits():
+    """Caching only the gist KV (original positions kept) equals the gist-masked full forward."""
+    net = flops.load_eager("tiny")
+    vocab = net.config.vocab_size
+    gist = [vocab - 2, vocab - 1]
+    prompt, tail = list(range(30, 47)), list(range(60, 66))
+    ids = torch.tensor([prompt + gist + tail])
+    with torch.no_grad():
+        full = net(input_ids=ids, attention_mask=make_attention_mask(ids, torch.ones_like(ids), gist, "gist")).logits
+    prefix = latency.build_prefix(net, prompt, gist, "gist")
+    assert prefix.length == len(gist) and prefix.next_position == len(prompt) + len(gist)
+    cached = latency.forward_new(net, tail, prefix, logits_to_keep=0).logits
+    torch.testing.assert_close(cached[0], full[0, -len(tail):], rtol=1e-4, atol=1e-5)
+
+
+def test_kv_bytes_and_latency_per_strategy_on_a_real_model():
+    net = flops.load_eager("tiny")
+    shape = flops.shape_of("tiny", net.config)
+    vocab = net.config.vocab_size
+    result = latency.measure_strategies(net, [(list(range(10, 34)), list(range(40, 45)))], [vocab - 1],
+                                        repeats=3, warmup=1, decode_tokens=3)
+    per_token = shape.kv_bytes_per_token("fp32")
+    assert result["gist"]["kv_bytes_per_prompt"] == 1 * per_token
+    assert result["instruction"]["kv_bytes_per_prompt"] == 24 * per_token
+    assert result["none"]["kv_bytes_per_prompt"] == 0
+    for strategy in flops.STRATEGIES:
+        r = result[strategy]
+        assert 0 < r["ttft_p25_ms"] <= r["ttft_ms"] <= r["ttft_p75_ms"]
+        assert r["decode_ms_per_token"] > 0
+
+
+def test_cli_contract_single_prompt_length_without_weights():
+    out = gist_dist(["flops", "--model", "llama-7b", "--num-gist", "1", "--prompt-tokens", "26", "--json"], timeout=60)
+    result = json.loads(out.stdout)
+    shape = flops.shape_of("llama-7b")
+    assert result["params"] == shape.params()
+    none, gist = result["gflops_per_example"]["none"], result["gflops_per_example"]["gist"]
+    assert none * 1e9 == pytest.approx(flops.forward_flops(shape, 26 + 3, 0))
+    assert result["reduction_vs_none"]["gist"] == pytest.approx(1 - gist / none)
+    assert result["kv_bytes_per_prompt"]["instruction"] == 26 * result["kv_bytes_per_prompt"]["gist"]
+
+
+def test_cli_over_a_data_file(tmp_path):
+    data = tmp_path / "d.jsonl"
+    recs = [{"instruction": "Say hello to the reader politely", "input": "", "output": "Hello"},
+            {"instruction": "Add the numbers", "input": "2 and 3", "output": "5"}]
+    data.write_text("\n".join(json.dumps(r) for r in recs))
+    out_json = tmp_path / "flops.json"
+    out = gist_dist(["flops", "--model", "tiny", "--data", str(data), "--out", str(out_json)], timeout=120)
+    assert "tokenizer smollm2" in out.stdout
+    result = json.loads(out_json.read_text())
+    assert result["examples"] == 2
+    tok, _ = flops.tokenizer_for("tiny")
+    assert result["mean_prompt_tokens"] == pytest.approx(
+        sum(len(tok(f"Instruction: {r['instruction']}\n", add_special_tokens=False)["input_ids"]) for r in recs) / 2)
+
+
+@pytest.mark.parametrize("args, code", [
+    (["--model", "llama-7b"], 2),                                  # neither --data nor --prompt-tokens
+    (["--model", "no-such-model", "--prompt-tokens", "5"], 1),
+    (["--model", "llama-7b", "--data", "/nonexistent.json"], 1),
+])
+def test_cli_bad_input_is_one_line_and_nonzero(args, code):
+    proc = gist_dist(["flops", *args], check=False, timeout=60)
+    assert proc.returncode == code
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == ""
