@@ -1,25 +1,36 @@
 """Distributed set-up: find rank/world/master from whichever launcher started us, then init.
 
-Precedence (first match wins; explicit RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT always win):
-  1. torchrun / deepspeed launcher: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE
+Precedence (first match wins):
+  0. GIST_DIST_LAUNCHER=torchrun|openmpi|slurm|pmix|single forces one source (explicit override).
+  1. torchrun / deepspeed launcher / by hand: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE
+     (the deepspeed launcher also sets CROSS_RANK and LOCAL_SIZE).
   2. Open MPI (mpirun):             OMPI_COMM_WORLD_RANK, _SIZE, _LOCAL_RANK, _LOCAL_SIZE
-  3. Slurm (srun):                  SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NTASKS_PER_NODE
-  4. PMIx (srun --mpi=pmix, prun):  PMIX_RANK, size via mpi4py
+  3. Slurm (srun step):             SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID,
+                                    SLURM_STEP_TASKS_PER_NODE + SLURM_NODEID
+  4. PMIx (prun, srun --mpi=pmix):  PMIX_RANK, world size from mpi4py
   5. nothing: a single process (rank 0 of 1)
-Master address: MASTER_ADDR, else the first host of `scontrol show hostnames $SLURM_JOB_NODELIST`,
-else rank 0's address sent over MPI, else 127.0.0.1. Port: MASTER_PORT, else 29500 (+ job id % 1000
-under Slurm so concurrent jobs on one node do not collide).
+Master address: MASTER_ADDR, else under Slurm the first host of
+`scontrol show hostnames $SLURM_JOB_NODELIST`, else under MPI rank 0's address broadcast by mpi4py
+(only when the job spans several hosts), else 127.0.0.1. Port: MASTER_PORT, else 29500 (+ job id
+% 1000 under Slurm, so that jobs sharing a node do not collide).
 Backend: nccl with CUDA, gloo on CPU.
 """
 from __future__ import annotations
 
 import datetime
 import os
+import re
 import socket
 import subprocess
 from dataclasses import dataclass
 
 import torch
+
+SOURCES = ("torchrun", "openmpi", "slurm", "pmix", "single")
+# Variables worth naming when the environment does not add up.
+_WATCHED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+            "GIST_DIST_LAUNCHER", "OMPI_COMM_WORLD_", "PMIX_RANK", "PMIX_LOCAL_", "SLURM_PROCID",
+            "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_STEP_ID", "SLURM_STEP_TASKS_PER_NODE")
 
 
 class LaunchError(RuntimeError):
@@ -37,29 +48,52 @@ class DistEnv:
     source: str
 
 
-def _int(env, key):
+def _seen(env) -> str:
+    keys = sorted(k for k in env if k.startswith(_WATCHED))
+    return ", ".join(f"{k}={env[k]}" for k in keys) or "none"
+
+
+def _fail(env, why: str):
+    raise LaunchError(f"inconsistent launcher environment: {why}; variables seen: {_seen(env)}")
+
+
+def _int(env, key, required=False):
+    if key not in env:
+        if required:
+            _fail(env, f"{key} is not set")
+        return None
     try:
         return int(env[key])
-    except (KeyError, ValueError):
-        return None
+    except ValueError:
+        _fail(env, f"{key}={env[key]!r} is not an integer")
 
 
-def _slurm_master(env) -> str | None:
-    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-    if not nodelist:
-        return None
+def tasks_on_node(tasks_per_node: str, node_id: int) -> int | None:
+    """Slurm's compressed list '2(x3),1' -> tasks on node `node_id` (here 2 for 0..2, 1 for 3)."""
+    counts = []
+    for part in tasks_per_node.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            return None
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts[node_id] if 0 <= node_id < len(counts) else None
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a Slurm nodelist, via scontrol when present ('gpu[03-04],cpu1' -> 'gpu03')."""
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
-        hosts = out.stdout.split()
-        if hosts:
-            return hosts[0]
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30)
+        if out.returncode == 0 and out.stdout.split():
+            return out.stdout.split()[0]
     except (OSError, subprocess.TimeoutExpired):
         pass
-    return nodelist.split(",")[0].split("[")[0]
+    m = re.match(r"([^,\[]+)(?:\[([^\],\-]+))?", nodelist)
+    return m.group(1) + (m.group(2) or "")
 
 
 def _mpi_master(rank: int) -> str:
-    from mpi4py import MPI  # only when launched by MPI without MASTER_ADDR
+    from mpi4py import MPI  # only for multi-host MPI jobs without MASTER_ADDR
 
     addr = None
     if rank == 0:
@@ -70,43 +104,80 @@ def _mpi_master(rank: int) -> str:
     return MPI.COMM_WORLD.bcast(addr, root=0)
 
 
+def _source(env) -> str:
+    forced = env.get("GIST_DIST_LAUNCHER")
+    if forced:
+        if forced not in SOURCES:
+            _fail(env, f"GIST_DIST_LAUNCHER={forced!r} is not one of {', '.join(SOURCES)}")
+        return forced
+    if "RANK" in env or "WORLD_SIZE" in env:
+        return "torchrun"
+    if "OMPI_COMM_WORLD_RANK" in env:
+        return "openmpi"
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        if "SLURM_STEP_ID" not in env and _int(env, "SLURM_NTASKS") > 1:
+            # The batch script itself is one process; its SLURM_NTASKS describes the allocation.
+            _fail(env, f"SLURM_NTASKS={env['SLURM_NTASKS']} but this process is not in a job step "
+                       "(no SLURM_STEP_ID): start it with srun")
+        return "slurm" if "SLURM_STEP_ID" in env else "single"
+    if "PMIX_RANK" in env:
+        return "pmix"
+    return "single"
+
+
+def _ranks(env, source):
+    """(rank, world, local_rank, local_world) as the source reports them (None = not reported)."""
+    if source == "torchrun":
+        return (_int(env, "RANK", True), _int(env, "WORLD_SIZE", True), _int(env, "LOCAL_RANK"),
+                _int(env, "LOCAL_WORLD_SIZE") or _int(env, "LOCAL_SIZE"))
+    if source == "openmpi":
+        return (_int(env, "OMPI_COMM_WORLD_RANK", True), _int(env, "OMPI_COMM_WORLD_SIZE", True),
+                _int(env, "OMPI_COMM_WORLD_LOCAL_RANK"), _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE"))
+    if source == "slurm":
+        per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
+        return (_int(env, "SLURM_PROCID", True), _int(env, "SLURM_NTASKS", True), _int(env, "SLURM_LOCALID"),
+                tasks_on_node(per_node, _int(env, "SLURM_NODEID") or 0))
+    if source == "pmix":
+        from mpi4py import MPI  # PMIx exports no sizes; MPI asks the PMIx server
+
+        node = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks sharing this host
+        return _int(env, "PMIX_RANK", True), MPI.COMM_WORLD.Get_size(), node.Get_rank(), node.Get_size()
+    return 0, 1, 0, 1
+
+
+def _check_agreement(env, source, rank):
+    """PMIx numbers the same processes as mpirun and srun --mpi=pmix: the ranks must match.
+
+    (SLURM_PROCID is not compared with MPI ranks: under mpirun in an allocation it numbers the
+    per-node daemons, not the ranks.)"""
+    pairs = {"openmpi": "PMIX_RANK", "slurm": "PMIX_RANK", "pmix": "OMPI_COMM_WORLD_RANK"}
+    key = pairs.get(source)
+    if key in env and _int(env, key) != rank:
+        _fail(env, f"{source} rank {rank} disagrees with {key}={env[key]}")
+
+
 def discover(env=None) -> DistEnv:
     env = dict(os.environ if env is None else env)
-    seen = sorted(k for k in env if k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PMIX_RANK") or
-                  k.startswith(("OMPI_COMM_WORLD_", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")))
-    if "RANK" in env or "WORLD_SIZE" in env:
-        rank, world, source = _int(env, "RANK"), _int(env, "WORLD_SIZE"), "torchrun"
-        local, local_world = _int(env, "LOCAL_RANK"), _int(env, "LOCAL_WORLD_SIZE")
-    elif "OMPI_COMM_WORLD_RANK" in env:
-        rank, world, source = _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE"), "openmpi"
-        local, local_world = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK"), _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE")
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        rank, world, source = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"), "slurm"
-        local = _int(env, "SLURM_LOCALID")
-        per_node = env.get("SLURM_TASKS_PER_NODE", env.get("SLURM_NTASKS_PER_NODE", ""))
-        local_world = _int({"x": per_node.split("(")[0].split(",")[0]}, "x")
-    elif "PMIX_RANK" in env:
-        from mpi4py import MPI
-
-        rank, world, source = _int(env, "PMIX_RANK"), MPI.COMM_WORLD.Get_size(), "pmix"
-        local, local_world = _int(env, "PMIX_LOCAL_RANK"), _int(env, "PMIX_LOCAL_SIZE")
-    else:
-        rank, world, local, local_world, source = 0, 1, 0, 1, "single"
-    if rank is None or world is None or not (0 <= rank < world):
-        raise LaunchError(f"inconsistent launcher environment ({source}): rank={rank} world_size={world}; "
-                          f"variables seen: {', '.join(seen) or 'none'}")
-    local = 0 if local is None else local
-    local_world = local_world or 1
+    source = _source(env)
+    rank, world, local, local_world = _ranks(env, source)
+    if world < 1 or not 0 <= rank < world:
+        _fail(env, f"rank {rank} is outside a world of {world} ({source})")
+    _check_agreement(env, source, rank)
+    multi_host = local_world is None or local_world < world  # unknown: assume it may be
+    local, local_world = local or 0, local_world or world
+    if not 0 <= local < local_world <= world:
+        _fail(env, f"local rank {local} of {local_world} does not fit a world of {world} ({source})")
     addr = env.get("MASTER_ADDR")
     if not addr and source == "slurm" and world > 1:
-        addr = _slurm_master(env)
-    if not addr and source in ("openmpi", "pmix") and world > 1 and local_world < world:
+        addr = first_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "")
+    if not addr and source in ("openmpi", "pmix") and multi_host:
         addr = _mpi_master(rank)
-    addr = addr or "127.0.0.1"
     port = _int(env, "MASTER_PORT")
     if port is None:
         port = 29500 + (_int(env, "SLURM_JOB_ID") or 0) % 1000
-    return DistEnv(rank, world, local, local_world, addr, port, source)
+    if source == "torchrun" and "CROSS_RANK" in env:
+        source = "deepspeed"
+    return DistEnv(rank, world, local, local_world, addr or "127.0.0.1", port, source)
 
 
 def init(timeout_s: int = 600) -> DistEnv:
