@@ -117,6 +117,20 @@ def approx_params(config) -> int:
     return v * h * (1 if config.tie_word_embeddings else 2) + L * (2 * h * h + 2 * h * kv + 3 * h * i)
 
 
+@contextlib.contextmanager
+def _without_zero3():
+    """Hide a live HfDeepSpeedConfig: a build by one rank under zero.Init would wait in a
+    collective for ranks that are waiting on the file lock (a deadlock on a fresh cache)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def materialize_shape(config, seed: int) -> Path:
     """Random weights for a small shape, written once, so every process and world size (and
     later inference) loads the very same base model."""
@@ -128,7 +142,8 @@ def materialize_shape(config, seed: int) -> Path:
     with _file_lock(cache_dir() / f"shape-{key}.lock"):
         if not (target / "config.json").exists():
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            with _without_zero3():
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
             tmp = target.with_name(target.name + f".tmp{os.getpid()}")
             model.save_pretrained(tmp)
             tmp.rename(target)

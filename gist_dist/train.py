@@ -42,6 +42,15 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def param_bytes(model) -> tuple[int, int]:
+    """(bytes of parameters this rank holds, bytes of the whole model): under ZeRO-3 a rank holds
+    only its shard `ds_tensor`; the ratio proves the sharding is real."""
+    held = sum(((p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0) + p.data.numel()) * p.element_size()
+               for p in model.parameters())  # p.data is empty unless gathered or persistent
+    whole = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
+    return held, whole
+
+
 def hidden_size_of(cfg: RunConfig) -> int:
     path = resolve_model_path(cfg.model.name)
     if is_shape_file(path):
@@ -149,6 +158,8 @@ def run(cfg: RunConfig) -> dict:
         model.config.use_cache = False
         module, trainable = model, [p for p in model.parameters() if p.requires_grad]
     build_s = time.time() - t_build
+    held, model_param_bytes = param_bytes(model)  # measured before deepspeed.initialize: zero.Init's doing
+    rank_param_bytes = dist.all_gather_object(held)
 
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -188,6 +199,7 @@ def run(cfg: RunConfig) -> dict:
         eval_before = evaluate_loss()  # the baseline the run is judged against
         log_metrics({"event": "start", "world_size": world, "mode": cfg.mode, "num_gist": cfg.num_gist,
                      "eval_loss_before": eval_before, "trainable_params": n_trainable, "build_s": build_s, "data": stats.as_dict(),
+                     "rank_param_bytes": rank_param_bytes, "model_param_bytes": model_param_bytes,
                      "launcher": env.source, "optimizer_state_bytes": 2 * 4 * n_trainable})
 
     first_loss = last_loss = None
