@@ -17,6 +17,7 @@ def _env_defaults():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # keeps stderr to what matters
     # DeepSpeed 0.19 calls torch's renamed collectives every step; one warning per call floods logs.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.", category=FutureWarning)
 
@@ -92,6 +93,16 @@ def cmd_flops(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .plan import Setup, format_plan, plan, to_json
+    setup = Setup(nodes=args.nodes, gpus_per_node=args.gpus_per_node, mode=args.mode, dtype=args.dtype,
+                  offload=args.offload, num_gist=args.num_gist, micro_batch=args.micro_batch, seq_len=args.seq_len,
+                  checkpointing=args.checkpointing, gpu_mem_gb=args.gpu_mem_gb)
+    result = plan(args.model, setup)
+    print(to_json(result) if args.json else format_plan(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gist-dist", description="Distributed gist-token trainer (DeepSpeed ZeRO-3)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -139,6 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--json", action="store_true", help="print JSON instead of tables")
     f.add_argument("--out", default="", help="also write the JSON here (e.g. RUN_DIR/flops.json)")
     f.set_defaults(func=cmd_flops)
+    pl = sub.add_parser("plan", help="ZeRO-3 memory per GPU (and comm volume) for a model shape, no weights")
+    pl.add_argument("--model", default="llama-7b", help="llama-7b|llama-13b|llama-70b, a shape YAML or HF config")
+    pl.add_argument("--nodes", type=int, default=1)
+    pl.add_argument("--gpus-per-node", type=int, default=8)
+    pl.add_argument("--mode", default="gist", help="gist (whole model trains) or distill (gist embeddings only)")
+    pl.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
+    pl.add_argument("--offload", default="none", help="none or cpu (params + optimizer states to host memory)")
+    pl.add_argument("--num-gist", type=int, default=1)
+    pl.add_argument("--micro-batch", type=int, default=1)
+    pl.add_argument("--seq-len", type=int, default=512)
+    pl.add_argument("--checkpointing", action="store_true", help="activation checkpointing per layer")
+    pl.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory of one GPU in GiB")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plan)
     s = sub.add_parser("summary", help="short summary of a training run (loss, tokens/s per rank, outputs)")
     s.add_argument("run_dir")
     s.set_defaults(func=cmd_summary)

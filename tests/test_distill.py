@@ -1,0 +1,81 @@
+"""Distill mode under 2-rank ZeRO-3: only the gist embeddings learn, the backbone stays bit-for-bit."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY, gist_dist, torchrun
+from gist_dist import artifact
+from gist_dist.config import ModelConfig
+from gist_dist.datagen import generate
+from gist_dist.inference import GistModel
+from gist_dist.model import load_model
+
+
+def rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def distill_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("distill")
+    torchrun(["train", TINY, "mode=distill", "num_gist=2", f"output_dir={out}", "train.lr=0.01",
+              "train.max_steps=30"])
+    return out
+
+
+def test_kl_falls_and_only_gist_trains(distill_run):
+    log = rows(distill_run)
+    start, end = log[0], log[-1]
+    steps = [r for r in log if "step" in r]
+    assert start["trainable_params"] == 2 * 64  # k x hidden, nothing else
+    assert start["optimizer_state_bytes"] == 2 * 4 * 2 * 64
+    assert steps[-1]["eval_loss"] < start["eval_loss_before"]  # KL(teacher || student) on held-out data
+    assert end["event"] == "end"
+    assert end["frozen_digest_before"] == end["frozen_digest_after"]  # every gathered weight, bit for bit
+
+
+def test_artifact_and_trained_embeddings_changed(distill_run):
+    meta = json.loads((distill_run / artifact.CONFIG).read_text())
+    gist = load_file(str(distill_run / artifact.WEIGHTS))["gist"]
+    assert gist.shape == (2, 64) and meta["num_gist"] == 2 and meta["gist_tokens"] == ["<GIST_0>", "<GIST_1>"]
+    base = load_model(ModelConfig(name="configs/models/tiny.yaml"), vocab_min=49152)
+    init = base.get_input_embeddings().weight.mean(0)
+    assert not torch.allclose(gist[0], init, atol=1e-3)
+    assert meta["base_fingerprint"] == artifact.model_fingerprint(base.config, base.get_input_embeddings().weight)
+
+
+def test_artifact_round_trip_gives_identical_logits(distill_run, tmp_path):
+    gm = GistModel.load(distill_run)
+    ids = gm.prompt_ids("apple river", instruction="Reverse the order of the words.")
+    before = gm.logits(ids)
+    artifact.save(tmp_path, gm.distiller.gist.detach(), gm.meta)
+    again = GistModel.load(tmp_path)
+    assert torch.equal(before, again.logits(ids))
+
+
+def test_wrong_base_model_fails_clearly(distill_run, tmp_path):
+    other = tmp_path / "other.yaml"
+    shape = open(TINY.replace("tiny.yaml", "models/tiny.yaml")).read()
+    other.write_text(shape.replace("num_hidden_layers: 2", "num_hidden_layers: 3"))
+    proc = gist_dist(["generate", "--gist", str(distill_run), "--model", str(other), "--query", "hi"], check=False)
+    assert proc.returncode == 1
+    assert "trained for base model" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_compress_one_prompt_end_to_end(tmp_path):
+    prompt = tmp_path / "system.txt"
+    task = generate(1, "seen", seed=5)[0]
+    prompt.write_text("You are a helpful assistant. " * 12 + task["instruction"])
+    out = tmp_path / "run"
+    torchrun(["compress", "--prompt-file", prompt, "--num-gist", "2", "--num-queries", "16", "--answer-tokens", "6",
+              "--config", TINY, f"output_dir={out}", "train.max_steps=8", "train.lr=0.05"])
+    meta = json.loads((out / artifact.CONFIG).read_text())
+    assert meta["prompt_tokens"] > 60 and meta["compression_ratio"] == meta["prompt_tokens"] / 2
+    assert len(meta["prompt_sha256"]) == 64
+    held = (out / "compress_data" / "heldout.jsonl").read_text().splitlines()
+    train = (out / "compress_data" / "train.jsonl").read_text().splitlines()
+    assert held and not set(held) & set(train)
+    answer = gist_dist(["generate", "--gist", str(out), "--query", "what now?", "--max-new-tokens", "4"])
+    assert answer.returncode == 0 and answer.stdout.strip()
