@@ -99,6 +99,10 @@ def hf_config(name: str):
 
 
 def shape_of(name: str, config=None) -> Shape:
+    if config is None and is_shape(name):  # plain YAML: no transformers import, answers in a second
+        from types import SimpleNamespace
+        from .model import load_shape
+        config = SimpleNamespace(**load_shape(model_shape_path(name)))
     c = config if config is not None else hf_config(name)
     text = getattr(c, "get_text_config", lambda: c)()
     heads = text.num_attention_heads

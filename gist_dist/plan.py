@@ -1,0 +1,155 @@
+"""ZeRO-3 memory planner (per GPU) and communication volume per step, from a model shape alone.
+
+Model states per GPU, W = nodes * gpus_per_node GPUs, N parameters, T of them trainable
+(gist: T = N; distill: T = k * hidden, the gist embeddings only), p = bytes of the run dtype:
+    parameters   p * N / W         every parameter, partitioned (ZeRO-3)
+    gradients    4 * T / W         the fp32 gradient partition the optimizer steps on
+    optimizer    (8 + m) * T / W   Adam's two fp32 moments, plus an fp32 master copy (m = 4) when p < 4
+    working      (p + p_g) * Lmax  the largest module gathered whole (params, and its grads before the
+                                   reduce-scatter when it trains: p_g = p in gist mode, 0 in distill)
+With bf16 and full training that is 18 bytes per parameter / W + 4 * Lmax: DeepSpeed's own estimator
+(deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs) uses the same 18, i.e. the
+ZeRO paper's 16 bytes (Rajbhandari et al. 2020, K = 12) with the gradient held in fp32 instead of
+fp16. Offload "cpu" (ZeRO-Infinity to CPU, params and optimizer) moves parameters, gradients and
+optimizer states to host memory; the GPU keeps the working set.
+
+Activations per GPU for micro batch b and sequence s, bf16, flash/sdpa attention (no s^2 scores),
+counted as the tensors autograd saves per LLaMA layer and token (after Korthikanti et al. 2022, who
+do the same count for GPT): RMSNorm inputs and outputs 4h, q, k, v a*d + 2*g*d, attention output a*d,
+SwiGLU gate, up, silu(gate) and their product 4I:
+    per layer  p * b * s * (4h + 2*a*d + 2*g*d + 4I)
+    logits     8 * b * s * V            fp32 logits and log-softmax of the loss
+With activation checkpointing each layer keeps only its input (p*b*s*h) and one layer is recomputed
+at a time. Not counted: DeepSpeed's prefetch/reduce buckets, the CUDA context and allocator
+fragmentation; "fits" therefore keeps 10% of the GPU free.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from .config import ConfigError
+from .flops import DTYPE_BYTES, Shape, shape_of
+
+GiB = 2**30
+RESERVE = 0.10  # share of GPU memory kept for the CUDA context, buckets and fragmentation
+
+
+@dataclass
+class Setup:
+    nodes: int = 1
+    gpus_per_node: int = 8
+    mode: str = "gist"
+    dtype: str = "bf16"
+    offload: str = "none"
+    num_gist: int = 1
+    micro_batch: int = 1
+    seq_len: int = 512
+    checkpointing: bool = False
+    gpu_mem_gb: float = 80.0
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def validate(self) -> "Setup":
+        checks = [
+            (self.nodes >= 1 and self.gpus_per_node >= 1, "--nodes and --gpus-per-node must be >= 1"),
+            (self.mode in ("gist", "distill"), f"--mode must be gist or distill, got {self.mode!r}"),
+            (self.dtype in DTYPE_BYTES, f"--dtype must be one of {', '.join(DTYPE_BYTES)}"),
+            (self.offload in ("none", "cpu"), f"--offload must be none or cpu, got {self.offload!r}"),
+            (self.num_gist >= 1 and self.micro_batch >= 1 and self.seq_len >= 1,
+             "--num-gist, --micro-batch and --seq-len must be >= 1"),
+            (self.gpu_mem_gb > 0, "--gpu-mem-gb must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+
+def trainable_params(shape: Shape, mode: str, num_gist: int) -> int:
+    return shape.params() if mode == "gist" else num_gist * shape.hidden
+
+
+def model_states(shape: Shape, setup: Setup) -> dict:
+    """Bytes of parameters, gradients, optimizer states and the gathered working set (see above)."""
+    p, w = DTYPE_BYTES[setup.dtype], setup.world
+    n, t = shape.params(), trainable_params(shape, setup.mode, setup.num_gist)
+    master = 4 if p < 4 else 0
+    sharded = {"parameters": p * n / w, "gradients": 4 * t / w, "optimizer": (8 + master) * t / w}
+    working = (p + (p if setup.mode == "gist" else 0)) * shape.largest_module_params()
+    gpu = {**sharded, "working": working} if setup.offload == "none" else \
+        {"parameters": 0.0, "gradients": 0.0, "optimizer": 0.0, "working": working}
+    cpu_per_node = sum(sharded.values()) * setup.gpus_per_node if setup.offload == "cpu" else 0.0
+    return {"gpu": gpu, "gpu_total": sum(gpu.values()), "cpu_per_node": cpu_per_node}
+
+
+def activations(shape: Shape, setup: Setup) -> float:
+    p, tokens = DTYPE_BYTES[setup.dtype], setup.micro_batch * setup.seq_len
+    h, a, g, d, i = shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, shape.intermediate
+    per_layer = p * tokens * (4 * h + 2 * a * d + 2 * g * d + 4 * i)
+    logits = 8 * tokens * shape.vocab
+    if setup.checkpointing:
+        return shape.layers * p * tokens * h + per_layer + logits
+    return shape.layers * per_layer + logits
+
+
+def comm_bytes_per_step(shape: Shape, mode: str, world: int, dtype: str = "bf16", micro_batches: int = 1,
+                        num_gist: int = 1) -> dict:
+    """Bytes each rank sends (and receives) per optimizer step under ZeRO-3, ring collectives.
+
+    A ring all-gather or reduce-scatter of a B-byte buffer moves B * (W-1)/W per rank. Per micro batch:
+      all-gather of all parameters for each forward pass (gist: 1; distill: 2, teacher and student
+      run through the same partitioned backbone) and once more in backward (distill too: the
+      gradient reaches the gist embeddings at the input through every frozen layer);
+      reduce-scatter of the trainable gradients (gist: all N; distill: k * hidden).
+    DeepSpeed reduces gradients at every micro batch's backward, so both scale with micro_batches.
+    """
+    p, ring = DTYPE_BYTES[dtype], (world - 1) / world
+    forwards = 1 if mode == "gist" else 2
+    gather = (forwards + 1) * shape.params() * p * ring * micro_batches
+    scatter = trainable_params(shape, mode, num_gist) * p * ring * micro_batches
+    return {"all_gather": gather, "reduce_scatter": scatter, "total": gather + scatter,
+            "forward_passes": forwards, "world": world, "dtype": dtype}
+
+
+def plan(model: str, setup: Setup) -> dict:
+    setup.validate()
+    shape = shape_of(model)
+    states = model_states(shape, setup)
+    act = activations(shape, setup)
+    total = states["gpu_total"] + act
+    return {
+        "model": model, "params": shape.params(), "largest_module_params": shape.largest_module_params(),
+        "trainable_params": trainable_params(shape, setup.mode, setup.num_gist), "setup": setup.__dict__,
+        "world": setup.world, "gpu_bytes": {**states["gpu"], "activations": act}, "gpu_model_states": states["gpu_total"],
+        "gpu_total": total, "cpu_bytes_per_node": states["cpu_per_node"],
+        "fits": total <= (1 - RESERVE) * setup.gpu_mem_gb * GiB,
+        "comm_bytes_per_step": comm_bytes_per_step(shape, setup.mode, setup.world, setup.dtype, 1, setup.num_gist),
+    }
+
+
+def format_plan(r: dict) -> str:
+    s, g = r["setup"], r["gpu_bytes"]
+    lines = [
+        f"{r['model']}: {r['params'] / 1e9:.3f} B params ({r['trainable_params']:,} trainable, mode {s['mode']}), "
+        f"ZeRO-3 over {s['nodes']} node(s) x {s['gpus_per_node']} GPU(s) = {r['world']}, {s['dtype']}, offload {s['offload']}",
+        f"per GPU (GiB): parameters {g['parameters'] / GiB:.2f}, gradients {g['gradients'] / GiB:.2f}, "
+        f"optimizer {g['optimizer'] / GiB:.2f}, gathered working set {g['working'] / GiB:.2f}",
+        f"  model states {r['gpu_model_states'] / GiB:.2f} GiB + activations {g['activations'] / GiB:.2f} GiB "
+        f"(micro batch {s['micro_batch']} x {s['seq_len']} tokens, checkpointing {'on' if s['checkpointing'] else 'off'})"
+        f" = {r['gpu_total'] / GiB:.2f} GiB",
+    ]
+    if s["offload"] == "cpu":
+        lines.append(f"  host memory per node for offloaded states: {r['cpu_bytes_per_node'] / GiB:.2f} GiB")
+    verdict = "fits" if r["fits"] else "does NOT fit"
+    lines.append(f"{verdict} in {s['gpu_mem_gb']:g} GiB per GPU (keeping {RESERVE:.0%} free)")
+    c = r["comm_bytes_per_step"]
+    lines.append(f"communication per rank per micro batch: all-gather {c['all_gather'] / GiB:.2f} GiB, "
+                 f"reduce-scatter {c['reduce_scatter'] / GiB:.4f} GiB")
+    return "\n".join(lines)
+
+
+def to_json(r: dict) -> str:
+    return json.dumps(r, indent=2)

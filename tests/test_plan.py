@@ -1,0 +1,84 @@
+"""ZeRO-3 planner vs DeepSpeed's own estimator; distill vs gist; the CLI contract."""
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+
+from conftest import gist_dist
+from gist_dist.flops import hf_config, shape_of
+from gist_dist.plan import Setup, comm_bytes_per_step, plan
+
+
+@functools.cache
+def deepspeed_counts(model: str) -> tuple[int, int]:
+    """(total, largest layer) params as DeepSpeed counts them, on a weightless LLaMA of the shape."""
+    from deepspeed.runtime.zero.stage3 import model_to_params
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        net = AutoModelForCausalLM.from_config(hf_config(model))
+    # model_to_params dedupes by data_ptr, which is 0 for every meta tensor: count the total directly
+    return sum(p.numel() for p in net.parameters()), model_to_params(net)[1]
+
+
+@pytest.mark.parametrize("model", ["llama-7b", "llama-13b", "llama-70b"])
+@pytest.mark.parametrize("nodes, gpus", [(1, 8), (4, 8), (2, 1)])
+@pytest.mark.parametrize("offload", ["none", "cpu"])
+def test_model_states_within_10_percent_of_deepspeed(model, nodes, gpus, offload):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    total, largest = deepspeed_counts(model)
+    ds_cpu, ds_gpu, _ = estimate_zero3_model_states_mem_needs(
+        total, largest, num_gpus_per_node=gpus, num_nodes=nodes, cpu_offload=offload == "cpu",
+        cpu_offload_params=offload == "cpu", zero_init=True, additional_buffer_factor=1.0)
+    ours = plan(model, Setup(nodes=nodes, gpus_per_node=gpus, mode="gist", dtype="bf16", offload=offload))
+    assert ours["params"] == total and ours["largest_module_params"] == largest
+    assert ours["gpu_model_states"] == pytest.approx(ds_gpu, rel=0.10)
+    if offload == "cpu":
+        assert ours["cpu_bytes_per_node"] == pytest.approx(ds_cpu, rel=0.10)
+
+
+def test_distill_keeps_only_partitioned_frozen_weights():
+    gist = plan("llama-7b", Setup(nodes=4, gpus_per_node=8, mode="gist"))
+    distill = plan("llama-7b", Setup(nodes=4, gpus_per_node=8, mode="distill", num_gist=2))
+    n, h = shape_of("llama-7b").params(), shape_of("llama-7b").hidden
+    assert distill["trainable_params"] == 2 * h
+    assert distill["gpu_bytes"]["parameters"] == gist["gpu_bytes"]["parameters"] == 2 * n / 32
+    assert distill["gpu_bytes"]["optimizer"] == 12 * 2 * h / 32
+    assert distill["gpu_model_states"] < gist["gpu_model_states"] / 4
+
+
+def test_comm_volume_gist_vs_distill():
+    shape = shape_of("llama-13b")
+    gist = comm_bytes_per_step(shape, "gist", world=16)
+    distill = comm_bytes_per_step(shape, "distill", world=16, num_gist=4)
+    ring = 15 / 16
+    assert gist["all_gather"] == pytest.approx(2 * 2 * shape.params() * ring)   # forward + backward
+    assert gist["reduce_scatter"] == pytest.approx(2 * shape.params() * ring)
+    assert distill["all_gather"] == pytest.approx(3 * 2 * shape.params() * ring)  # teacher, student, backward
+    assert distill["reduce_scatter"] == pytest.approx(2 * 4 * shape.hidden * ring)
+    assert comm_bytes_per_step(shape, "gist", world=1)["total"] == 0
+
+
+def test_fit_verdict_follows_the_gpu_count():
+    assert not plan("llama-70b", Setup(nodes=1, gpus_per_node=1, mode="gist"))["fits"]
+    assert plan("llama-70b", Setup(nodes=8, gpus_per_node=8, mode="gist", checkpointing=True))["fits"]
+    small = plan("llama-7b", Setup(micro_batch=8, seq_len=2048, gpu_mem_gb=24))
+    ckpt = plan("llama-7b", Setup(micro_batch=8, seq_len=2048, gpu_mem_gb=24, checkpointing=True))
+    assert ckpt["gpu_bytes"]["activations"] < small["gpu_bytes"]["activations"] / 4
+
+
+def test_cli_contract_answers_without_weights():
+    out = gist_dist(["plan", "--model", "llama-7b", "--nodes", "4", "--gpus-per-node", "8", "--mode", "distill"],
+                    timeout=60)
+    assert "fits in 80 GiB" in out.stdout
+    js = json.loads(gist_dist(["plan", "--model", "llama-7b", "--nodes", "4", "--gpus-per-node", "8",
+                               "--mode", "distill", "--json"], timeout=60).stdout)
+    assert js["world"] == 32 and js["fits"] and js["comm_bytes_per_step"]["forward_passes"] == 2
+
+
+@pytest.mark.parametrize("args", [["--mode", "train"], ["--nodes", "0"], ["--offload", "nvme"]])
+def test_cli_bad_input(args):
+    proc = gist_dist(["plan", "--model", "llama-7b", *args], check=False, timeout=60)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == ""
