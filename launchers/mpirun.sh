@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Open MPI: NP ranks on the hosts of HOSTFILE (default: this machine). Ranks come from
+# OMPI_COMM_WORLD_*; on several hosts rank 0's address is broadcast with mpi4py.
+#   NP=16 HOSTFILE=hosts launchers/mpirun.sh configs/llama-7b.yaml [key=value ...]
+#   MPIRUN_ARGS="--allow-run-as-root" NP=2 launchers/mpirun.sh configs/tiny.yaml
+set -euo pipefail
+CONFIG=${1:?usage: mpirun.sh CONFIG [key=value ...]}; shift
+VENV=${VENV:-$(dirname "$0")/../.venv}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# mpirun forwards only what it is told to: the settings the trainer reads, when they are set.
+FORWARD=()
+for var in OMP_NUM_THREADS MASTER_ADDR MASTER_PORT GIST_DIST_CACHE HF_HOME HF_HUB_OFFLINE TORCH_EXTENSIONS_DIR \
+           GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME CUDA_VISIBLE_DEVICES; do
+  [ -n "${!var:-}" ] && FORWARD+=(-x "$var")
+done
+# shellcheck disable=SC2086  # MPIRUN_ARGS is a list of options
+exec mpirun -np "${NP:-2}" ${HOSTFILE:+--hostfile "$HOSTFILE"} "${FORWARD[@]}" ${MPIRUN_ARGS:-} \
+  "$VENV/bin/gist-dist" train "$CONFIG" "$@"
