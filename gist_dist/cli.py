@@ -71,6 +71,26 @@ def cmd_summary(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from . import evaluation
+    from .config import ConfigError, load_config
+    if args.compare:
+        from pathlib import Path
+        comparison = evaluation.compare_runs(*args.compare)
+        text = evaluation.format_comparison(comparison)
+        if args.out:
+            Path(args.out).write_text(text)
+            Path(args.out).with_suffix(".json").write_text(json.dumps(comparison, indent=2))
+        print(text, end="")
+        return 0
+    if not args.config:
+        raise ConfigError("eval needs a CONFIG (or --compare GIST POS NEG)")
+    result = evaluation.run_eval(load_config(args.config, args.overrides), zero3=args.zero3)
+    if result is not None:
+        print(evaluation.format_markdown(result), end="")
+    return 0
+
+
 def cmd_flops(args) -> int:
     from . import flops, latency
     result = flops.flops_for(args.model, args.num_gist, data=args.data, prompt_tokens=args.prompt_tokens,
@@ -167,6 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("summary", help="short summary of a training run (loss, tokens/s per rank, outputs)")
     s.add_argument("run_dir")
     s.set_defaults(func=cmd_summary)
+    e = sub.add_parser("eval", help="greedy answers from the gist KV cache, ROUGE-L / exact match per split "
+                       "(writes OUTPUT_DIR/eval.json, eval.md, eval_outputs.jsonl)")
+    e.add_argument("config", nargs="?", help="the run's YAML config; output_dir= names the trained run")
+    e.add_argument("overrides", nargs="*", help="key=value overrides (data.eval_splits=name:path,..., "
+                   "eval_max_new_tokens=, eval_batch_size=, data.num_eval=)")
+    e.add_argument("--zero3", action="store_true", help="partition the model with ZeRO-3 (generate with synced_gpus)")
+    e.add_argument("--compare", nargs=3, metavar=("GIST", "POS", "NEG"),
+                   help="instead: share of the neg->pos control gap that gist recovers, from three eval.json")
+    e.add_argument("--out", default="", help="with --compare: also write the table (and .json) here")
+    e.set_defaults(func=cmd_eval)
     return p
 
 
