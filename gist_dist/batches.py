@@ -37,7 +37,12 @@ class ShardedBatches:
         return [self.examples[i] for i in order[start:start + self.batch_size]]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
+        return {"epoch": self.epoch, "index": self.index, "world": self.world}
 
     def load_state_dict(self, state: dict):
+        """Restore the position; saved at another world size, continue after the same examples
+        (rounded down, so a few may be seen twice but none skipped)."""
         self.epoch, self.index = state["epoch"], state["index"]
+        saved_world = state.get("world", self.world)
+        if saved_world != self.world:
+            self.index = min(self.index * saved_world // self.world, self.per_epoch)

@@ -1,33 +1,114 @@
 """Checkpoints through DeepSpeed's own (sharded) checkpointing, plus the loader position and RNG.
 
+Layout of OUTPUT_DIR/checkpoints/:
+    latest                      text: the tag of the newest complete checkpoint
+    step00000040/               DeepSpeed's ZeRO shards (model, optimizer, scheduler) and
+        trainer_state.json      step, world size, data-loader position (rank 0)
+        rng_rank{r}.json        every RNG state of rank r (python, numpy, torch, cuda)
+        universal/              made on demand when resuming at another world size
+
 Atomic publication: every rank writes under a temporary tag; after a barrier rank 0 renames it
-to its final tag and only then rewrites the `latest` pointer (write-then-rename). A crash during
-a save leaves `latest` on the previous complete checkpoint.
+to its final tag and only then rewrites `latest` (write a temp file, then rename). A crash
+during a save leaves `latest` on the previous complete checkpoint; stale temp tags are removed
+by the next save.
+
+Safe loading: DeepSpeed's TorchCheckpointEngine calls torch.load(weights_only=False); we swap in
+an engine that loads with weights_only=True, allowing only DeepSpeed's two plain state classes.
+Our own state is JSON, so no pickle of ours is ever loaded.
+
+Fault injection for tests (tiny, off unless set): GIST_DIST_FAULT=die_in_save:rankN makes rank N
+exit hard after writing its shards and before the checkpoint is published (append :stepS to
+pick one save).
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import dist
+from .artifact import ArtifactError
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again", Slurm scripts requeue on it
+FAULT_ENV = "GIST_DIST_FAULT"
+STATE_FILE = "trainer_state.json"
+
+
+class CheckpointError(ArtifactError):
+    """A checkpoint that cannot be used: one line naming the directory and the reason."""
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    py = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {"python": [py[0], list(py[1]), py[2]],
+             "numpy": [np_kind, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
 
 
 def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def _write_atomic(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _maybe_fault(point: str, step: int):
+    """Test hook: GIST_DIST_FAULT=<point>:rank<N>[:step<S>] kills rank N here, as a crash would."""
+    here = f"{point}:rank{dist.rank()}"
+    if os.environ.get(FAULT_ENV) in (here, f"{here}:step{step}"):
+        print(f"gist-dist: fault injected: {point} on rank {dist.rank()}", file=sys.stderr, flush=True)
+        os._exit(13)
+
+
+def use_safe_loading(engine):
+    """Make DeepSpeed read checkpoint files with torch.load(weights_only=True)."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum]):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    if type(engine.checkpoint_engine) is TorchCheckpointEngine:
+        safe = WeightsOnlyCheckpointEngine(engine._config)
+        safe.__dict__.update(engine.checkpoint_engine.__dict__)
+        engine.checkpoint_engine = safe
+
+
+def check_pickles(folder: Path):
+    """Refuse .pt files that would need more than tensors and DeepSpeed's plain state classes.
+
+    For DeepSpeed's universal-checkpoint loader, which calls torch.load itself: the scan reads
+    the pickle's opcodes without running them.
+    """
+    allowed = {"deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum"}
+    for f in sorted(folder.rglob("*.pt")):
+        unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(f))) - allowed
+        if unsafe:
+            raise CheckpointError(f"{f}: refusing to load, it needs code objects {sorted(unsafe)}")
 
 
 class Checkpointer:
@@ -40,27 +121,34 @@ class Checkpointer:
         if not pointer.is_file():
             return None
         tag = pointer.read_text().strip()
-        return tag if (self.dir / tag).is_dir() else None
+        return tag if (self.dir / tag / STATE_FILE).is_file() else None
 
     def save(self, engine, batches, step: int):
         tag, tmp_tag = f"step{step:08d}", f"tmp-step{step:08d}"
+        # Saving the same step twice (save_every hit the last step) would briefly unpublish it.
+        already = dist.all_reduce([float(dist.is_main() and self.latest_tag() == tag)], op="max")[0] > 0
+        if already:
+            return
         if dist.is_main():
             shutil.rmtree(self.dir / tmp_tag, ignore_errors=True)
         dist.barrier()
-        client = {"step": step, "loader": batches.state_dict(), f"rng_rank{dist.rank()}": rng_state()}
-        engine.save_checkpoint(str(self.dir), tag=tmp_tag, client_state=client, save_latest=False)
+        engine.save_checkpoint(str(self.dir), tag=tmp_tag, save_latest=False)
+        _write_atomic(self.dir / tmp_tag / f"rng_rank{dist.rank()}.json", json.dumps(rng_state()))
+        if dist.is_main():
+            _write_atomic(self.dir / tmp_tag / STATE_FILE, json.dumps(
+                {"step": step, "world_size": dist.world(), "loader": batches.state_dict()}))
+        _maybe_fault("die_in_save", step)
         dist.barrier()  # every rank has finished writing its shards
         if dist.is_main():
             shutil.rmtree(self.dir / tag, ignore_errors=True)
             os.replace(self.dir / tmp_tag, self.dir / tag)
-            tmp_pointer = self.dir / "latest.tmp"
-            tmp_pointer.write_text(tag)
-            os.replace(tmp_pointer, self.dir / "latest")
+            _write_atomic(self.dir / "latest", tag)
             self._prune(tag)
         dist.barrier()
 
     def _prune(self, newest: str):
-        tags = sorted(p.name for p in self.dir.glob("step*") if p.is_dir())
+        """Keep the newest `keep` complete checkpoints; the published one is never removed."""
+        tags = sorted(p.name for p in self.dir.glob("step*") if (p / STATE_FILE).is_file())
         for old in tags[: max(0, len(tags) - self.keep)]:
             if old != newest:
                 shutil.rmtree(self.dir / old, ignore_errors=True)
@@ -72,15 +160,52 @@ class Checkpointer:
         tag = self.latest_tag()
         if tag is None:
             return 0
-        _, client = engine.load_checkpoint(str(self.dir), tag=tag)
-        if client is None:
-            raise RuntimeError(f"{self.dir / tag}: checkpoint could not be loaded")
-        batches.load_state_dict(client["loader"])
-        rng = client.get(f"rng_rank{dist.rank()}")
-        if rng is not None:
-            set_rng_state(rng)
-        dist.log(f"gist-dist: resumed from {self.dir / tag} at step {client['step']}")
-        return int(client["step"])
+        folder = self.dir / tag
+        state = json.loads((folder / STATE_FILE).read_text())
+        use_safe_loading(engine)
+        if state["world_size"] == dist.world():
+            load_path, _ = engine.load_checkpoint(str(self.dir), tag=tag)
+        else:
+            load_path = self._load_universal(engine, folder, state["world_size"])
+        if load_path is None:
+            raise CheckpointError(f"{folder}: DeepSpeed could not load this checkpoint")
+        batches.load_state_dict(state["loader"])
+        rng = folder / f"rng_rank{dist.rank()}.json"
+        if rng.is_file() and state["world_size"] == dist.world():
+            set_rng_state(json.loads(rng.read_text()))
+        dist.log(f"gist-dist: resumed from {folder} at step {state['step']} "
+                 f"(saved by {state['world_size']} ranks, now {dist.world()})")
+        return int(state["step"])
+
+    def _load_universal(self, engine, folder: Path, saved_world: int):
+        """Another world size: convert once with DeepSpeed's ds_to_universal, then load that."""
+        if engine.zero_optimization_stage() != 3:
+            raise CheckpointError(f"{folder}: saved by {saved_world} ranks, resuming with {dist.world()}; "
+                                  f"only ZeRO-3 checkpoints can change world size here")
+        universal = folder / "universal"
+        error = ""
+        if dist.is_main() and not universal.is_dir():
+            tmp = folder / "universal.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                                   "--input_folder", str(folder), "--output_folder", str(tmp),
+                                   "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                                  capture_output=True, text=True)
+            if proc.returncode == 0:
+                os.replace(tmp, universal)
+            else:
+                error = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        failed = dist.all_reduce([float(bool(error))], op="max")[0] > 0
+        if failed:
+            raise CheckpointError(f"{folder}: saved by {saved_world} ranks, resuming with {dist.world()}; "
+                                  f"universal conversion failed: {error or 'see rank 0'}")
+        check_pickles(universal)
+        engine._config.load_universal_checkpoint = True
+        try:
+            load_path, _ = engine.load_checkpoint(str(folder), tag="universal")
+        finally:
+            engine._config.load_universal_checkpoint = False
+        return load_path
 
 
 class StopSignal:
