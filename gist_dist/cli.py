@@ -217,6 +217,13 @@ def main(argv=None) -> int:
     except (DataError, ArtifactError, LaunchError, FileNotFoundError) as e:
         print(f"gist-dist: error: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:  # a peer rank died or stalled: one line instead of a traceback
+        from .dist import lost_peer_message
+        message = lost_peer_message(e)
+        if message is None:
+            raise
+        print(f"gist-dist: error: {message}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -237,3 +237,22 @@ def barrier():
 def log(*args, **kw):
     if is_main():
         print(*args, **kw, flush=True)
+
+
+def lost_peer_message(exc: BaseException) -> str | None:
+    """One line for a collective that failed because another rank died or stalled, else None.
+
+    gloo reports a dead peer at once (its socket closes) and a stalled one after the collective
+    timeout (config `timeout_s`); its messages name the peer's address, not its rank.
+    """
+    if world() < 2:
+        return None
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp):\d+\]\s*", "", text).split(". This is typically")[0]
+    where = f"rank {rank()} of {world()}"
+    other = f"rank {1 - rank()}" if world() == 2 else "a peer rank"
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return f"{where}: a collective timed out ({text}); {other} stalled or died (limit: timeout_s)"
+    if isinstance(exc, torch.distributed.DistError) or "by peer" in text or "NCCL" in text:
+        return f"{where}: lost {other} ({text})"
+    return None
