@@ -45,6 +45,8 @@ def cmd_compress(args) -> int:
     summary = run(cfg)
     compress.record_prompt_meta(cfg)
     if dist.is_main():
+        from .fidelity import evaluate_heldout
+        summary["fidelity"] = evaluate_heldout(cfg.output_dir)  # held-out queries vs the teacher
         print(json.dumps(summary))
     return 0
 
@@ -123,6 +125,13 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import write_report
+    out = write_report(args.run_dirs, args.out, args.peak_gflops, plots=not args.no_plots)
+    print(f"{out / 'report.md'}\n{out / 'report.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gist-dist", description="Distributed gist-token trainer (DeepSpeed ZeRO-3)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -184,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory of one GPU in GiB")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan)
+    rp = sub.add_parser("report", help="cluster report of runs: report.json, report.md, PNG plots")
+    rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="one or more runs (several: ROUGE-L vs k)")
+    rp.add_argument("--out", default=None, help="where to write (default: the first RUN_DIR)")
+    rp.add_argument("--peak-gflops", type=float, default=None,
+                    help="peak FLOP/s of the whole run in GFLOP/s (default: measure a fp32 matmul here)")
+    rp.add_argument("--no-plots", action="store_true")
+    rp.set_defaults(func=cmd_report)
     s = sub.add_parser("summary", help="short summary of a training run (loss, tokens/s per rank, outputs)")
     s.add_argument("run_dir")
     s.set_defaults(func=cmd_summary)

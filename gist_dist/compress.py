@@ -115,6 +115,7 @@ def prepare(cfg: RunConfig, prompt_file: str, queries_file: str | None, n_querie
         longest = max(longest, len(template.encode(json.loads(line), with_gist=False)["input_ids"]))
     cfg.data.max_length = max(cfg.data.max_length, longest + cfg.num_gist)
     cfg.mode, cfg.distill.student = "distill", "no_prompt"
+    cfg.distill.cache_teacher = True  # one fixed prompt and data set: the teacher runs once per example
     cfg.data.train, cfg.data.eval = str(data_dir / "train.jsonl"), str(data_dir / "heldout.jsonl")
     cfg.data.num_train = cfg.data.num_eval = 0
     return cfg

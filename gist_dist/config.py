@@ -49,6 +49,7 @@ class DistillConfig:
     temperature: float = 1.0
     lm_weight: float = 0.0  # mix: (1-w) * KL + w * LM loss
     student: str = "gist_mask"  # gist_mask | no_prompt
+    cache_teacher: bool = False  # keep teacher logits per training example (fixed data, e.g. compress)
 
 
 @dataclass

@@ -22,19 +22,42 @@ def response_positions(labels: torch.Tensor) -> torch.Tensor:
     return pos
 
 
-def kl_on_responses(teacher_logits, student_logits, teacher_labels, student_labels, temperature: float):
-    """Mean over response tokens of KL(teacher || student) at temperature T, scaled by T^2."""
-    t = teacher_logits[response_positions(teacher_labels)].float() / temperature
+def kl_on_responses(teacher_rows, student_logits, student_labels, temperature: float):
+    """Mean over response tokens of KL(teacher || student) at temperature T, scaled by T^2.
+    teacher_rows: the teacher's logits at its response positions, in batch order."""
+    t = teacher_rows.float() / temperature
     s = student_logits[response_positions(student_labels)].float() / temperature
     assert t.shape == s.shape, f"teacher/student response tokens differ: {t.shape} vs {s.shape}"
     kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
     return kl.mean() * temperature ** 2
 
 
+class TeacherCache:
+    """Teacher logits at response positions, kept per example when the data is fixed (the teacher
+    is frozen, so they never change). Under ZeRO-3 every rank must run the same forwards, so the
+    cache is used only when all ranks hit it (one all-reduce)."""
+
+    def __init__(self):
+        self.rows: dict = {}
+
+    def lookup(self, keys) -> torch.Tensor | None:
+        from . import dist
+        hit = keys is not None and all(k in self.rows for k in keys)
+        if dist.all_reduce([float(hit)], op="min")[0] < 1:
+            return None
+        return torch.cat([self.rows[k] for k in keys])
+
+    def store(self, keys, t_logits, labels_t):
+        pos = response_positions(labels_t)
+        for row, key in enumerate(keys):
+            self.rows[key] = t_logits[row][pos[row]].detach().to("cpu", torch.bfloat16)
+
+
 class GistDistiller(nn.Module):
     """Wraps a frozen causal LM; forward(teacher, student) returns the distillation loss."""
 
-    def __init__(self, model, gist_ids: list[int], init: torch.Tensor, temperature=1.0, lm_weight=0.0):
+    def __init__(self, model, gist_ids: list[int], init: torch.Tensor, temperature=1.0, lm_weight=0.0,
+                 cache_teacher=False):
         super().__init__()
         self.model = model
         for p in self.model.parameters():
@@ -43,6 +66,7 @@ class GistDistiller(nn.Module):
         self.register_buffer("gist_ids", torch.tensor(gist_ids), persistent=False)
         self.temperature = temperature
         self.lm_weight = lm_weight
+        self.teacher_cache = TeacherCache() if cache_teacher else None
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings with the gist rows taken from the trainable parameter."""
@@ -56,11 +80,20 @@ class GistDistiller(nn.Module):
         return self.model(inputs_embeds=self.embed(input_ids), attention_mask=attention_mask,
                           position_ids=position_ids).logits
 
-    def forward(self, teacher: dict, student: dict, labels_t: torch.Tensor, labels_s: torch.Tensor):
+    def teacher_rows(self, teacher: dict, labels_t: torch.Tensor, keys=None) -> torch.Tensor:
+        cached = self.teacher_cache.lookup(keys) if self.teacher_cache is not None else None
+        if cached is not None:
+            return cached.to(labels_t.device)
         with torch.no_grad():
             t_logits = self.model(**teacher).logits
+        if self.teacher_cache is not None and keys is not None:
+            self.teacher_cache.store(keys, t_logits, labels_t)
+        return t_logits[response_positions(labels_t)]
+
+    def forward(self, teacher: dict, student: dict, labels_t: torch.Tensor, labels_s: torch.Tensor, keys=None):
+        t_rows = self.teacher_rows(teacher, labels_t, keys)
         s_logits = self.student_logits(**student)
-        loss = kl_on_responses(t_logits, s_logits, labels_t, labels_s, self.temperature)
+        loss = kl_on_responses(t_rows, s_logits, labels_s, self.temperature)
         if self.lm_weight:
             shift = s_logits[:, :-1].flatten(0, 1).float()
             lm = F.cross_entropy(shift, labels_s[:, 1:].flatten(), ignore_index=IGNORE)

@@ -72,6 +72,7 @@ class Batcher:
 
     def __init__(self, cfg: RunConfig, gist_ids, pad_id, dtype):
         self.mode, self.gist_ids, self.pad_id, self.dtype = cfg.mode, gist_ids, pad_id, dtype
+        self.cache_teacher = cfg.distill.cache_teacher
 
     def __call__(self, examples):
         if self.mode == "distill":
@@ -79,13 +80,14 @@ class Batcher:
             s = pad_batch([e["student"] for e in examples], self.pad_id)
             return {"teacher": model_inputs(t, self.gist_ids, "pos_control", self.dtype),
                     "student": model_inputs(s, self.gist_ids, "gist", self.dtype),
-                    "labels_t": t["labels"], "labels_s": s["labels"]}, int(s["attention_mask"].sum())
+                    "labels_t": t["labels"], "labels_s": s["labels"],
+                    "keys": [e["key"] for e in examples] if self.cache_teacher else None}, int(s["attention_mask"].sum())
         b = pad_batch(examples, self.pad_id)
         return {**model_inputs(b, self.gist_ids, self.mode, self.dtype), "labels": b["labels"]}, \
             int(b["attention_mask"].sum())
 
 
-def encode(cfg: RunConfig, template: GistTemplate, records, stats):
+def encode(cfg: RunConfig, template: GistTemplate, records, stats, split: str = "train"):
     if cfg.mode != "distill":
         return template.encode_all(records, stats)
     out = []
@@ -93,7 +95,7 @@ def encode(cfg: RunConfig, template: GistTemplate, records, stats):
         teacher = template.encode(rec, stats, with_gist=False)
         student = template.encode(rec, stats, with_prompt=cfg.distill.student == "gist_mask")
         if teacher is not None and student is not None:
-            out.append({"teacher": teacher, "student": student})
+            out.append({"teacher": teacher, "student": student, "key": f"{split}:{len(out)}"})
     return out
 
 
@@ -126,7 +128,7 @@ def run(cfg: RunConfig) -> dict:
     eval_records = load_records(cfg.data.eval, split="seen", n=cfg.data.num_eval, seed=cfg.data.seed + 1,
                                 bad_records=cfg.data.bad_records)
     train_examples = encode(cfg, template, train_records, stats)
-    eval_examples = encode(cfg, template, eval_records, None)
+    eval_examples = encode(cfg, template, eval_records, None, split="eval")
     if not train_examples:
         raise DataError(f"{cfg.data.train}: every record was dropped (max_length={cfg.data.max_length})")
     try:
@@ -149,7 +151,8 @@ def run(cfg: RunConfig) -> dict:
         init = mean_embedding(model, gather).expand(cfg.num_gist, -1)
         with gather([model.get_input_embeddings().weight]):
             meta["base_fingerprint"] = artifact.model_fingerprint(model.config, model.get_input_embeddings().weight)
-        module = GistDistiller(model, gist_ids, init, cfg.distill.temperature, cfg.distill.lm_weight)
+        module = GistDistiller(model, gist_ids, init, cfg.distill.temperature, cfg.distill.lm_weight,
+                               cfg.distill.cache_teacher)
         if cfg.train.verify_frozen:  # costs one gather of every weight; proves the backbone never moved
             meta["frozen_digest_before"] = parameter_digest(model.named_parameters(), gather)
         trainable = [module.gist]

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Issue-3 fidelity: compress a 480-token system prompt into 8 gist tokens on SmolLM2-135M-Instruct
+# (2 CPU ranks, ZeRO-3, frozen backbone), then measure KL and greedy next-token agreement with the
+# full-prompt teacher on held-out queries, against a no-prompt baseline (written to fidelity.json).
+#   benchmarks/compress_fidelity.sh [OUT_DIR] [key=value ...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/compress-fidelity}; shift || true
+.venv/bin/torchrun --standalone --nproc_per_node 2 .venv/bin/gist-dist compress \
+  --prompt-file benchmarks/data/system_prompt.txt --queries benchmarks/data/support_queries.txt \
+  --num-gist 8 --answer-tokens 32 --heldout 0.2 --config configs/smollm2.yaml \
+  output_dir="$OUT" train.max_steps=200 train.lr=0.02 train.warmup_steps=10 train.eval_batches=2 "$@"
+cat "$OUT/fidelity.json"
