@@ -53,40 +53,48 @@ def _continue(model, tok, ids: list[int], max_new: int, sample: bool, gen: torch
     return out[0, len(ids):].tolist()
 
 
+def sample_queries(model, tok, template, prompt: str, n: int, gen: torch.Generator) -> list[str]:
+    """Distinct one-line questions sampled from the frozen model itself."""
+    ask = template.text_ids(prompt + QUERY_REQUEST)
+    queries: list[str] = []
+    for _ in range(n * 3):
+        text = tok.decode(_continue(model, tok, ask, 24, True, gen), skip_special_tokens=True)
+        text = text.strip().split("\n")[0].strip()
+        if text and text not in queries:
+            queries.append(text)
+        if len(queries) == n:
+            break
+    return queries
+
+
 def teacher_records(cfg: RunConfig, prompt: str, queries: list[str] | None, n_queries: int,
                     answer_tokens: int) -> list[dict]:
-    """Records {instruction: prompt, input: query, output: the teacher's answer}."""
+    """Records {instruction: prompt, input: query, output: the teacher's greedy answer}.
+    Every rank answers its share of the queries; all ranks return the full list in order."""
     torch.manual_seed(cfg.train.seed)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     tok = load_tokenizer(cfg.model)
-    model = load_model(cfg.model).eval()
+    model = load_model(cfg.model).eval()  # replicated, inference only; freed before training
     template = GistTemplate(tok, [], max_length=1 << 30)
-    if queries is None:  # sample queries from the frozen model itself
-        ask = template.text_ids(prompt + QUERY_REQUEST)
-        queries = []
-        for _ in range(n_queries * 3):
-            text = tok.decode(_continue(model, tok, ask, 24, True, gen), skip_special_tokens=True)
-            text = text.strip().split("\n")[0].strip()
-            if text and text not in queries:
-                queries.append(text)
-            if len(queries) == n_queries:
-                break
+    if queries is None:
+        queries = sample_queries(model, tok, template, prompt, n_queries, gen) if dist.is_main() else None
+        queries = dist.all_gather_object(queries)[0]
         if len(queries) < 4:
             raise DataError("compress: the model produced too few distinct queries; pass --queries FILE")
-    records = []
-    for q in queries:
-        rec = {"instruction": prompt, "input": q, "output": ""}
-        ids = template.encode(rec, with_gist=False, with_output=False)["input_ids"]
-        answer = _continue(model, tok, ids, answer_tokens, False, gen)
-        answer = [t for t in answer if t != tok.eos_token_id]
-        rec["output"] = tok.decode(answer, skip_special_tokens=True).strip() or "."
-        records.append(rec)
-    return records
+    mine = []
+    for q in queries[dist.rank()::dist.world()]:
+        ids = template.encode({"instruction": prompt, "input": q, "output": ""}, with_gist=False,
+                              with_output=False)["input_ids"]
+        answer = [t for t in _continue(model, tok, ids, answer_tokens, False, gen) if t != tok.eos_token_id]
+        mine.append(tok.decode(answer, skip_special_tokens=True).strip() or ".")
+    shares = dist.all_gather_object(mine)
+    return [{"instruction": prompt, "input": q, "output": shares[i % dist.world()][i // dist.world()]}
+            for i, q in enumerate(queries)]
 
 
 def prepare(cfg: RunConfig, prompt_file: str, queries_file: str | None, n_queries: int, answer_tokens: int,
             heldout: float) -> RunConfig:
-    """Make the teacher data (rank 0), then return the distill run config that trains on it."""
+    """Make the teacher data (all ranks answer, rank 0 writes), then return the distill run config that trains on it."""
     p = Path(prompt_file)
     if not p.is_file():
         raise DataError(f"{prompt_file}: prompt file not found")
@@ -98,8 +106,8 @@ def prepare(cfg: RunConfig, prompt_file: str, queries_file: str | None, n_querie
     queries = read_queries(queries_file) if queries_file else None
     data_dir = Path(cfg.output_dir) / "compress_data"
     dist.init(cfg.timeout_s)
+    records = teacher_records(cfg, prompt, queries, n_queries, answer_tokens)
     if dist.is_main():
-        records = teacher_records(cfg, prompt, queries, n_queries, answer_tokens)
         n_eval = max(1, int(len(records) * heldout))
         write_jsonl(records[:-n_eval], data_dir / "train.jsonl")
         write_jsonl(records[-n_eval:], data_dir / "heldout.jsonl")
