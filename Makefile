@@ -16,7 +16,8 @@ setup-test:
 
 ## make demo: train SmolLM2-135M-Instruct with 1 gist token on 2 CPU ranks (ZeRO-3), then summarise.
 demo: setup
-	@./launchers/local.sh 2 configs/smollm2.yaml $(ARGS)
+	@rm -rf runs/demo  # the demo always starts fresh (a kept output_dir would resume)
+	@./launchers/local.sh 2 configs/smollm2.yaml output_dir=runs/demo $(ARGS)
 
 ## make test: the whole test suite (unit, 2-rank ZeRO-3, launchers, real Slurm).
 test: setup-test

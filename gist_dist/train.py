@@ -179,6 +179,8 @@ def run(cfg: RunConfig) -> dict:
     dist.log(f"gist-dist: mode={cfg.mode} k={cfg.num_gist} ranks={world} ({env.source}) zero={cfg.zero.stage} "
              f"dtype={dtype} trainable={n_trainable:,} train={len(train_examples)} data={stats.as_dict()}")
     metrics_path = out / "metrics.jsonl"
+    if start_step == 0 and rank == 0:
+        metrics_path.unlink(missing_ok=True)  # a fresh run in a reused directory starts a fresh log
 
     def log_metrics(record):
         if rank == 0:
