@@ -10,13 +10,15 @@ the real trainer (`gist-dist train`) unchanged. With --ds-comms-logger, DeepSpee
 logger is switched on too and its per-step totals are recorded next to ours (it makes every op
 blocking, so that run's step times are not the headline numbers).
 
-Predictions from first principles (exact parameter sizes from a meta-device build of the shape):
-    shard per rank   = sum over parameters of ceil(numel / N) * bytes      (DeepSpeed pads to N)
-    peak RSS / rank  = runtime baseline (measured) + shard + largest module gathered at once
-                       + activations kept for the student's backward + logits
+Predictions come from the project's planner (gist_dist.plan: model states, gathered working set,
+activations, ring all-gather/reduce-scatter volume) for N CPU ranks in fp32, plus:
+    shard per rank   = sum over parameters of ceil(numel / N) * 4 bytes   (DeepSpeed pads to N;
+                       exact sizes from a meta-device build of the shape)
+    peak RSS / rank  = planner total + runtime baseline (measured: imports + tokenizer, no model)
     distill step     = all-gather of every weight for the teacher forward, the student forward and
-                       the student backward (minus the input embedding, which the backward skips):
-                       3 * model bytes - embedding bytes; reduce-scatter only the k x hidden gist grads.
+                       the student backward, less the input embedding the backward skips:
+                       3 * model bytes - embedding bytes (logical size; a ring moves (N-1)/N of it
+                       per rank); reduce-scatter only of the k x hidden gist gradient.
 """
 from __future__ import annotations
 
@@ -199,31 +201,35 @@ def runtime_baseline_gb() -> float:
 
 
 def predict(cfg, world: int, baseline_gb: float) -> dict:
+    """The project's planner (gist_dist.plan) for this run on `world` CPU ranks in fp32, plus the
+    exact padded shard and the measured runtime baseline (a CPU rank's analogue of the CUDA context)."""
+    from gist_dist import plan
+    from gist_dist.flops import shape_of
     from gist_dist.model import load_tokenizer
     tok_size = len(load_tokenizer(cfg.model))
     model, config = meta_model(cfg, tok_size)
-    sizes = [p.numel() for p in model.parameters()]
-    elem = 4  # fp32 on CPU
-    params = sum(sizes)
-    h, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
-    shard = sum(math.ceil(n / world) for n in sizes) * elem
-    largest = max(sizes) * elem
-    tokens = cfg.train.micro_batch_size * cfg.data.max_length
-    # Korthikanti et al. 2022: s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit; doubled for fp32.
-    activations = 2 * tokens * h * (34 + 5 * config.num_attention_heads * cfg.data.max_length / h) * layers
-    logits = 4 * tokens * vocab * elem  # teacher + student logits and their float log-softmaxes
-    peak = baseline_gb * GB + shard + largest + activations + logits
-    # The student's backward never needs the input embedding (its output needs no grad) unless
-    # it is tied to the LM head, which the backward does need.
-    embedding = 0 if config.tie_word_embeddings else vocab * h * elem
+    shape = shape_of(cfg.model.name, config=config)  # vocab = max(shape, tokenizer), as load_model does
+    setup = plan.Setup(nodes=1, gpus_per_node=world, mode="distill", dtype="fp32", num_gist=cfg.num_gist,
+                       micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.max_length).validate()
+    states, act = plan.model_states(shape, setup), plan.activations(shape, setup)
+    comm = plan.comm_bytes_per_step(shape, "distill", world, "fp32", 1, cfg.num_gist)
+    elem, ring = 4, (world - 1) / world
+    params = shape.params()
+    # The student's backward does not need the input embedding (its output needs no grad) unless it
+    # is tied to the LM head; the planner counts 3 full gathers, this refines it by that one matrix.
+    embedding = 0 if shape.tied else shape.vocab * shape.hidden * elem
     return {
-        "params": params, "model_bytes": params * elem, "vocab": vocab, "layers": layers, "hidden": h,
-        "tokenizer_size": tok_size, "shard_bytes_per_rank": shard, "largest_module_bytes": largest,
-        "activation_bytes": int(activations), "logit_bytes": logits, "runtime_baseline_gb": baseline_gb,
-        "peak_rss_gb_per_rank": peak / GB,
+        "params": params, "meta_params": sum(p.numel() for p in model.parameters()), "model_bytes": params * elem,
+        "vocab": shape.vocab, "layers": shape.layers, "hidden": shape.hidden, "tokenizer_size": tok_size,
+        "shard_bytes_per_rank": sum(math.ceil(p.numel() / world) for p in model.parameters()) * elem,
+        "planner_gpu_bytes": {**states["gpu"], "activations": act},
+        "planner_total_gb": (states["gpu_total"] + act) / GB, "runtime_baseline_gb": baseline_gb,
+        "peak_rss_gb_per_rank": baseline_gb + (states["gpu_total"] + act) / GB,
+        "planner_allgather_wire_bytes_per_rank": comm["all_gather"],
+        "planner_reduce_scatter_wire_bytes_per_rank": comm["reduce_scatter"],
         "distill_allgather_bytes_per_step": 3 * params * elem - embedding,
-        "distill_allgather_wire_bytes_per_rank": (3 * params * elem - embedding) * (world - 1) / world,
-        "distill_reduce_scatter_bytes_per_step": cfg.num_gist * h * elem,
+        "distill_allgather_wire_bytes_per_rank": (3 * params * elem - embedding) * ring,
+        "distill_reduce_scatter_bytes_per_step": cfg.num_gist * shape.hidden * elem,
     }
 
 
@@ -296,11 +302,14 @@ def summarize(out: Path, nproc: int, prediction: dict, sampled: dict) -> dict:
 def table(result: dict) -> str:
     p, m = result["prediction"], result["measured"]
     gathers = [sum(b for op, b in step.items() if "gather" in op) for step in m["rank_comm_bytes_per_step"][0]]
+    n = result["world_size"]
     rows = [
-        ("parameters (vocab %d)" % p["vocab"], f"{p['params']:,} = {p['model_bytes'] / GB:.2f} GB fp32", ""),
+        ("parameters (vocab %d)" % p["vocab"], f"{p['params']:,} = {p['model_bytes'] / GB:.2f} GB fp32",
+         f"{m['model_param_bytes'] / GB:.2f} GB built"),
         ("parameter bytes held per rank", f"{p['shard_bytes_per_rank'] / GB:.3f} GB",
          " / ".join(f"{b / GB:.3f} GB ({f:.1%})" for b, f in zip(m["rank_param_bytes"], m["rank_param_fraction"]))),
-        ("peak RSS per rank (ru_maxrss)", f"{p['peak_rss_gb_per_rank']:.2f} GB",
+        ("peak RSS per rank (ru_maxrss)", f"{p['peak_rss_gb_per_rank']:.2f} GB (planner {p['planner_total_gb']:.2f}"
+         f" + baseline {p['runtime_baseline_gb']:.2f})",
          " / ".join(f"{g:.2f} GB" for g in m["rank_peak_rss_gb_at_exit"])),
         ("peak RSS per rank (sampled /proc)", "", " / ".join(f"{g:.2f} GB" for g in m["sampled_peak_rss_gb"])),
         ("lowest MemAvailable on the host", "", f"{m['min_mem_available_gb']:.1f} GB"),
@@ -308,6 +317,9 @@ def table(result: dict) -> str:
         ("step time", "", " / ".join(f"{t:.1f} s" for t in m["step_time_s"])),
         ("all-gather per step, rank 0 (logical)", f"{p['distill_allgather_bytes_per_step'] / GB:.2f} GB",
          " / ".join(f"{g / GB:.2f} GB" for g in gathers)),
+        ("all-gather per step, rank 0 (ring, sent)", f"{p['distill_allgather_wire_bytes_per_rank'] / GB:.2f} GB "
+         f"(planner {p['planner_allgather_wire_bytes_per_rank'] / GB:.2f})",
+         " / ".join(f"{g * (n - 1) / n / GB:.2f} GB" for g in gathers)),
     ]
     lines = ["| quantity | predicted | measured |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]

@@ -27,7 +27,7 @@ def model_fingerprint(model_config, embedding: torch.Tensor) -> str:
             if k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "intermediate_size", "vocab_size", "rope_theta")}
     h.update(json.dumps(keep, sort_keys=True).encode())
-    h.update(embedding.detach().float().contiguous().cpu().numpy().tobytes())
+    h.update(embedding.detach().float().contiguous().cpu().numpy())  # hashed in place: no copy of a GB-sized matrix
     return h.hexdigest()
 
 
