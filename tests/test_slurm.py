@@ -1,0 +1,229 @@
+"""A real one-node Slurm (munged, slurmctld, slurmd started here on 127.0.0.1) runs the project's sbatch
+templates: 2-task training preempted by the USR1 warning, requeued and resumed; a sweep array over
+srun --mpi=pmix followed by the dependent report job."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, ROOT, TINY, free_port
+
+pytestmark = pytest.mark.slow
+DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "sinfo", "scancel")
+missing = [d for d in DAEMONS if shutil.which(d) is None and not Path("/usr/sbin", d).exists()]
+if missing:
+    pytest.skip(f"Slurm/munge not installed ({', '.join(missing)} missing: apt slurm-wlm munge, "
+                "or `make setup-test`)", allow_module_level=True)
+if os.geteuid() != 0:
+    pytest.skip("slurmd must run as root to start job steps", allow_module_level=True)
+
+SLURM_CONF = """\
+ClusterName=gisttest
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={d}/munge/munge.sock
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool
+SlurmctldPidFile={d}/slurmctld.pid
+SlurmdPidFile={d}/slurmd.pid
+SlurmctldLogFile={d}/slurmctld.log
+SlurmdLogFile={d}/slurmd.log
+MailProg=/bin/true
+# No systemd or cgroup needed: processes tracked by parent pid, tasks not confined.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+MpiDefault=none
+ReturnToService=2
+NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=4000 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+"""
+
+
+def sbin(name: str) -> str:
+    return shutil.which(name) or f"/usr/sbin/{name}"
+
+
+class SlurmCluster:
+    """munged + slurmctld + slurmd in the foreground as our own children, so teardown can stop them."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.conf = root / "slurm.conf"
+        self.procs: list[subprocess.Popen] = []
+        # Clients see only our cluster: no Slurm variables from an outer job leak into the tests.
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+        self.env.update(SLURM_CONF=str(self.conf), OMP_NUM_THREADS="1")
+
+    def start(self):
+        d = self.root
+        for sub in ("munge", "state", "spool"):
+            (d / sub).mkdir()
+        (d / "munge").chmod(0o755)  # munged insists the socket directory is reachable by all
+        subprocess.run([sbin("mungekey"), "-c", "-k", d / "munge" / "munge.key"], check=True)
+        self._spawn([sbin("munged"), "-F", f"--socket={d}/munge/munge.sock", f"--key-file={d}/munge/munge.key",
+                     f"--pid-file={d}/munge/munged.pid", f"--log-file={d}/munge/munged.log",
+                     f"--seed-file={d}/munge/seed"], "munged")
+        self.conf.write_text(SLURM_CONF.format(host=socket.gethostname().split(".")[0], d=d, cpus=os.cpu_count(),
+                                               ctld_port=free_port(), slurmd_port=free_port()))
+        self._wait_for(lambda: (d / "munge" / "munge.sock").exists(), "munged socket")
+        self._spawn([sbin("slurmctld"), "-D", "-f", self.conf], "slurmctld")
+        self._spawn([sbin("slurmd"), "-D", "-f", self.conf, "-N", "localhost"], "slurmd")
+        self._wait_for(lambda: self.cmd(["sinfo", "-h", "-o", "%T"], check=False).stdout.strip() == "idle",
+                       "node localhost idle")
+
+    def _spawn(self, cmd, name):
+        log = open(self.root / f"{name}.stdout", "w")
+        self.procs.append(subprocess.Popen([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT,
+                                           env=self.env, start_new_session=True))
+
+    def _wait_for(self, ready, what, timeout=60):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if ready():
+                return
+            dead = [p.args[0] for p in self.procs if p.poll() is not None]
+            if dead:
+                break
+            time.sleep(0.5)
+        raise AssertionError(f"Slurm test cluster: {what} not reached (exited: {dead or 'none'})\n{self.logs()}")
+
+    def logs(self) -> str:
+        out = []
+        for log in sorted(self.root.glob("*.log")) + sorted(self.root.glob("*.stdout")):
+            out.append(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
+        return "\n".join(out)
+
+    def cmd(self, args, check=True, env=None):
+        proc = subprocess.run([str(a) for a in args], env={**self.env, **(env or {})}, cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        if check and proc.returncode:
+            raise AssertionError(f"{' '.join(map(str, args))} exited {proc.returncode}: {proc.stderr}")
+        return proc
+
+    def sbatch(self, args, env) -> str:
+        """Submit from the checkout (the templates find slurm/requeue.sh there); returns the job id."""
+        return self.cmd(["sbatch", "--parsable", *args], env=env).stdout.strip().split(";")[0]
+
+    def job(self, job_id: str) -> dict:
+        out = self.cmd(["scontrol", "-o", "show", "job", job_id], check=False).stdout
+        return dict(re.findall(r"(\w+)=(\S*)", out))
+
+    def wait_done(self, job_id: str, timeout=600, release_requeued=True) -> dict:
+        """Wait until the job has ended. Slurm holds a requeued job for ~2 minutes before it may
+        start again; `release_requeued` lets it start now, as a busy cluster eventually would."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            info = self.job(job_id)
+            if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+                return info
+            if release_requeued and info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+                self.cmd(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
+            time.sleep(1)
+        raise AssertionError(f"job {job_id} still not done after {timeout}s: {self.job(job_id)}\n{self.logs()}")
+
+    def stop(self):
+        # Jobs first (their slurmstepd and tasks), then the daemons in reverse order of start.
+        self.cmd(["scancel", "--full", "--user", "root"], check=False)
+        deadline = time.time() + 30
+        while time.time() < deadline and self.cmd(["squeue", "-h"], check=False).stdout.strip():
+            time.sleep(0.5)
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    # Not under pytest's tmp dir: munged wants every directory above its socket open to all (0755).
+    root = Path(tempfile.mkdtemp(prefix="gist-slurm-"))
+    root.chmod(0o755)
+    cluster = SlurmCluster(root)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def steps_logged(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return path.read_text().count('"step"') if path.exists() else 0
+
+
+def read_metrics(out: Path):
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r.get("event") == "start"], [r for r in records if "step" in r]
+
+
+def test_sbatch_training_is_preempted_requeued_and_resumes(slurm, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    steps = 40
+    job = slurm.sbatch(["--ntasks=2", f"--output={log}", ROOT / "slurm" / "train.sbatch", f"train.max_steps={steps}",
+                        "train.save_every=0"], env={"CONFIG": TINY, "OUTPUT_DIR": str(out), "VENV": str(BIN.parent)})
+    # The preemption warning, as --signal=B:USR1@120 sends it: USR1 to the batch shell only.
+    deadline = time.time() + 300
+    while steps_logged(out) < 2:
+        assert time.time() < deadline and slurm.job(job).get("JobState") in ("PENDING", "RUNNING"), \
+            f"training never started: {slurm.job(job)}\n{log.read_text() if log.exists() else ''}"
+        time.sleep(0.3)
+    slurm.cmd(["scancel", "--signal=USR1", "--batch", job])
+    info = slurm.wait_done(job)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{text[-3000:]}"
+    assert info["Restarts"] == "1", text[-3000:]
+    assert "requeueing job" in text and "resumed from" in text
+    starts, step_records = read_metrics(out)
+    # Every step exactly once across the two allocations; the run began once (no fresh restart).
+    assert [r["step"] for r in step_records] == list(range(1, steps + 1))
+    assert len(starts) == 1 and starts[0]["launcher"] == "slurm" and starts[0]["world_size"] == 2
+    assert (out / "final" / "model.safetensors").is_file()
+    assert step_records[-1]["loss"] < step_records[0]["loss"]
+
+
+def test_sweep_array_over_srun_pmix_then_dependent_report(slurm, tmp_path):
+    """One array task (gist, k=2) trains and evaluates on 2 PMIx ranks; the report job waits for it."""
+    out = tmp_path / "sweep"
+    env = {"CONFIG": TINY, "OUTPUT_DIR": str(out), "VENV": str(BIN.parent), "RUNS": "gist:2",
+           "ARRAY_ARGS": f"--ntasks=2 --output={tmp_path}/array-%a.out",
+           "REPORT_SBATCH_ARGS": f"--output={tmp_path}/report.out",
+           # srun --mpi=pmix starts the ranks; discovery reads PMIX_RANK and asks mpi4py for the sizes.
+           "SRUN_ARGS": "--mpi=pmix", "GIST_DIST_LAUNCHER": "pmix", "REPORT_ARGS": "--no-plots --peak-gflops 100"}
+    proc = slurm.cmd([ROOT / "slurm" / "submit_sweep.sh", "train.max_steps=3", "data.num_eval=4",
+                      "eval_max_new_tokens=4"], env=env)
+    array_job, report_job = proc.stdout.split()
+    assert slurm.job(report_job).get("Dependency", "").startswith("afterok:")
+    slurm.wait_done(report_job)
+    array_log = (tmp_path / "array-0.out").read_text()
+    assert slurm.job(report_job)["JobState"] == "COMPLETED", array_log[-3000:] + (tmp_path / "report.out").read_text()
+    run_dir = out / "gist-k2"
+    starts, step_records = read_metrics(run_dir)
+    assert starts[0]["launcher"] == "pmix" and starts[0]["world_size"] == 2 and starts[0]["num_gist"] == 2
+    assert len(step_records) == 3
+    assert json.loads((run_dir / "eval.json").read_text())["world_size"] == 2
+    report = json.loads((out / "report.json").read_text())
+    assert str(run_dir) in json.dumps(report)
+    assert (out / "report.md").is_file()
