@@ -122,3 +122,19 @@ def test_eval_errors_are_one_line(tmp_path):
     bad = gist_dist(["eval", TINY, f"output_dir={tmp_path}", "eval_batch_size=x"], check=False)
     assert bad.returncode == 2 and "eval_batch_size" in bad.stderr
     assert not (tmp_path / "eval.json").exists()
+
+
+def test_eval_of_a_distill_run(tmp_path):
+    """Distill runs: base model + gist.safetensors; answers equal the artifact's own uncached generator."""
+    from gist_dist.evaluation import run_eval
+    from gist_dist.inference import GistModel
+
+    run = tmp_path / "distill"
+    torchrun(["train", TINY, "mode=distill", f"output_dir={run}", "train.max_steps=2"], nproc=1)
+    result = run_eval(load_config(TINY, ["mode=distill", f"output_dir={run}", "data.num_eval=4",
+                                         f"eval_max_new_tokens={MAX_NEW}"]))
+    assert result["model"].endswith("gist.safetensors") and result["splits"]["seen"]["n"] == 4
+    outputs = [json.loads(line) for line in (run / "eval_outputs.jsonl").read_text().splitlines()]
+    gm = GistModel.load(run)
+    expected = [gm.generate(o["input"], instruction=o["instruction"], max_new_tokens=MAX_NEW) for o in outputs]
+    assert [o["prediction"] for o in outputs] == expected and all(expected)
