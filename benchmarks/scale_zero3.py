@@ -212,6 +212,9 @@ def predict(cfg, world: int, baseline_gb: float) -> dict:
     setup = plan.Setup(nodes=1, gpus_per_node=world, mode="distill", dtype="fp32", num_gist=cfg.num_gist,
                        micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.max_length).validate()
     states, act = plan.model_states(shape, setup), plan.activations(shape, setup)
+    in_ram = states["gpu_total"] + act
+    if cfg.zero.offload_param == "nvme":  # shards live on disk; RAM holds the swap buffers instead
+        in_ram += swap_buffer_bytes(cfg, shape.hidden) - states["gpu"]["parameters"]
     comm = plan.comm_bytes_per_step(shape, "distill", world, "fp32", 1, cfg.num_gist)
     elem, ring = 4, (world - 1) / world
     params = shape.params()
@@ -223,14 +226,22 @@ def predict(cfg, world: int, baseline_gb: float) -> dict:
         "vocab": shape.vocab, "layers": shape.layers, "hidden": shape.hidden, "tokenizer_size": tok_size,
         "shard_bytes_per_rank": sum(math.ceil(p.numel() / world) for p in model.parameters()) * elem,
         "planner_gpu_bytes": {**states["gpu"], "activations": act},
-        "planner_total_gb": (states["gpu_total"] + act) / GB, "runtime_baseline_gb": baseline_gb,
-        "peak_rss_gb_per_rank": baseline_gb + (states["gpu_total"] + act) / GB,
+        "planner_total_gb": in_ram / GB, "runtime_baseline_gb": baseline_gb,
+        "peak_rss_gb_per_rank": baseline_gb + in_ram / GB,
         "planner_allgather_wire_bytes_per_rank": comm["all_gather"],
         "planner_reduce_scatter_wire_bytes_per_rank": comm["reduce_scatter"],
         "distill_allgather_bytes_per_step": 3 * params * elem - embedding,
         "distill_allgather_wire_bytes_per_rank": (3 * params * elem - embedding) * ring,
         "distill_reduce_scatter_bytes_per_step": cfg.num_gist * shape.hidden * elem,
     }
+
+
+def swap_buffer_bytes(cfg, hidden: int) -> int:
+    """ZeRO-Infinity's pinned read buffers for nvme-offloaded parameters: count x size x 4 bytes."""
+    from gist_dist.engine import deepspeed_config
+    import torch
+    offload = deepspeed_config(cfg, hidden, torch.float32)["zero_optimization"]["offload_param"]
+    return int(offload.get("buffer_count", 5) * offload.get("buffer_size", 1e8)) * 4
 
 
 def mem_available_gb() -> float:

@@ -63,7 +63,9 @@ def deepspeed_config(cfg: RunConfig, hidden_size: int, dtype: torch.dtype) -> di
     for kind in ("param", "optimizer"):
         device = getattr(cfg.zero, f"offload_{kind}")
         if device != "none":
-            zero[f"offload_{kind}"] = {"device": device, "pin_memory": torch.cuda.is_available()}
+            # keep the JSON's own offload settings (nvme buffer sizes); the run config picks the device
+            zero[f"offload_{kind}"] = {**zero.get(f"offload_{kind}", {}), "device": device,
+                                       "pin_memory": torch.cuda.is_available()}
             if device == "nvme":
                 zero[f"offload_{kind}"]["nvme_path"] = cfg.zero.nvme_path
     ds.pop("train_batch_size", None)  # derived by DeepSpeed from micro batch x accum x world
