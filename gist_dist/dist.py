@@ -194,6 +194,8 @@ def init(timeout_s: int = 600) -> DistEnv:
             torch.cuda.set_device(d.local_rank)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
+        log(f"gist-dist: {d.world_size} ranks from {d.source}, master {d.master_addr}:{d.master_port}, "
+            f"backend {torch.distributed.get_backend()}")
     return d
 
 
