@@ -112,7 +112,7 @@ def _zero3_config(cfg: RunConfig) -> dict:
 
 
 def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Record indices in batches of similar prompt length (less padding), independent of world size."""
+    """Record indices in batches of similar length (less padding); the same batches at any world size."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
