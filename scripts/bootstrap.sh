@@ -22,7 +22,8 @@ apt_install() {  # apt packages, only when missing; root + apt required
 # Open MPI for mpirun + mpi4py; Slurm/munge/iproute2 only for the test suite's real cluster tests.
 apt_install openmpi-bin libopenmpi-dev
 if [ "${WITH_TEST_SYSTEM_PACKAGES:-0}" = 1 ]; then
-  apt_install slurm-wlm munge iproute2 libaio-dev || echo "bootstrap: cluster tests will skip (see above)" >&2
+  # pdsh + openssh-server: the deepspeed launcher's pdsh path, against an sshd the test starts on 127.0.0.1.
+  apt_install slurm-wlm munge iproute2 libaio-dev pdsh openssh-server || echo "bootstrap: cluster tests will skip (see above)" >&2
 fi
 
 if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ]; then exit 0; fi
