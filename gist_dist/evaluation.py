@@ -11,6 +11,11 @@ Records are sorted by prompt length and cut into batches once, globally; rank r 
 r, r + world, ... so every batch (and so every answer) is the same at any world size; rank 0
 gathers the answers back into the original order, scores them and writes DIR/eval.json,
 DIR/eval.md and DIR/eval_outputs.jsonl.
+
+eval.json: {run, mode, num_gist, model, world_size, zero3, max_new_tokens, batch_size,
+  splits: {NAME: {source, n, dropped_overlong, generate_s, rougeL, rouge1, rouge2, exact_match,
+                  prompt_tokens: {mean, median, max}, compression_ratio: {mean, median, max},
+                  kv_bytes_per_prompt: {cached, full_prompt}}}}
 """
 from __future__ import annotations
 
