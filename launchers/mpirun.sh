@@ -7,12 +7,10 @@ set -euo pipefail
 CONFIG=${1:?usage: mpirun.sh CONFIG [key=value ...]}; shift
 VENV=${VENV:-$(dirname "$0")/../.venv}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-# mpirun forwards only what it is told to: the settings the trainer reads, when they are set.
-FORWARD=()
-for var in OMP_NUM_THREADS MASTER_ADDR MASTER_PORT GIST_DIST_CACHE HF_HOME HF_HUB_OFFLINE TORCH_EXTENSIONS_DIR \
-           GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME CUDA_VISIBLE_DEVICES; do
-  [ -n "${!var:-}" ] && FORWARD+=(-x "$var")
-done
+# shellcheck source=trainer_env.sh
+source "$(dirname "$0")/trainer_env.sh"
+FORWARD=()  # mpirun passes remote ranks only what it is told to
+for var in $(trainer_env); do FORWARD+=(-x "$var"); done
 # shellcheck disable=SC2086  # MPIRUN_ARGS is a list of options
 exec mpirun -np "${NP:-2}" ${HOSTFILE:+--hostfile "$HOSTFILE"} "${FORWARD[@]}" ${MPIRUN_ARGS:-} \
   "$VENV/bin/gist-dist" train "$CONFIG" "$@"
