@@ -46,15 +46,33 @@ def _check_record(rec, where: str) -> dict:
             raise DataError(f"{where}: missing field {key!r}")
         if not isinstance(value, str):
             raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+        if not _encodable(value):  # e.g. "\ud800" from a JSON escape: tokenizers crash on it
+            raise DataError(f"{where}: field {key!r} holds an unpaired surrogate (not valid Unicode text)")
     if not rec["instruction"].strip():
         raise DataError(f"{where}: empty 'instruction'")
     return {"instruction": rec["instruction"], "input": rec.get("input", "") or "", "output": rec["output"]}
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _loads(text: str):
+    """json.loads, with absurdly deep nesting reported like any other malformed JSON."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text, 0) from None
+
+
 def _parse_file(path: Path, stats: DataStats, skip_bad: bool) -> list[dict]:
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a leading byte-order mark is fine
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start})") from None
@@ -72,7 +90,7 @@ def _parse_file(path: Path, stats: DataStats, skip_bad: bool) -> list[dict]:
 
     if path.suffix == ".json" or text.lstrip().startswith("["):
         try:
-            data = json.loads(text)
+            data = _loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
         if isinstance(data, dict) and "data" in data:
@@ -82,11 +100,11 @@ def _parse_file(path: Path, stats: DataStats, skip_bad: bool) -> list[dict]:
         for i, rec in enumerate(data):
             take(rec, f"{path}: record {i}")
     else:
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(text.split("\n"), 1):  # JSON strings may hold U+2028 etc.
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                rec = _loads(line)
             except json.JSONDecodeError as e:
                 if not skip_bad:
                     raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
