@@ -104,6 +104,8 @@ class RunConfig:
             (self.train.max_steps >= 1, "train.max_steps must be >= 1"),
             (self.train.lr > 0, "train.lr must be > 0"),
             (self.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+            (self.train.save_every >= 0, "train.save_every must be >= 0 (0: only at the end)"),
+            (self.train.eval_every >= 0, "train.eval_every must be >= 0 (0: only at the end)"),
             (self.data.max_length >= 8, "data.max_length must be >= 8"),
             (self.data.overlong in ("truncate", "drop"), "data.overlong must be truncate or drop"),
             (self.data.bad_records in ("error", "skip"), "data.bad_records must be error or skip"),
