@@ -46,12 +46,21 @@ def load(directory: str | Path, expected_fingerprint: str | None = None) -> tupl
     d = Path(directory)
     if not (d / WEIGHTS).is_file() or not (d / CONFIG).is_file():
         raise ArtifactError(f"{d}: not a gist artifact (needs {WEIGHTS} and {CONFIG})")
-    meta = json.loads((d / CONFIG).read_text())
+    try:
+        meta = json.loads((d / CONFIG).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{d / CONFIG}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{d / CONFIG}: expected a JSON object")
     if expected_fingerprint is not None and meta.get("base_fingerprint") != expected_fingerprint:
         raise ArtifactError(f"{d}: gist embeddings were trained for base model {meta.get('base_model')!r} "
                             f"(fingerprint {str(meta.get('base_fingerprint'))[:12]}), not this one "
                             f"(fingerprint {expected_fingerprint[:12]})")
-    gist = load_file(str(d / WEIGHTS))["gist"]
+    try:  # safetensors only: a file of any other format (a pickle too) is refused, never run
+        gist = load_file(str(d / WEIGHTS))["gist"]
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise ArtifactError(f"{d / WEIGHTS}: not a safetensors file with a 'gist' tensor "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if gist.shape[0] != meta.get("num_gist"):
         raise ArtifactError(f"{d}: {WEIGHTS} holds {gist.shape[0]} rows but config says {meta.get('num_gist')}")
     return gist, meta

@@ -81,16 +81,28 @@ def _maybe_fault(point: str, step: int):
         os._exit(13)
 
 
-def use_safe_loading(engine):
-    """Make DeepSpeed read checkpoint files with torch.load(weights_only=True)."""
-    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+def load_weights_only(path: str, map_location=None):
+    """torch.load(weights_only=True), allowing DeepSpeed's two plain state classes only."""
+    import pickle
+
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
+    try:
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refusing to load, it holds more than tensors "
+                              f"({str(e).strip().splitlines()[-1][:200]})") from None
+
+
+def use_safe_loading(engine):
+    """Make DeepSpeed read checkpoint files through load_weights_only."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
         def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum]):
-                return torch.load(path, map_location=map_location, weights_only=True)
+            return load_weights_only(path, map_location)
 
     if type(engine.checkpoint_engine) is TorchCheckpointEngine:
         safe = WeightsOnlyCheckpointEngine(engine._config)

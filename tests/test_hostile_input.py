@@ -15,6 +15,7 @@ import torch
 from conftest import TINY, free_port, gist_dist
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import save_file
 
 from gist_dist.config import ModelConfig
 from gist_dist.data import IGNORE, DataError, DataStats, GistTemplate, load_records, pad_batch
@@ -206,3 +207,53 @@ def test_cli_bad_data_one_line_exit_1_nothing_written(tmp_path, content, why):
     assert len(ours) == 1 and ours[0].startswith(f"gist-dist: error: {data}{why}"), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- artifacts and checkpoints
+
+class Payload:
+    """Unpickling this creates a file: proof that a loader ran code from the data."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_hostile_artifact_files_fail_clearly_and_run_nothing(tmp_path):
+    from gist_dist.artifact import CONFIG, WEIGHTS, ArtifactError, load, save
+
+    good = tmp_path / "good"
+    save(good, torch.zeros(2, 8), {"num_gist": 2, "base_fingerprint": "abc"})
+    assert load(good, expected_fingerprint="abc")[0].shape == (2, 8)
+    with pytest.raises(ArtifactError, match="trained for base model"):
+        load(good, expected_fingerprint="another model")
+    marker = tmp_path / "code_ran"
+    cases = {
+        "pickle": lambda d: torch.save({"gist": torch.zeros(2, 8), "x": Payload(marker)}, d / WEIGHTS),
+        "garbage": lambda d: (d / WEIGHTS).write_bytes(b"\x00" * 64),
+        "no_gist_key": lambda d: save_file({"other": torch.zeros(2, 8)}, str(d / WEIGHTS)),
+        "bad_json": lambda d: (d / CONFIG).write_text("{not json"),
+        "json_list": lambda d: (d / CONFIG).write_text("[1, 2]"),
+    }
+    for name, corrupt in cases.items():
+        d = tmp_path / name
+        save(d, torch.zeros(2, 8), {"num_gist": 2})
+        corrupt(d)
+        with pytest.raises(ArtifactError) as err:
+            load(d)
+        assert str(err.value).startswith(str(d)) and "\n" not in str(err.value), (name, err.value)
+    assert not marker.exists()
+
+
+def test_checkpoint_files_load_weights_only(tmp_path):
+    from gist_dist.checkpoint import CheckpointError, load_weights_only
+
+    marker, path = tmp_path / "code_ran", tmp_path / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.ones(2)}, "ds_version": "0.19.8", "step": 3}, path)
+    assert load_weights_only(str(path))["step"] == 3
+    torch.save({"module": {"w": torch.ones(2)}, "evil": Payload(marker)}, path)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_weights_only(str(path))
+    assert not marker.exists()
