@@ -133,7 +133,10 @@ class Checkpointer:
         if not pointer.is_file():
             return None
         tag = pointer.read_text().strip()
-        return tag if (self.dir / tag / STATE_FILE).is_file() else None
+        if not (self.dir / tag / STATE_FILE).is_file():  # never silently start over
+            raise CheckpointError(f"{pointer} names {tag!r}, which is not a complete checkpoint "
+                                  f"(no {STATE_FILE}); point it at one or remove it to start fresh")
+        return tag
 
     def save(self, engine, batches, step: int):
         tag, tmp_tag = f"step{step:08d}", f"tmp-step{step:08d}"

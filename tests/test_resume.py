@@ -109,3 +109,24 @@ def test_other_world_size_without_usable_shards_fails_clearly(uninterrupted, tmp
     assert len(lines) == 1 and "saved by 2 ranks, resuming with 1" in lines[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert not (out / "metrics.jsonl").exists() or "loss" not in (out / "metrics.jsonl").read_text()
+
+
+def test_prune_keeps_newest_n_and_never_the_published_one(tmp_path):
+    from gist_dist.checkpoint import STATE_FILE, Checkpointer, CheckpointError
+
+    def complete(tag):
+        (tmp_path / tag).mkdir()
+        (tmp_path / tag / STATE_FILE).write_text("{}")
+
+    for step in (2, 4, 6, 10):
+        complete(f"step{step:08d}")
+    (tmp_path / "tmp-step00000012").mkdir()  # a crashed save
+    (tmp_path / "latest").write_text("step00000004")
+    Checkpointer(tmp_path, keep=1)._prune("step00000004")  # published one is older than step 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step00000004", "step00000010"]
+    Checkpointer(tmp_path, keep=2)._prune("step00000010")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step00000004", "step00000010"]
+    # A pointer to something incomplete is an error, not a silent fresh start.
+    (tmp_path / "latest").write_text("step00000006")
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        Checkpointer(tmp_path, keep=2).latest_tag()
