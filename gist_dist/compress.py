@@ -92,6 +92,28 @@ def teacher_records(cfg: RunConfig, prompt: str, queries: list[str] | None, n_qu
             for i, q in enumerate(queries)]
 
 
+def _same_prompt_data(data_dir: Path, prompt: str, num_gist: int) -> bool:
+    meta = data_dir / "prompt.json"
+    if not meta.is_file() or not (data_dir / "heldout.jsonl").is_file():
+        return False
+    saved = json.loads(meta.read_text())
+    return saved.get("prompt_sha256") == hashlib.sha256(prompt.encode()).hexdigest() and saved.get("num_gist") == num_gist
+
+
+def _write_teacher_data(cfg, data_dir: Path, prompt: str, queries, n_queries: int, answer_tokens: int, heldout: float):
+    """All ranks answer; rank 0 writes. prompt.json goes last: it marks the data complete."""
+    records = teacher_records(cfg, prompt, queries, n_queries, answer_tokens)
+    if not dist.is_main():
+        return
+    n_eval = max(1, int(len(records) * heldout))
+    write_jsonl(records[:-n_eval], data_dir / "train.jsonl")
+    write_jsonl(records[-n_eval:], data_dir / "heldout.jsonl")
+    prompt_tokens = len(load_tokenizer(cfg.model)(prompt, add_special_tokens=False)["input_ids"])
+    (data_dir / "prompt.json").write_text(json.dumps({
+        "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest(), "prompt_tokens": prompt_tokens,
+        "num_gist": cfg.num_gist, "compression_ratio": prompt_tokens / cfg.num_gist}, indent=2))
+
+
 def prepare(cfg: RunConfig, prompt_file: str, queries_file: str | None, n_queries: int, answer_tokens: int,
             heldout: float) -> RunConfig:
     """Make the teacher data (all ranks answer, rank 0 writes), then return the distill run config that trains on it."""
@@ -106,15 +128,10 @@ def prepare(cfg: RunConfig, prompt_file: str, queries_file: str | None, n_querie
     queries = read_queries(queries_file) if queries_file else None
     data_dir = Path(cfg.output_dir) / "compress_data"
     dist.init(cfg.timeout_s)
-    records = teacher_records(cfg, prompt, queries, n_queries, answer_tokens)
-    if dist.is_main():
-        n_eval = max(1, int(len(records) * heldout))
-        write_jsonl(records[:-n_eval], data_dir / "train.jsonl")
-        write_jsonl(records[-n_eval:], data_dir / "heldout.jsonl")
-        prompt_tokens = len(load_tokenizer(cfg.model)(prompt, add_special_tokens=False)["input_ids"])
-        (data_dir / "prompt.json").write_text(json.dumps({
-            "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest(), "prompt_tokens": prompt_tokens,
-            "num_gist": cfg.num_gist, "compression_ratio": prompt_tokens / cfg.num_gist}, indent=2))
+    if _same_prompt_data(data_dir, prompt, cfg.num_gist):
+        dist.log(f"gist-dist: reusing teacher data in {data_dir} (same prompt; e.g. a requeued job)")
+    else:
+        _write_teacher_data(cfg, data_dir, prompt, queries, n_queries, answer_tokens, heldout)
     dist.barrier()
     # The teacher sees the whole prompt: make room for the longest teacher example.
     tok, longest = load_tokenizer(cfg.model), 0
