@@ -1,6 +1,7 @@
 """P1: step time of gist-masked training vs plain causal-LM training, same engine/model/batch/ranks.
 
-    torchrun --nproc_per_node 2 benchmarks/p1_mask_overhead.py [configs/smollm2.yaml] [key=value ...]
+    torchrun --nproc_per_node 2 benchmarks/p1_mask_overhead.py configs/smollm2.yaml \
+        data.train=../shared/data/alpaca_train.json [key=value ...]
 
 One ZeRO-3 engine; steps alternate between the 4D float gist mask and the model's default 2D
 padding mask on the same token batches, so machine noise hits both sides alike. Prints the
@@ -40,8 +41,8 @@ def main():
     engine, *_ = deepspeed.initialize(model=model, config=ds_config,
                                       optimizer=torch.optim.AdamW(model.parameters(), lr=1e-5))
     template = GistTemplate(tok, gist_ids, cfg.data.max_length)
-    # Fixed-length batches (4 x 128 per rank) so both variants see identical shapes.
-    examples = [e for e in template.encode_all(load_records("generated", n=400, seed=env.rank))]
+    # Both variants run on the very same batches (up to micro_batch x max_length tokens per rank).
+    examples = template.encode_all(load_records(cfg.data.train, n=400, seed=env.rank))[env.rank::env.world_size]
     b = cfg.train.micro_batch_size
     times = {"gist_4d": [], "plain_2d": []}
     for i in range(WARMUP + REPEATS):
