@@ -39,12 +39,15 @@ class TeacherCache:
 
     def __init__(self):
         self.rows: dict = {}
+        self.hits = self.misses = 0  # batches served from the cache / by a teacher forward
 
     def lookup(self, keys) -> torch.Tensor | None:
         from . import dist
         hit = keys is not None and all(k in self.rows for k in keys)
         if dist.all_reduce([float(hit)], op="min")[0] < 1:
+            self.misses += 1
             return None
+        self.hits += 1
         return torch.cat([self.rows[k] for k in keys])
 
     def store(self, keys, t_logits, labels_t):

@@ -132,7 +132,13 @@ def run(cfg: RunConfig) -> dict:
     if not train_examples:
         raise DataError(f"{cfg.data.train}: every record was dropped (max_length={cfg.data.max_length})")
     try:
-        train_batches = ShardedBatches(train_examples, cfg.train.micro_batch_size, rank, world, cfg.train.seed)
+        if cfg.mode == "distill" and cfg.distill.cache_teacher:
+            # Pin each example to one rank (shuffled within it), so after one epoch every rank finds
+            # all its teacher rows in its own cache; cross-rank reshuffling would keep missing.
+            mine = train_examples[: len(train_examples) // world * world][rank::world]
+            train_batches = ShardedBatches(mine, cfg.train.micro_batch_size, 0, 1, cfg.train.seed)
+        else:
+            train_batches = ShardedBatches(train_examples, cfg.train.micro_batch_size, rank, world, cfg.train.seed)
         eval_batch = max(1, min(cfg.train.micro_batch_size, len(eval_examples) // world))
         eval_batches = ShardedBatches(eval_examples, eval_batch, rank, world, 0, shuffle=False)
     except ValueError as e:
@@ -248,7 +254,11 @@ def run(cfg: RunConfig) -> dict:
         if meta["frozen_digest_after"] != meta.get("frozen_digest_before", meta["frozen_digest_after"]):
             raise RuntimeError("distill: a frozen backbone weight changed during training")
     export(cfg, engine, module, tok, out, meta, last_loss)
+    cache = getattr(module, "teacher_cache", None)
+    if cache is not None:
+        meta["teacher_cache"] = {"hits": cache.hits, "misses": cache.misses}
     log_metrics({"event": "end", "steps": step, "last_loss": last_loss,
+                 "teacher_cache": meta.get("teacher_cache"),
                  **{k: v for k, v in meta.items() if k.startswith("frozen_digest")}})
     dist.barrier()
     summary = {"first_loss": first_loss, "last_loss": last_loss, "steps": step, "output_dir": str(out)}

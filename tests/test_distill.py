@@ -79,6 +79,8 @@ def test_compress_one_prompt_end_to_end(tmp_path):
     assert held and not set(held) & set(train)
     answer = gist_dist(["generate", "--gist", str(out), "--query", "what now?", "--max-new-tokens", "4"])
     assert answer.returncode == 0 and answer.stdout.strip()
+    end = rows(out)[-1]
+    assert end["teacher_cache"]["hits"] > 0  # examples stay on their rank, so epoch 2 on hits the cache
     fidelity = json.loads((out / "fidelity.json").read_text())
     assert fidelity["records"] == len(held) and fidelity["compression_ratio"] == meta["compression_ratio"]
     for who in ("student", "baseline"):
