@@ -95,3 +95,14 @@ def test_cli_bad_input_is_one_line_and_nonzero(args, code):
     proc = gist_dist(["flops", *args], check=False, timeout=60)
     assert proc.returncode == code
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == ""
+
+
+def test_cli_latency_writes_json_for_the_report(tmp_path):
+    out = tmp_path / "flops.json"
+    proc = gist_dist(["flops", "--model", "tiny", "--prompt-tokens", "12", "--tail-tokens", "4", "--latency",
+                      "--repeats", "2", "--dtype", "fp32", "--out", str(out)], timeout=300)
+    assert "TTFT ms" in proc.stdout
+    result = json.loads(out.read_text())
+    per_token = flops.shape_of("tiny").kv_bytes_per_token("fp32")
+    assert result["latency"]["gist"]["kv_bytes_per_prompt"] == per_token == result["kv_bytes_per_prompt"]["gist"]
+    assert result["latency"]["instruction"]["kv_bytes_per_prompt"] == 12 * per_token
