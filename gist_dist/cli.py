@@ -99,10 +99,12 @@ def cmd_flops(args) -> int:
                              tail_tokens=args.tail_tokens, n=args.n, dtype=args.dtype, tokenizer=args.tokenizer)
     text = [flops.format_table(result)]
     if args.measure:  # FlopCounterMode on forward passes; shape files run on the meta device (no weights)
-        lengths = [(args.prompt_tokens, args.tail_tokens)] if not args.data else None
-        lengths = lengths or flops.prompt_lengths(flops.load_records_for(args.data, 3), flops.tokenizer_for(args.model)[0])
+        if args.data:  # the first 3 records: real forward passes are slow on big models
+            lengths = flops.prompt_lengths(flops.load_records_for(args.data, 3), flops.tokenizer_for(args.model)[0])
+        else:
+            lengths = [(args.prompt_tokens, args.tail_tokens)]
         result["measured_check"] = flops.check_against_counter(args.model, lengths, args.num_gist,
-                                                               meta=flops.is_shape(args.model))
+                                                               meta=flops.is_shape(args.model) or result["params"] > 1e9)
         text.append(flops.format_check(result["measured_check"]))
     if args.latency:
         result["latency"] = latency.latency_for(args.model, args.num_gist, data=args.data, n=args.latency_examples,
