@@ -220,9 +220,9 @@ def flops_for(model: str, num_gist: int, *, data: str = "", prompt_tokens: int =
         raise ConfigError(f"--num-gist must be >= 1, got {num_gist}")
     shape = shape_of(model)
     if data:
-        from .data import load_records
+        records = load_records_for(data, n)  # bad data fails before the tokenizer loads
         tok, tok_name = tokenizer_for(model, tokenizer)
-        lengths = prompt_lengths(load_records(data, n=n), tok)
+        lengths = prompt_lengths(records, tok)
         result = dataset_flops(shape, lengths, num_gist, dtype)
         result.update(tokenizer=tok_name, data=data)
         return result
