@@ -29,7 +29,7 @@ from tqdm import tqdm
 from . import artifact, checkpoint, dist
 from .batches import ShardedBatches
 from .config import RunConfig, to_dict
-from .data import DataError, DataStats, GistTemplate, load_records, model_inputs, pad_batch
+from .data import IGNORE, DataError, DataStats, GistTemplate, load_records, model_inputs, pad_batch
 from .distill import GistDistiller, mean_embedding, parameter_digest
 from .engine import deepspeed_config, warmup_cosine
 from .gist import add_gist_tokens, init_gist_embeddings
@@ -95,6 +95,11 @@ def encode(cfg: RunConfig, template: GistTemplate, records, stats, split: str = 
         teacher = template.encode(rec, stats, with_gist=False)
         student = template.encode(rec, stats, with_prompt=cfg.distill.student == "gist_mask")
         if teacher is not None and student is not None:
+            # The teacher's longer head leaves fewer output tokens after truncation: the KL
+            # compares the same answer tokens, so the student keeps just as many.
+            extra = sum(lab != IGNORE for lab in student["labels"]) - sum(lab != IGNORE for lab in teacher["labels"])
+            if extra > 0:
+                student = {**student, "input_ids": student["input_ids"][:-extra], "labels": student["labels"][:-extra]}
             out.append({"teacher": teacher, "student": student, "key": f"{split}:{len(out)}"})
     return out
 

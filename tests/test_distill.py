@@ -113,3 +113,22 @@ def test_teacher_cache_gives_the_same_loss():
     assert len(cached.teacher_cache.rows) == 3
     assert torch.equal(first, want)
     assert torch.allclose(second, want, rtol=2e-2)
+
+
+def test_truncated_teacher_and_student_keep_the_same_answer_tokens():
+    """With max_length biting, the teacher (full prompt) loses more answer tokens than the
+    student; both must keep the same ones or the KL would compare different tokens."""
+    from gist_dist.config import RunConfig
+    from gist_dist.data import IGNORE, GistTemplate
+    from gist_dist.gist import add_gist_tokens
+    from gist_dist.model import load_tokenizer
+    from gist_dist.train import encode
+
+    tok = load_tokenizer(ModelConfig(name="smollm2"))
+    gist_ids = add_gist_tokens(tok, 2)
+    cfg = RunConfig(mode="distill")
+    cfg.distill.student = "no_prompt"
+    rec = {"instruction": "Explain this carefully. " * 8, "input": "x", "output": "word " * 60}
+    (ex,) = encode(cfg, GistTemplate(tok, gist_ids, 48), [rec], None)
+    answer = [[i for i, lab in zip(e["input_ids"], e["labels"]) if lab != IGNORE] for e in (ex["teacher"], ex["student"])]
+    assert answer[0] == answer[1] and 0 < len(answer[0]) < 60
