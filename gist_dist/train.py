@@ -87,6 +87,13 @@ class Batcher:
             int(b["attention_mask"].sum())
 
 
+def _keep_answer_tokens(example: dict, keep: int) -> dict:
+    extra = sum(lab != IGNORE for lab in example["labels"]) - keep
+    if extra <= 0:
+        return example
+    return {**example, "input_ids": example["input_ids"][:-extra], "labels": example["labels"][:-extra]}
+
+
 def encode(cfg: RunConfig, template: GistTemplate, records, stats, split: str = "train"):
     if cfg.mode != "distill":
         return template.encode_all(records, stats)
@@ -95,11 +102,11 @@ def encode(cfg: RunConfig, template: GistTemplate, records, stats, split: str = 
         teacher = template.encode(rec, stats, with_gist=False)
         student = template.encode(rec, stats, with_prompt=cfg.distill.student == "gist_mask")
         if teacher is not None and student is not None:
-            # The teacher's longer head leaves fewer output tokens after truncation: the KL
-            # compares the same answer tokens, so the student keeps just as many.
-            extra = sum(lab != IGNORE for lab in student["labels"]) - sum(lab != IGNORE for lab in teacher["labels"])
-            if extra > 0:
-                student = {**student, "input_ids": student["input_ids"][:-extra], "labels": student["labels"][:-extra]}
+            # Truncation can leave the two with different answer lengths (the teacher's head holds
+            # the prompt, a gist_mask student's holds prompt + gist): the KL compares the same
+            # answer tokens, so both keep the shorter answer.
+            keep = min(sum(lab != IGNORE for lab in e["labels"]) for e in (teacher, student))
+            teacher, student = (_keep_answer_tokens(e, keep) for e in (teacher, student))
             out.append({"teacher": teacher, "student": student, "key": f"{split}:{len(out)}"})
     return out
 

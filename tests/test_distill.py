@@ -126,9 +126,11 @@ def test_truncated_teacher_and_student_keep_the_same_answer_tokens():
 
     tok = load_tokenizer(ModelConfig(name="smollm2"))
     gist_ids = add_gist_tokens(tok, 2)
-    cfg = RunConfig(mode="distill")
-    cfg.distill.student = "no_prompt"
     rec = {"instruction": "Explain this carefully. " * 8, "input": "x", "output": "word " * 60}
-    (ex,) = encode(cfg, GistTemplate(tok, gist_ids, 48), [rec], None)
-    answer = [[i for i, lab in zip(e["input_ids"], e["labels"]) if lab != IGNORE] for e in (ex["teacher"], ex["student"])]
-    assert answer[0] == answer[1] and 0 < len(answer[0]) < 60
+    for student in ("no_prompt", "gist_mask"):  # student head shorter, then longer, than the teacher's
+        cfg = RunConfig(mode="distill")
+        cfg.distill.student = student
+        (ex,) = encode(cfg, GistTemplate(tok, gist_ids, 48), [rec], None)
+        answer = [[i for i, lab in zip(e["input_ids"], e["labels"]) if lab != IGNORE]
+                  for e in (ex["teacher"], ex["student"])]
+        assert answer[0] == answer[1] and 0 < len(answer[0]) < 60
