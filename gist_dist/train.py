@@ -241,8 +241,8 @@ def run(cfg: RunConfig) -> dict:
         step += 1
         step_time = time.time() - t0
         loss_mean, total_tokens = dist.all_reduce([loss_sum / cfg.train.grad_accum / world, tokens])
-        rank_tps = dist.all_gather_object(tokens / step_time)
-        rank_mem = dist.all_gather_object(peak_memory_gb())
+        per_rank = dist.all_gather_object((tokens / step_time, peak_memory_gb()))  # one collective per step
+        rank_tps, rank_mem = [r[0] for r in per_rank], [r[1] for r in per_rank]
         record = {"step": step, "loss": loss_mean, "lr": scheduler.get_last_lr()[0], "step_time_s": step_time,
                   "tokens": int(total_tokens), "tokens_per_s": sum(rank_tps), "rank_tokens_per_s": rank_tps,
                   "peak_mem_gb": max(rank_mem), "rank_peak_mem_gb": rank_mem}
