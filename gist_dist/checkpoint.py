@@ -124,9 +124,12 @@ def check_pickles(folder: Path):
 
 
 class Checkpointer:
-    def __init__(self, directory: Path, keep: int):
+    def __init__(self, directory: Path, keep: int, frozen_backbone: bool = False):
         self.dir = Path(directory)
         self.keep = keep
+        # Distill: the frozen backbone is rebuilt from the base model on resume, so its shards
+        # (half a 7B model per rank on 2 ranks) are left out; only the gist embeddings are saved.
+        self.frozen_backbone = frozen_backbone
 
     def latest_tag(self) -> str | None:
         pointer = self.dir / "latest"
@@ -138,16 +141,18 @@ class Checkpointer:
                                   f"(no {STATE_FILE}); point it at one or remove it to start fresh")
         return tag
 
-    def save(self, engine, batches, step: int):
+    def save(self, engine, batches, step: int) -> str:
+        """Write and publish checkpoint `step`; returns its tag."""
         tag, tmp_tag = f"step{step:08d}", f"tmp-step{step:08d}"
         # Saving the same step twice (save_every hit the last step) would briefly unpublish it.
         already = dist.all_reduce([float(dist.is_main() and self.latest_tag() == tag)], op="max")[0] > 0
         if already:
-            return
+            return tag
         if dist.is_main():
             shutil.rmtree(self.dir / tmp_tag, ignore_errors=True)
         dist.barrier()
-        engine.save_checkpoint(str(self.dir), tag=tmp_tag, save_latest=False)
+        engine.save_checkpoint(str(self.dir), tag=tmp_tag, save_latest=False,
+                               exclude_frozen_parameters=self.frozen_backbone)
         _write_atomic(self.dir / tmp_tag / f"rng_rank{dist.rank()}.json", json.dumps(rng_state()))
         if dist.is_main():
             _write_atomic(self.dir / tmp_tag / STATE_FILE, json.dumps(
@@ -160,6 +165,7 @@ class Checkpointer:
             _write_atomic(self.dir / "latest", tag)
             self._prune(tag)
         dist.barrier()
+        return tag
 
     def _prune(self, newest: str):
         """Keep the newest `keep` complete checkpoints; the published one is never removed."""
@@ -179,7 +185,8 @@ class Checkpointer:
         state = json.loads((folder / STATE_FILE).read_text())
         use_safe_loading(engine)
         if state["world_size"] == dist.world():
-            load_path, _ = engine.load_checkpoint(str(self.dir), tag=tag)
+            load_path, _ = engine.load_checkpoint(str(self.dir), tag=tag,
+                                                  load_module_strict=not self.frozen_backbone)
         else:
             load_path = self._load_universal(engine, folder, state["world_size"])
         if load_path is None:

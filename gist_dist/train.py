@@ -189,7 +189,8 @@ def run(cfg: RunConfig) -> dict:
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     batcher = Batcher(cfg, gist_ids, tok.pad_token_id, dtype)
 
-    ckpt = checkpoint.Checkpointer(out / "checkpoints", cfg.train.keep_checkpoints)
+    ckpt = checkpoint.Checkpointer(out / "checkpoints", cfg.train.keep_checkpoints,
+                                   frozen_backbone=cfg.mode == "distill")
     start_step = ckpt.resume(engine, train_batches)
     stopper = checkpoint.StopSignal()
 
@@ -255,8 +256,10 @@ def run(cfg: RunConfig) -> dict:
         bar.set_postfix(loss=f"{loss_mean:.4f}")
         stop = stopper.agreed()
         if stop or (cfg.train.save_every and step % cfg.train.save_every == 0):
-            ckpt.save(engine, train_batches, step)
+            tag = ckpt.save(engine, train_batches, step)
         if stop:
+            # The launcher's cue to requeue when its own exit status cannot carry 75 (torchrun exits 1).
+            log_metrics({"event": "stop", "after_step": step, "checkpoint": tag})
             dist.log(f"gist-dist: stop signal received, checkpoint saved at step {step}; exiting for requeue")
             raise SystemExit(checkpoint.REQUEUE_EXIT_CODE)
     bar.close()

@@ -130,3 +130,27 @@ def test_prune_keeps_newest_n_and_never_the_published_one(tmp_path):
     (tmp_path / "latest").write_text("step00000006")
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         Checkpointer(tmp_path, keep=2).latest_tag()
+
+
+def test_distill_checkpoints_leave_out_the_frozen_backbone_and_resume_bit_exact(tmp_path):
+    """Distill saves only what trains (the gist embeddings + their optimizer state); the frozen
+    backbone comes back from the base model, so resuming still reproduces every loss exactly."""
+    args = ["mode=distill", "num_gist=2", f"train.max_steps={STEPS}", f"train.save_every={SAVE_EVERY}"]
+    full = tmp_path / "full"
+    torchrun(["train", TINY, f"output_dir={full}", *args])
+    tag = f"step{SAVE_EVERY:08d}"
+    folder = full / "checkpoints" / tag
+    for rank in (0, 1):
+        state = torch.load(folder / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt", weights_only=False)
+        assert state["frozen_param_fragments"] is None and state["frozen_param_shapes"] is None
+        assert all(t.numel() == 0 for t in state["module"].values() if isinstance(t, torch.Tensor))
+    start = json.loads((full / "metrics.jsonl").read_text().splitlines()[0])
+    shard_bytes = min(start["rank_param_bytes"])  # one rank's share of the frozen backbone
+    saved = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    assert saved < 0.05 * shard_bytes, (saved, shard_bytes)
+    out = fresh_dir_resuming_from(full, tag, tmp_path / "resumed")
+    torchrun(["train", TINY, f"output_dir={out}", *args])
+    reference, resumed = losses(full), losses(out)
+    assert sorted(resumed) == list(range(SAVE_EVERY + 1, STEPS + 1))
+    assert resumed == {s: reference[s] for s in resumed}
+    assert torch.equal(load_file(out / "gist.safetensors")["gist"], load_file(full / "gist.safetensors")["gist"])
