@@ -5,6 +5,8 @@
 REQUEUE_EXIT_CODE=75  # gist_dist.checkpoint.REQUEUE_EXIT_CODE
 
 run_requeueable() {
+  local metrics="${OUTPUT_DIR:-}/metrics.jsonl" seen=0
+  [ -f "$metrics" ] && seen=$(wc -l < "$metrics")
   "$@" &
   local pid=$! rc signalled=0
   # srun passes USR1/TERM on to every task of its step.
@@ -13,6 +15,11 @@ run_requeueable() {
   # A trapped signal interrupts `wait` (status > 128) while the step still runs: wait for its real status.
   while [ "$signalled" = 1 ]; do signalled=0; wait "$pid"; rc=$?; done
   trap - USR1 TERM
+  # torchrun exits 1 even when its ranks checkpointed and exited 75: then the trainer's "stop"
+  # record, written after the checkpoint was published, says the same thing.
+  if [ "$rc" != 0 ] && [ -f "$metrics" ] && tail -n +"$((seen + 1))" "$metrics" | grep -q '"event": "stop"'; then
+    rc=$REQUEUE_EXIT_CODE
+  fi
   if [ "$rc" = "$REQUEUE_EXIT_CODE" ]; then
     echo "gist-dist: checkpoint saved, requeueing job ${SLURM_JOB_ID}" >&2
     scontrol requeue "$SLURM_JOB_ID"  # an array task has its own SLURM_JOB_ID too

@@ -105,6 +105,8 @@ def test_preemption_signal_saves_requeues_and_resumes_exactly(crashed_in_save, t
     stopped_at = json.loads((ckpt / (ckpt / "latest").read_text() / "trainer_state.json").read_text())["step"]
     assert 1 <= stopped_at < STEPS
     assert_latest_is_complete(ckpt)
+    stops = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"stop"' in line]
+    assert stops == [{"event": "stop", "after_step": stopped_at, "checkpoint": f"step{stopped_at:08d}"}]
     torchrun(["train", TINY, f"output_dir={out}", *ARGS])
     assert losses(out) == reference  # steps before and after the preemption, bit for bit
 

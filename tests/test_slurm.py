@@ -179,11 +179,20 @@ def read_metrics(out: Path):
     return [r for r in records if r.get("event") == "start"], [r for r in records if "step" in r]
 
 
-def test_sbatch_training_is_preempted_requeued_and_resumes(slurm, tmp_path):
+# srun: one task per rank, each exits 75. torchrun: one task per node running torchrun, which
+# exits 1 however its ranks ended; the trainer's "stop" record is what makes the job requeue.
+LAUNCHES = {"srun": (["--ntasks=2"], {}, "slurm"),
+            "torchrun": (["--ntasks=1", "--cpus-per-task=2"], {"LAUNCH": "torchrun", "NPROC_PER_NODE": "2"}, "torchrun")}
+
+
+@pytest.mark.parametrize("launch", list(LAUNCHES))
+def test_sbatch_training_is_preempted_requeued_and_resumes(slurm, tmp_path, launch):
     out, log = tmp_path / "run", tmp_path / "job.out"
     steps = 40
-    job = slurm.sbatch(["--ntasks=2", f"--output={log}", ROOT / "slurm" / "train.sbatch", f"train.max_steps={steps}",
-                        "train.save_every=0"], env={"CONFIG": TINY, "OUTPUT_DIR": str(out), "VENV": str(BIN.parent)})
+    sbatch_args, env, launcher = LAUNCHES[launch]
+    job = slurm.sbatch([*sbatch_args, f"--output={log}", ROOT / "slurm" / "train.sbatch", f"train.max_steps={steps}",
+                        "train.save_every=0"],
+                       env={"CONFIG": TINY, "OUTPUT_DIR": str(out), "VENV": str(BIN.parent), **env})
     # The preemption warning, as --signal=B:USR1@120 sends it: USR1 to the batch shell only.
     deadline = time.time() + 300
     while steps_logged(out) < 2:
@@ -199,7 +208,9 @@ def test_sbatch_training_is_preempted_requeued_and_resumes(slurm, tmp_path):
     starts, step_records = read_metrics(out)
     # Every step exactly once across the two allocations; the run began once (no fresh restart).
     assert [r["step"] for r in step_records] == list(range(1, steps + 1))
-    assert len(starts) == 1 and starts[0]["launcher"] == "slurm" and starts[0]["world_size"] == 2
+    assert len(starts) == 1 and starts[0]["launcher"] == launcher and starts[0]["world_size"] == 2
+    stops = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"stop"' in line]
+    assert len(stops) == 1 and (out / "checkpoints" / stops[0]["checkpoint"]).is_dir()
     assert (out / "final" / "model.safetensors").is_file()
     assert step_records[-1]["loss"] < step_records[0]["loss"]
 
