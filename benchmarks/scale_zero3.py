@@ -271,8 +271,9 @@ def launch_and_sample(args, nproc: int, every_s: float) -> dict:
         rss = {}
         for child in psutil.Process(proc.pid).children(recursive=True):
             try:
-                if "--worker" in child.cmdline():
-                    rss[int(child.environ().get("RANK", -1))] = child.memory_info().rss / GB
+                rank = child.environ().get("RANK")  # torchrun's own command line has --worker too
+                if rank is not None and "--worker" in child.cmdline():
+                    rss[int(rank)] = child.memory_info().rss / GB
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
         for rank, value in rss.items():
@@ -285,6 +286,14 @@ def launch_and_sample(args, nproc: int, every_s: float) -> dict:
         time.sleep(every_s)
     return {"returncode": proc.returncode, "wall_s": time.time() - started, "sampled_peak_rss_gb":
             [peak[r] for r in sorted(peak)], "min_mem_available_gb": min_avail, "rss_timeline": timeline}
+
+
+def checkpoint_bytes(directory: Path) -> int:
+    """Bytes on disk of the published checkpoint (distill leaves the frozen backbone out)."""
+    latest = directory / "latest"
+    if not latest.is_file():
+        return 0
+    return sum(f.stat().st_size for f in (directory / latest.read_text().strip()).rglob("*") if f.is_file())
 
 
 def summarize(out: Path, nproc: int, prediction: dict, sampled: dict) -> dict:
@@ -303,6 +312,7 @@ def summarize(out: Path, nproc: int, prediction: dict, sampled: dict) -> dict:
         "rank_comm_bytes_per_step": per_step,
         "rank_ds_comms_logger_bytes_per_step": [c["deepspeed_comms_logger_steps"] for c in comm],
         "rank_comm_phases": [c["phases"] for c in comm], **sampled,
+        "checkpoint_bytes": checkpoint_bytes(out / "checkpoints"),
     }
     peak = max(measured["rank_peak_rss_gb_at_exit"])
     return {"world_size": nproc, "prediction": prediction, "measured": measured,
@@ -323,6 +333,8 @@ def table(result: dict) -> str:
          f" + baseline {p['runtime_baseline_gb']:.2f})",
          " / ".join(f"{g:.2f} GB" for g in m["rank_peak_rss_gb_at_exit"])),
         ("peak RSS per rank (sampled /proc)", "", " / ".join(f"{g:.2f} GB" for g in m["sampled_peak_rss_gb"])),
+        ("peak RSS per rank by the last step (ru_maxrss)", "",
+         " / ".join(f"{g:.2f} GB" for g in m["rank_peak_rss_gb"] or [])),
         ("lowest MemAvailable on the host", "", f"{m['min_mem_available_gb']:.1f} GB"),
         ("build (zero.Init + init weights)", "", f"{m['build_s']:.0f} s"),
         ("step time", "", " / ".join(f"{t:.1f} s" for t in m["step_time_s"])),
@@ -331,6 +343,10 @@ def table(result: dict) -> str:
         ("all-gather per step, rank 0 (ring, sent)", f"{p['distill_allgather_wire_bytes_per_rank'] / GB:.2f} GB "
          f"(planner {p['planner_allgather_wire_bytes_per_rank'] / GB:.2f})",
          " / ".join(f"{g * (n - 1) / n / GB:.2f} GB" for g in gathers)),
+        ("reduce-scatter per step, rank 0 (logical; gist gradient only)",
+         f"{p['planner_reduce_scatter_wire_bytes_per_rank'] * n / (n - 1):,.0f} B (planner)", " / ".join(f"{step.get('reduce_scatter_tensor', 0):,} B"
+                                      for step in m["rank_comm_bytes_per_step"][0])),
+        ("checkpoint on disk (both ranks)", "", f"{m['checkpoint_bytes'] / 1e6:,.1f} MB"),
     ]
     lines = ["| quantity | predicted | measured |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
