@@ -132,7 +132,7 @@ def test_prune_keeps_newest_n_and_never_the_published_one(tmp_path):
         Checkpointer(tmp_path, keep=2).latest_tag()
 
 
-def test_distill_checkpoints_leave_out_the_frozen_backbone_and_resume_bit_exact(tmp_path):
+def test_distill_checkpoints_leave_out_the_frozen_backbone_and_resume(tmp_path):
     """Distill saves only what trains (the gist embeddings + their optimizer state); the frozen
     backbone comes back from the base model, so resuming still reproduces every loss exactly."""
     args = ["mode=distill", "num_gist=2", f"train.max_steps={STEPS}", f"train.save_every={SAVE_EVERY}"]
@@ -154,3 +154,11 @@ def test_distill_checkpoints_leave_out_the_frozen_backbone_and_resume_bit_exact(
     assert sorted(resumed) == list(range(SAVE_EVERY + 1, STEPS + 1))
     assert resumed == {s: reference[s] for s in resumed}
     assert torch.equal(load_file(out / "gist.safetensors")["gist"], load_file(full / "gist.safetensors")["gist"])
+    # Another world size (universal checkpoint): 1 rank loads exactly the saved gist embeddings.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    one = fresh_dir_resuming_from(full, tag, tmp_path / "one_rank")
+    proc = one_rank(["train", TINY, f"output_dir={one}", *args[:2], f"train.max_steps={SAVE_EVERY}"])
+    assert "saved by 2 ranks, now 1" in proc.stdout
+    saved = get_fp32_state_dict_from_zero_checkpoint(str(full / "checkpoints"), tag=tag)
+    assert list(saved) == ["gist"]  # the whole checkpoint: nothing of the backbone
+    assert torch.equal(load_file(one / "gist.safetensors")["gist"], saved["gist"])
