@@ -344,8 +344,8 @@ def table(result: dict) -> str:
          f"(planner {p['planner_allgather_wire_bytes_per_rank'] / GB:.2f})",
          " / ".join(f"{g * (n - 1) / n / GB:.2f} GB" for g in gathers)),
         ("reduce-scatter per step, rank 0 (logical; gist gradient only)",
-         f"{p['planner_reduce_scatter_wire_bytes_per_rank'] * n / (n - 1):,.0f} B (planner)", " / ".join(f"{step.get('reduce_scatter_tensor', 0):,} B"
-                                      for step in m["rank_comm_bytes_per_step"][0])),
+         f"{p['planner_reduce_scatter_wire_bytes_per_rank'] * n / (n - 1):,.0f} B (planner)",
+         " / ".join(f"{step.get('reduce_scatter_tensor', 0):,} B" for step in m["rank_comm_bytes_per_step"][0])),
         ("checkpoint on disk (both ranks)", "", f"{m['checkpoint_bytes'] / 1e6:,.1f} MB"),
     ]
     lines = ["| quantity | predicted | measured |", "|---|---|---|"]

@@ -270,10 +270,8 @@ def run(cfg: RunConfig) -> dict:
             raise RuntimeError("distill: a frozen backbone weight changed during training")
     export(cfg, engine, module, tok, out, meta, last_loss)
     cache = getattr(module, "teacher_cache", None)
-    if cache is not None:
-        meta["teacher_cache"] = {"hits": cache.hits, "misses": cache.misses}
     log_metrics({"event": "end", "steps": step, "last_loss": last_loss,
-                 "teacher_cache": meta.get("teacher_cache"),
+                 "teacher_cache": cache and {"hits": cache.hits, "misses": cache.misses},
                  **{k: v for k, v in meta.items() if k.startswith("frozen_digest")}})
     dist.barrier()
     summary = {"first_loss": first_loss, "last_loss": last_loss, "steps": step, "output_dir": str(out)}

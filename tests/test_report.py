@@ -48,10 +48,10 @@ def test_report_of_several_runs_with_eval(tiny_gist_run, tmp_path):
     """A second real run with k=2, both evaluated: ROUGE-L vs k is plotted, eval tables are in."""
     k1, k2 = tmp_path / "k1", tmp_path / "k2"
     shutil.copytree(tiny_gist_run, k1, ignore=shutil.ignore_patterns("checkpoints", "report*", "*.png", "eval*"))
-    gist_dist(["train", TINY, f"output_dir={k2}", "num_gist=2", "train.max_steps=3"], timeout=6000)
+    gist_dist(["train", TINY, f"output_dir={k2}", "num_gist=2", "train.max_steps=3"], timeout=600)
     for run in (k1, k2):
         gist_dist(["eval", str(run / "config.yaml"), f"output_dir={run}", "data.num_eval=4",
-                   "eval_max_new_tokens=8"], timeout=6000)
+                   "eval_max_new_tokens=8"], timeout=600)
     (k2 / "flops.json").write_text("{not json")  # a broken optional input: the table is recomputed
     out = tmp_path / "report"
     _report([str(k1), str(k2), "--out", str(out)])
