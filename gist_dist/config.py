@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 MODES = ("gist", "pos_control", "neg_control", "distill")
+LOG_BACKENDS = ("jsonl", "tensorboard", "wandb")
 
 
 class ConfigError(ValueError):
@@ -36,8 +37,10 @@ class DataConfig:
     train: str = "generated"  # "generated" or a JSON/JSONL path or a datasets name
     eval: str = "generated"
     eval_splits: dict = field(default_factory=dict)  # name -> path, for `gist-dist eval`
-    num_train: int = 2000  # for generated data
-    num_eval: int = 64
+    # 0: every record of a file or dataset (nothing is cut unless asked); generated data then makes
+    # GENERATED_DEFAULT records. A limit takes the first N records, and the start record says so.
+    num_train: int = 0
+    num_eval: int = 0
     max_length: int = 256
     overlong: str = "truncate"  # truncate | drop
     bad_records: str = "error"  # error | skip (counted)
@@ -82,6 +85,12 @@ class ZeroConfig:
 
 
 @dataclass
+class LogConfig:
+    backends: list = field(default_factory=lambda: ["jsonl"])  # jsonl | tensorboard | wandb (offline)
+    progress: str = "auto"  # auto: a tqdm bar on a terminal, plain lines every train.log_every steps otherwise; bar | lines
+
+
+@dataclass
 class RunConfig:
     mode: str = "gist"
     num_gist: int = 1
@@ -91,6 +100,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     timeout_s: int = 600  # collective timeout
     eval_max_new_tokens: int = 32
     eval_batch_size: int = 8
@@ -119,6 +129,12 @@ class RunConfig:
             (self.distill.student in ("gist_mask", "no_prompt"), "distill.student must be gist_mask or no_prompt"),
             (self.model.dtype in ("auto", "fp32", "bf16", "fp16"), "model.dtype must be auto, fp32, bf16 or fp16"),
             (self.timeout_s > 0, "timeout_s must be > 0"),
+            (self.data.num_train >= 0 and self.data.num_eval >= 0, "data.num_train and data.num_eval must be >= 0 (0: all)"),
+            (self.train.log_every >= 1, "train.log_every must be >= 1"),
+            ("jsonl" in self.log.backends, "log.backends must include jsonl (metrics.jsonl is what resume and reports read)"),
+            (set(self.log.backends) <= set(LOG_BACKENDS),
+             f"log.backends: unknown backend in {self.log.backends} (known: {', '.join(LOG_BACKENDS)})"),
+            (self.log.progress in ("auto", "bar", "lines"), "log.progress must be auto, bar or lines"),
         ]
         for ok, message in checks:
             if not ok:
@@ -157,6 +173,11 @@ def _coerce(value, typ, key: str):
     elif typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+    elif typ is list or origin is list:
+        if isinstance(value, str):  # a,b,c from the command line
+            return [item.strip() for item in value.split(",") if item.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
     elif typ is dict or origin is dict:
         if isinstance(value, dict):
             return {str(k): str(v) for k, v in value.items()}

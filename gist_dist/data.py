@@ -25,9 +25,13 @@ class DataError(ValueError):
     """Bad input data: the message names the file and line."""
 
 
+GENERATED_DEFAULT = {"train": 2000, "eval": 64}  # generated data has no natural size
+
+
 @dataclass
 class DataStats:
-    records: int = 0
+    records: int = 0  # records used
+    source_records: int = 0  # records the source holds (after skipped bad ones)
     skipped_bad: int = 0
     truncated: int = 0
     dropped_overlong: int = 0
@@ -115,12 +119,15 @@ def _parse_file(path: Path, stats: DataStats, skip_bad: bool) -> list[dict]:
 
 
 def load_records(source: str, *, split: str = "seen", n: int = 0, seed: int = 0,
-                 bad_records: str = "error", stats: DataStats | None = None) -> list[dict]:
-    """Records from "generated[:seen|unseen]", a JSON/JSONL file, or a `datasets` source."""
+                 bad_records: str = "error", stats: DataStats | None = None, role: str = "train") -> list[dict]:
+    """Records from "generated[:seen|unseen]", a JSON/JSONL file, or a `datasets` source.
+
+    n = 0 keeps every record (generated data: GENERATED_DEFAULT[role]); n > 0 keeps the first n,
+    and `stats` records how many were used of how many."""
     stats = stats if stats is not None else DataStats()
     if source.startswith("generated"):
         gen_split = source.split(":", 1)[1] if ":" in source else split
-        records = [_check_record(r, "generated") for r in datagen.generate(n or 1000, gen_split, seed)]
+        records = [_check_record(r, "generated") for r in datagen.generate(n or GENERATED_DEFAULT[role], gen_split, seed)]
     elif Path(source).is_file():
         records = _parse_file(Path(source), stats, bad_records == "skip")
     elif Path(source).suffix in (".json", ".jsonl") or "/" in source and not Path(source).exists() and source.startswith((".", "/")):
@@ -142,6 +149,7 @@ def load_records(source: str, *, split: str = "seen", n: int = 0, seed: int = 0,
                 stats.skipped_bad += 1
     if not records:
         raise DataError(f"{source}: no usable records")
+    stats.source_records = len(records)
     if n and len(records) > n:
         records = records[:n]
     stats.records = len(records)

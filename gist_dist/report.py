@@ -104,7 +104,7 @@ def analytic_flops(cfg: dict, run_dir: Path) -> dict | None:
         from .model import resolve_dtype
         m, d = cfg.get("model") or {}, cfg.get("data") or {}
         tok, tok_name = tokenizer_for(m.get("name", "smollm2"), m.get("tokenizer", ""))
-        records = load_records(d.get("eval", "generated"), n=d.get("num_eval", 64), seed=d.get("seed", 0) + 1)
+        records = load_records(d.get("eval", "generated"), n=d.get("num_eval", 0), role="eval", seed=d.get("seed", 0) + 1)
         dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[str(resolve_dtype(m.get("dtype", "auto"))).split(".")[-1]]
         result = dataset_flops(shape_of(m.get("name", "smollm2")), prompt_lengths(records, tok), cfg.get("num_gist", 1), dtype)
         result.update(tokenizer=tok_name, data=d.get("eval", "generated"))

@@ -24,14 +24,13 @@ from pathlib import Path
 
 import torch
 import yaml
-from tqdm import tqdm
-
 from . import artifact, checkpoint, dist
 from .batches import ShardedBatches
 from .config import RunConfig, to_dict
 from .data import IGNORE, DataError, DataStats, GistTemplate, load_records, model_inputs, pad_batch
 from .distill import GistDistiller, mean_embedding, parameter_digest
 from .engine import deepspeed_config, warmup_cosine
+from .metrics_log import MetricsLog, Progress, check_backends
 from .gist import add_gist_tokens, init_gist_embeddings
 from .model import is_shape_file, load_model, load_shape, load_tokenizer, resolve_dtype, resolve_model_path
 
@@ -121,6 +120,7 @@ def run(cfg: RunConfig) -> dict:
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
+    check_backends(cfg.log.backends)  # a missing logger fails before anything runs or is written
     env = dist.init(cfg.timeout_s)
     rank, world = env.rank, env.world_size
     out = Path(cfg.output_dir)
@@ -137,8 +137,9 @@ def run(cfg: RunConfig) -> dict:
     template = GistTemplate(tok, gist_ids, cfg.data.max_length, cfg.data.overlong)
     train_records = load_records(cfg.data.train, split="seen", n=cfg.data.num_train, seed=cfg.data.seed,
                                  bad_records=cfg.data.bad_records, stats=stats)
+    eval_stats = DataStats()
     eval_records = load_records(cfg.data.eval, split="seen", n=cfg.data.num_eval, seed=cfg.data.seed + 1,
-                                bad_records=cfg.data.bad_records)
+                                bad_records=cfg.data.bad_records, stats=eval_stats, role="eval")
     train_examples = encode(cfg, template, train_records, stats)
     eval_examples = encode(cfg, template, eval_records, None, split="eval")
     if not train_examples:
@@ -197,14 +198,11 @@ def run(cfg: RunConfig) -> dict:
     n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable)
     dist.log(f"gist-dist: mode={cfg.mode} k={cfg.num_gist} ranks={world} ({env.source}) zero={cfg.zero.stage} "
              f"dtype={dtype} trainable={n_trainable:,} train={len(train_examples)} data={stats.as_dict()}")
-    metrics_path = out / "metrics.jsonl"
-    if start_step == 0 and rank == 0:
-        metrics_path.unlink(missing_ok=True)  # a fresh run in a reused directory starts a fresh log
-
-    def log_metrics(record):
-        if rank == 0:
-            with metrics_path.open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
+    dist.log(f"gist-dist: train records: {stats.records} used of {stats.source_records} in {cfg.data.train}"
+             + (f" (data.num_train={cfg.data.num_train})" if stats.records < stats.source_records else "")
+             + f"; eval records: {eval_stats.records} used of {eval_stats.source_records} in {cfg.data.eval}")
+    metrics = MetricsLog(cfg, main=rank == 0, fresh=start_step == 0)
+    log_metrics = metrics.record
 
     def evaluate_loss():
         engine.eval()
@@ -223,12 +221,14 @@ def run(cfg: RunConfig) -> dict:
         eval_before = evaluate_loss()  # the baseline the run is judged against
         log_metrics({"event": "start", "world_size": world, "mode": cfg.mode, "num_gist": cfg.num_gist,
                      "eval_loss_before": eval_before, "trainable_params": n_trainable, "build_s": build_s, "data": stats.as_dict(),
+                     "eval_data": eval_stats.as_dict(),
                      "rank_param_bytes": rank_param_bytes, "model_param_bytes": model_param_bytes,
                      "launcher": env.source, "optimizer_state_bytes": 2 * 4 * n_trainable})
 
     first_loss = last_loss = None
     step = start_step
-    bar = tqdm(total=cfg.train.max_steps, initial=start_step, disable=rank != 0, desc=f"train[{cfg.mode}]")
+    progress = Progress(cfg.train.max_steps, start_step, cfg.train.log_every, rank == 0, f"train[{cfg.mode}]",
+                        cfg.log.progress)
     while step < cfg.train.max_steps:
         t0 = time.time()
         loss_sum, tokens = 0.0, 0
@@ -252,8 +252,7 @@ def run(cfg: RunConfig) -> dict:
         log_metrics(record)
         first_loss = loss_mean if first_loss is None else first_loss
         last_loss = loss_mean
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_mean:.4f}")
+        progress.update(step, loss_mean, record["tokens_per_s"], step_time)
         stop = stopper.agreed()
         if stop or (cfg.train.save_every and step % cfg.train.save_every == 0):
             tag = ckpt.save(engine, train_batches, step)
@@ -261,8 +260,9 @@ def run(cfg: RunConfig) -> dict:
             # The launcher's cue to requeue when its own exit status cannot carry 75 (torchrun exits 1).
             log_metrics({"event": "stop", "after_step": step, "checkpoint": tag})
             dist.log(f"gist-dist: stop signal received, checkpoint saved at step {step}; exiting for requeue")
+            metrics.close()
             raise SystemExit(checkpoint.REQUEUE_EXIT_CODE)
-    bar.close()
+    progress.close()
     ckpt.save(engine, train_batches, step)
     if cfg.mode == "distill" and cfg.train.verify_frozen:
         meta["frozen_digest_after"] = parameter_digest(module.model.named_parameters(), gather_context(cfg.zero.stage))
@@ -273,6 +273,7 @@ def run(cfg: RunConfig) -> dict:
     log_metrics({"event": "end", "steps": step, "last_loss": last_loss,
                  "teacher_cache": cache and {"hits": cache.hits, "misses": cache.misses},
                  **{k: v for k, v in meta.items() if k.startswith("frozen_digest")}})
+    metrics.close()
     dist.barrier()
     summary = {"first_loss": first_loss, "last_loss": last_loss, "steps": step, "output_dir": str(out)}
     return summary
