@@ -61,6 +61,18 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from . import export
+    from .config import ConfigError
+    if not (args.peft or args.prompt_embeds):
+        raise ConfigError("export needs --peft DIR and/or --prompt-embeds FILE")
+    if args.peft:
+        print(export.export_peft(args.run_dir, args.peft, model_name=args.model))
+    if args.prompt_embeds:
+        print(export.export_prompt_embeds(args.run_dir, args.prompt_embeds))
+    return 0
+
+
 def cmd_resolve_output(args) -> int:
     from .config import load_config
     print(load_config(args.config, args.overrides).output_dir)
@@ -159,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", help="base model (default: the one recorded in gist_config.json)")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.set_defaults(func=cmd_generate)
+    x = sub.add_parser("export", help="a no-prompt gist artifact as a PEFT PromptTuning adapter or prompt embeddings")
+    x.add_argument("run_dir", help="directory with gist.safetensors + gist_config.json (compress / no_prompt distill)")
+    x.add_argument("--peft", metavar="DIR", help="write adapter_config.json + adapter_model.safetensors here")
+    x.add_argument("--prompt-embeds", metavar="FILE", help="write the [k, hidden] rows (safetensors) + layout here")
+    x.add_argument("--model", help="base model (default: the one recorded in gist_config.json)")
+    x.set_defaults(func=cmd_export)
     r = sub.add_parser("resolve-output", help="print the output_dir a config + overrides resolve to")
     r.add_argument("config")
     r.add_argument("overrides", nargs="*")

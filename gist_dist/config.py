@@ -37,6 +37,7 @@ class DataConfig:
     train: str = "generated"  # "generated" or a JSON/JSONL path or a datasets name
     eval: str = "generated"
     eval_splits: dict = field(default_factory=dict)  # name -> path, for `gist-dist eval`
+    columns: dict = field(default_factory=dict)  # our field -> the source's: instruction=question, output=answer
     # 0: every record of a file or dataset (nothing is cut unless asked); generated data then makes
     # GENERATED_DEFAULT records. A limit takes the first N records, and the start record says so.
     num_train: int = 0
@@ -129,6 +130,8 @@ class RunConfig:
             (self.distill.student in ("gist_mask", "no_prompt"), "distill.student must be gist_mask or no_prompt"),
             (self.model.dtype in ("auto", "fp32", "bf16", "fp16"), "model.dtype must be auto, fp32, bf16 or fp16"),
             (self.timeout_s > 0, "timeout_s must be > 0"),
+            (set(self.data.columns) <= {"instruction", "input", "output"},
+             f"data.columns: keys must be instruction, input or output, got {sorted(self.data.columns)}"),
             (self.data.num_train >= 0 and self.data.num_eval >= 0, "data.num_train and data.num_eval must be >= 0 (0: all)"),
             (self.train.log_every >= 1, "train.log_every must be >= 1"),
             ("jsonl" in self.log.backends, "log.backends must include jsonl (metrics.jsonl is what resume and reports read)"),

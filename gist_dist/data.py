@@ -41,9 +41,51 @@ class DataStats:
         return {k: v for k, v in self.__dict__.items() if k != "notes"}
 
 
-def _check_record(rec, where: str) -> dict:
+FIELDS = ("instruction", "input", "output")
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+
+
+def _from_conversation(turns, where: str) -> dict:
+    """`messages` ([{role, content}]) or ShareGPT `conversations` ([{from, value}]) -> one record:
+    an optional system message is the instruction (and the user turn the input), else the user turn
+    is the instruction; the assistant turn is the output. One exchange per record."""
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        raise DataError(f"{where}: a conversation must be a list of objects")
+    pairs = []
+    for t in turns:
+        role, text = t.get("role", t.get("from")), t.get("content", t.get("value"))
+        if role not in ROLES:
+            raise DataError(f"{where}: unknown conversation role {role!r} (known: {', '.join(ROLES)})")
+        pairs.append((ROLES[role], text))
+    roles = [r for r, _ in pairs]
+    if roles not in (["user", "assistant"], ["system", "user", "assistant"]):
+        raise DataError(f"{where}: expected [system,] user, assistant turns, got {roles} "
+                        f"(multi-turn conversations are not split into records; use bad_records=skip to count and skip them)")
+    texts = dict(pairs)
+    if "system" in texts:
+        return {"instruction": texts["system"], "input": texts["user"], "output": texts["assistant"]}
+    return {"instruction": texts["user"], "input": "", "output": texts["assistant"]}
+
+
+def _map_record(rec: dict, columns: dict, where: str) -> dict:
+    """The user's field names (data.columns.instruction=question, ...) or a conversation -> our fields."""
+    for conv in ("messages", "conversations"):
+        if conv in rec and "instruction" not in columns:
+            return _from_conversation(rec[conv], where)
+    if not columns:
+        return rec
+    mapped = dict(rec)
+    for ours, theirs in columns.items():
+        if theirs not in rec:
+            raise DataError(f"{where}: missing field {theirs!r} (mapped to {ours!r} by data.columns)")
+        mapped[ours] = rec[theirs]
+    return mapped
+
+
+def _check_record(rec, where: str, columns: dict | None = None) -> dict:
     if not isinstance(rec, dict):
         raise DataError(f"{where}: record must be a JSON object, got {type(rec).__name__}")
+    rec = _map_record(rec, columns or {}, where)
     for key, required in (("instruction", True), ("input", False), ("output", True)):
         value = rec.get(key, None if required else "")
         if value is None:
@@ -73,7 +115,7 @@ def _loads(text: str):
         raise json.JSONDecodeError("nested too deeply", text, 0) from None
 
 
-def _parse_file(path: Path, stats: DataStats, skip_bad: bool) -> list[dict]:
+def _parse_file(path: Path, stats: DataStats, skip_bad: bool, columns: dict) -> list[dict]:
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")  # a leading byte-order mark is fine
@@ -86,7 +128,7 @@ def _parse_file(path: Path, stats: DataStats, skip_bad: bool) -> list[dict]:
 
     def take(rec, where):
         try:
-            out.append(_check_record(rec, where))
+            out.append(_check_record(rec, where, columns))
         except DataError:
             if not skip_bad:
                 raise
@@ -119,30 +161,39 @@ def _parse_file(path: Path, stats: DataStats, skip_bad: bool) -> list[dict]:
 
 
 def load_records(source: str, *, split: str = "seen", n: int = 0, seed: int = 0,
-                 bad_records: str = "error", stats: DataStats | None = None, role: str = "train") -> list[dict]:
+                 bad_records: str = "error", stats: DataStats | None = None, role: str = "train",
+                 columns: dict | None = None) -> list[dict]:
     """Records from "generated[:seen|unseen]", a JSON/JSONL file, or a `datasets` source.
 
     n = 0 keeps every record (generated data: GENERATED_DEFAULT[role]); n > 0 keeps the first n,
-    and `stats` records how many were used of how many."""
+    and `stats` records how many were used of how many. `columns` maps our fields to the source's
+    (e.g. {"instruction": "question"}); `messages` / ShareGPT `conversations` records are mapped too."""
     stats = stats if stats is not None else DataStats()
+    unknown = set(columns or {}) - set(FIELDS)
+    if unknown:
+        raise DataError(f"data.columns: unknown field {sorted(unknown)[0]!r} (map onto {', '.join(FIELDS)})")
     if source.startswith("generated"):
         gen_split = source.split(":", 1)[1] if ":" in source else split
         records = [_check_record(r, "generated") for r in datagen.generate(n or GENERATED_DEFAULT[role], gen_split, seed)]
     elif Path(source).is_file():
-        records = _parse_file(Path(source), stats, bad_records == "skip")
+        records = _parse_file(Path(source), stats, bad_records == "skip", columns or {})
     elif Path(source).suffix in (".json", ".jsonl") or "/" in source and not Path(source).exists() and source.startswith((".", "/")):
         raise DataError(f"{source}: data file not found")
     else:  # any `datasets` source: a local dataset folder, or a hub name when online
         import datasets
         name, _, ds_split = source.partition(":")
         try:
-            ds = datasets.load_dataset(name, split=ds_split or "train")
+            if (Path(name) / "state.json").is_file() or (Path(name) / "dataset_dict.json").is_file():
+                ds = datasets.load_from_disk(name)  # a folder written by save_to_disk
+                ds = ds[ds_split or "train"] if isinstance(ds, datasets.DatasetDict) else ds
+            else:
+                ds = datasets.load_dataset(name, split=ds_split or "train")
         except Exception as e:  # noqa: BLE001 - datasets raises many kinds; report one line
             raise DataError(f"{source}: cannot load data ({type(e).__name__}: {str(e).splitlines()[0]})") from None
         records = []
         for i, rec in enumerate(ds):
             try:
-                records.append(_check_record(rec, f"{source}: record {i}"))
+                records.append(_check_record(rec, f"{source}: record {i}", columns))
             except DataError:
                 if bad_records != "skip":
                     raise

@@ -185,7 +185,8 @@ def run_eval(cfg: RunConfig, zero3: bool = False) -> dict | None:
         dist.init(cfg.timeout_s)
     splits = eval_splits(cfg)
     records = {name: load_records(src, split="seen", n=cfg.data.num_eval, seed=cfg.data.seed + 1,
-                                  bad_records=cfg.data.bad_records, role="eval") for name, src in splits.items()}
+                                  bad_records=cfg.data.bad_records, role="eval",
+                                  columns=cfg.data.columns) for name, src in splits.items()}
     em = load_run_model(cfg, zero3)
     template = GistTemplate(em.tok, em.gist_ids, cfg.data.max_length, "drop")
     result = {"run": str(cfg.output_dir), "mode": em.mode, "num_gist": len(em.gist_ids), "model": em.source,

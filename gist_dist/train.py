@@ -136,10 +136,11 @@ def run(cfg: RunConfig) -> dict:
     stats = DataStats()
     template = GistTemplate(tok, gist_ids, cfg.data.max_length, cfg.data.overlong)
     train_records = load_records(cfg.data.train, split="seen", n=cfg.data.num_train, seed=cfg.data.seed,
-                                 bad_records=cfg.data.bad_records, stats=stats)
+                                 bad_records=cfg.data.bad_records, stats=stats, columns=cfg.data.columns)
     eval_stats = DataStats()
     eval_records = load_records(cfg.data.eval, split="seen", n=cfg.data.num_eval, seed=cfg.data.seed + 1,
-                                bad_records=cfg.data.bad_records, stats=eval_stats, role="eval")
+                                bad_records=cfg.data.bad_records, stats=eval_stats, role="eval",
+                                columns=cfg.data.columns)
     train_examples = encode(cfg, template, train_records, stats)
     eval_examples = encode(cfg, template, eval_records, None, split="eval")
     if not train_examples:
@@ -289,7 +290,8 @@ def export(cfg: RunConfig, engine, module, tok, out: Path, meta: dict, last_loss
                 **meta, "base_model": cfg.model.name, "num_gist": cfg.num_gist,
                 "gist_tokens": tok.convert_ids_to_tokens(list(module.gist_ids.tolist())),
                 "hidden_size": gist.shape[1], "tokenizer": cfg.model.tokenizer or cfg.model.name,
-                "mode": "distill", "final_loss": last_loss, "temperature": cfg.distill.temperature})
+                "mode": "distill", "final_loss": last_loss, "temperature": cfg.distill.temperature,
+                "student": cfg.distill.student})
         return
     if cfg.zero.stage == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # gathered on rank 0 only
@@ -300,8 +302,35 @@ def export(cfg: RunConfig, engine, module, tok, out: Path, meta: dict, last_loss
         tmp = out / "final.tmp"
         module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tok.save_pretrained(tmp)
+        gist_tokens = tok.convert_ids_to_tokens(tok.convert_tokens_to_ids([f"<GIST_{i}>" for i in range(cfg.num_gist)]))
         (tmp / "gist_config.json").write_text(json.dumps(
-            {"mode": cfg.mode, "num_gist": cfg.num_gist, "gist_tokens": tok.convert_ids_to_tokens(
-                tok.convert_tokens_to_ids([f"<GIST_{i}>" for i in range(cfg.num_gist)]))}, indent=2))
+            {"mode": cfg.mode, "num_gist": cfg.num_gist, "gist_tokens": gist_tokens}, indent=2))
+        (tmp / "README.md").write_text(model_card(cfg, gist_tokens))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+
+
+def model_card(cfg: RunConfig, gist_tokens: list[str]) -> str:
+    """final/README.md: what the gist tokens are and how to use the cached path with transformers alone."""
+    gist = "".join(gist_tokens)
+    keep = {"gist": f"Keep only the last {cfg.num_gist} entries of every layer's keys/values (the gist tokens)",
+            "pos_control": "Keep every entry (pos_control masks nothing: the control, not a compressed model)",
+            "neg_control": "Keep no entry (neg_control hides the prompt and the gist: the floor control)"}[cfg.mode]
+    return f"""# Gist model ({cfg.mode}, {cfg.num_gist} gist token(s))
+
+Trained by gist-dist from `{cfg.model.name}`. The tokenizer has the gist tokens `{gist}` as special tokens.
+
+Template (labels only on the output):
+
+    Instruction: {{instruction}}\\n{gist}\\nInput: {{input}}\\nOutput: {{output}}<eos>
+
+(`\\nInput: {{input}}` is left out when there is no input.) Under the `{cfg.mode}` mask, tokens after the
+gist cannot see the instruction, so only the gist tokens' keys/values need to be kept.
+
+Cached path with transformers alone:
+1. Run `Instruction: ...\\n{gist}` once with `use_cache=True`, positions 0..n-1.
+2. {keep}; put them in a `DynamicCache`.
+3. Generate from `\\nInput: ...\\nOutput:` with that cache, `attention_mask` of ones over
+   gist + new tokens, and `position_ids` starting at n (where the instruction + gist ended).
+The answers equal those of the full sequence under the gist mask (`gist-dist eval` checks this path).
+"""

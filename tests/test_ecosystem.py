@@ -79,3 +79,103 @@ def test_two_rank_run_logs_the_same_scalars_to_tensorboard_and_plain_progress_li
     lines = [line for line in proc.stderr.splitlines() if line.startswith("train[gist] step")]
     assert [line.split()[2] for line in lines] == ["2/4", "4/4"]
     assert "\r" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def no_prompt_artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("no_prompt")
+    gist_dist(["train", TINY, f"output_dir={out}", "mode=distill", "distill.student=no_prompt", "num_gist=2",
+               "train.max_steps=3", "data.num_train=32", "train.lr=0.05", "train.verify_frozen=false"])
+    return out
+
+
+def test_peft_adapter_gives_the_logits_of_gist_dist_generate(no_prompt_artifact, tmp_path):
+    peft = pytest.importorskip("peft")
+    import torch
+
+    from gist_dist.inference import GistModel
+    adapter = tmp_path / "adapter"
+    gist_dist(["export", str(no_prompt_artifact), "--peft", str(adapter)])
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
+    gm = GistModel.load(no_prompt_artifact)
+    query = "Repeat the word apple."
+    ids = gm.prompt_ids(query)  # gist ids + "\nInput: ...\nOutput:"
+    ours = gm.logits(ids)[2:]  # the positions after the 2 gist tokens
+    import copy
+    model = peft.PeftModel.from_pretrained(copy.deepcopy(gm.model), str(adapter)).eval()
+    tail = gm.tok("\nInput: " + query + "\nOutput:", add_special_tokens=False, return_tensors="pt")
+    assert tail["input_ids"][0].tolist() == ids[2:]
+    with torch.no_grad():
+        theirs = model(**tail).logits[0, -len(ids) + 2:]
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+    # gist-dist generate answers from those logits greedily: the adapter's first token is the same
+    assert int(ours[-1].argmax()) == int(theirs[-1].argmax())
+
+
+def test_prompt_embeds_export_holds_the_rows_and_the_layout(no_prompt_artifact, tmp_path):
+    from safetensors import safe_open
+
+    from gist_dist import artifact
+    path = tmp_path / "gist_embeds.safetensors"
+    gist_dist(["export", str(no_prompt_artifact), "--prompt-embeds", str(path)])
+    with safe_open(str(path), "pt") as fh:
+        layout = json.loads(fh.metadata()["layout"])
+        rows = fh.get_tensor("gist")
+    gist, meta = artifact.load(no_prompt_artifact)
+    assert rows.equal(gist.float()) and rows.shape[0] == 2
+    assert layout["then_text"] == "\nInput: {query}\nOutput:" and layout["base_fingerprint"] == meta["base_fingerprint"]
+
+
+def test_export_refuses_a_gist_mask_artifact(tmp_path):
+    import torch
+
+    from gist_dist import artifact
+    artifact.save(tmp_path, torch.zeros(1, 8), {"num_gist": 1, "student": "gist_mask", "base_model": "x"})
+    proc = gist_dist(["export", str(tmp_path), "--peft", str(tmp_path / "adapter")], check=False)
+    assert proc.returncode == 1 and "only no-prompt artifacts" in proc.stderr
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_gist_model_folder_is_plain_hf_with_a_model_card(tiny_gist_run):
+    card = (tiny_gist_run / "final" / "README.md").read_text()
+    assert "<GIST_0>" in card and "Instruction: {instruction}\\n<GIST_0>\\nInput: {input}" in card
+    assert "keep only the last 1 entries" in card.lower()
+
+
+def test_column_mapping_for_files_and_a_saved_dataset_folder(tmp_path):
+    import datasets
+    rows = [{"question": f"Say {i}.", "context": "", "answer": str(i)} for i in range(5)]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(TINY, ["data.columns.instruction=question", "data.columns.input=context",
+                             "data.columns.output=answer"])
+    assert cfg.data.columns == {"instruction": "question", "input": "context", "output": "answer"}
+    recs = load_records(str(path), columns=cfg.data.columns)
+    assert recs[3] == {"instruction": "Say 3.", "input": "", "output": "3"}
+    folder = tmp_path / "qa_ds"
+    datasets.Dataset.from_list(rows).save_to_disk(str(folder))
+    assert load_records(str(folder), columns=cfg.data.columns) == recs
+    from gist_dist.data import DataError
+    with pytest.raises(DataError, match=r"qa.jsonl:1: missing field 'reply' \(mapped to 'output'"):
+        load_records(str(path), columns={"instruction": "question", "output": "reply"})
+    with pytest.raises(DataError, match="unknown field 'answer'"):
+        load_records(str(path), columns={"answer": "answer"})
+
+
+def test_messages_and_sharegpt_conversations_map_onto_instruction_input_output(tmp_path):
+    from gist_dist.data import DataError
+    messages = {"messages": [{"role": "system", "content": "Answer in French."},
+                             {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Bonjour"}]}
+    sharegpt = {"conversations": [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Red"}]}
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps(messages) + "\n" + json.dumps(sharegpt) + "\n")
+    assert load_records(str(path)) == [{"instruction": "Answer in French.", "input": "Hello", "output": "Bonjour"},
+                                       {"instruction": "Name a colour.", "input": "", "output": "Red"}]
+    multi = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                          {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}
+    path.write_text(json.dumps(messages) + "\n" + json.dumps(multi) + "\n")
+    with pytest.raises(DataError, match=r"chat.jsonl:2: expected \[system,\] user, assistant turns"):
+        load_records(str(path))
+    stats = DataStats()
+    assert len(load_records(str(path), bad_records="skip", stats=stats)) == 1 and stats.skipped_bad == 1

@@ -1,0 +1,85 @@
+"""`gist-dist export`: a no-prompt distill/compress artifact in the forms other tools load.
+
+    gist-dist export RUN_DIR --peft DIR            # PEFT PromptTuning adapter
+    gist-dist export RUN_DIR --prompt-embeds FILE  # [k, hidden] tensor + the token layout after it
+
+Why only no-prompt artifacts: their student saw `<gist rows> + "\\nInput: {query}\\nOutput:"` under
+plain causal attention (nothing precedes the gist, so the gist mask blocks nothing), which is exactly
+what PEFT prompt tuning and vLLM's `prompt_embeds` compute. A gist_mask student needs the
+instruction before the gist and the gist mask, which neither tool has.
+
+PEFT:  model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), DIR)
+       model(**tok("\\nInput: When are you open?\\nOutput:", add_special_tokens=False, return_tensors="pt"))
+vLLM (unverified here: vLLM cannot be installed on these machines):
+       embeds = torch.cat([load_file(FILE)["gist"], base.get_input_embeddings()(tail_ids)])
+       llm.generate({"prompt_embeds": embeds.to(dtype)})   # with enable_prompt_embeds=True
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from . import artifact
+from .artifact import ArtifactError
+
+TAIL_TEMPLATE = "\nInput: {query}\nOutput:"  # data.GistTemplate's tail: what follows the gist rows
+
+
+def _no_prompt_artifact(run_dir: str | Path) -> tuple[torch.Tensor, dict]:
+    gist, meta = artifact.load(run_dir)
+    student = meta.get("student", "no_prompt" if "prompt_sha256" in meta else "unknown")
+    if student != "no_prompt":
+        raise ArtifactError(f"{run_dir}: its gist embeddings were trained with the instruction visible "
+                            f"(distill.student={student}); only no-prompt artifacts (compress, "
+                            f"distill.student=no_prompt) stand alone as a prompt-tuning adapter")
+    return gist, meta
+
+
+def _base_model(meta: dict, model_name: str | None):
+    from .config import ModelConfig
+    from .model import load_model, load_tokenizer
+    cfg = ModelConfig(name=model_name or meta["base_model"], tokenizer=meta.get("tokenizer", ""), dtype="fp32")
+    num_old = len(load_tokenizer(cfg))
+    return load_model(cfg, vocab_min=num_old), cfg
+
+
+def export_peft(run_dir: str | Path, out_dir: str | Path, model_name: str | None = None) -> Path:
+    """Write a PEFT PromptTuning adapter (adapter_config.json + adapter_model.safetensors) via PEFT itself."""
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    gist, meta = _no_prompt_artifact(run_dir)
+    base, cfg = _base_model(meta, model_name)
+    peft_config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=gist.shape[0],
+                                     token_dim=gist.shape[1], base_model_name_or_path=str(cfg.name))
+    model = get_peft_model(base, peft_config)
+    with torch.no_grad():
+        model.prompt_encoder["default"].embedding.weight.copy_(gist)
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    (tmp / "gist_layout.json").write_text(json.dumps(_layout(meta), indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def export_prompt_embeds(run_dir: str | Path, path: str | Path) -> Path:
+    """The [k, hidden] rows as safetensors ("gist"), the layout that must follow them in the metadata."""
+    gist, meta = _no_prompt_artifact(run_dir)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"gist": gist.float().contiguous()}, str(tmp), metadata={"layout": json.dumps(_layout(meta))})
+    os.replace(tmp, path)
+    return path
+
+
+def _layout(meta: dict) -> dict:
+    return {"gist_rows_first": True, "num_gist": meta["num_gist"], "then_text": TAIL_TEMPLATE,
+            "add_special_tokens": False, "attention": "causal", "base_model": meta.get("base_model"),
+            "base_fingerprint": meta.get("base_fingerprint")}
