@@ -47,7 +47,8 @@ def read_queries(path: str) -> list[str]:
 
 @torch.no_grad()
 def _continue(model, tok, ids: list[int], max_new: int, sample: bool, gen: torch.Generator) -> list[int]:
-    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+    device = next(model.parameters()).device
+    out = model.generate(torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
                          max_new_tokens=max_new, do_sample=sample, top_k=50 if sample else None,
                          temperature=1.0 if sample else None, top_p=None, pad_token_id=tok.pad_token_id)
     return out[0, len(ids):].tolist()

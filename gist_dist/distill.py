@@ -66,7 +66,7 @@ class GistDistiller(nn.Module):
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.gist = nn.Parameter(init.clone())  # [k, hidden], the only trainable weights
-        self.register_buffer("gist_ids", torch.tensor(gist_ids), persistent=False)
+        self.register_buffer("gist_ids", torch.tensor(gist_ids, device=init.device), persistent=False)
         self.temperature = temperature
         self.lm_weight = lm_weight
         self.teacher_cache = TeacherCache() if cache_teacher else None

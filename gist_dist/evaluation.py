@@ -90,7 +90,7 @@ def _load_distilled(cfg: RunConfig, out: Path, ds_config) -> EvalModel:
     from . import artifact
     from .distill import GistDistiller
     from .gist import add_gist_tokens
-    from .model import load_tokenizer
+    from .model import load_tokenizer, local_device
     from .train import gather_context
 
     meta = artifact.load(out)[1]
@@ -103,7 +103,7 @@ def _load_distilled(cfg: RunConfig, out: Path, ds_config) -> EvalModel:
     weight = model.get_input_embeddings().weight
     with gather_context(3 if ds_config else 0)([weight]):
         fingerprint = artifact.model_fingerprint(model.config, weight)
-    gist = artifact.load(out, expected_fingerprint=fingerprint)[0].to(weight.dtype)
+    gist = artifact.load(out, expected_fingerprint=fingerprint)[0].to(local_device(), weight.dtype)
     distiller = GistDistiller(model, gist_ids, gist).eval()
     return EvalModel(model, tok, gist_ids, "gist", embed=distiller.embed, source=f"{model_cfg.name} + {out / artifact.WEIGHTS}")
 

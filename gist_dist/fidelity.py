@@ -26,7 +26,7 @@ def _answer_logits(gm: GistModel, rec: dict, mode: str) -> torch.Tensor:
     else:
         ex = template.encode(rec, with_gist=False, with_prompt=False)
     logits = gm.logits(ex["input_ids"])
-    return logits[response_positions(torch.tensor([ex["labels"]]))[0]].float()
+    return logits[response_positions(torch.tensor([ex["labels"]], device=logits.device))[0]].float()
 
 
 def measure(gm: GistModel, records: list[dict]) -> dict:

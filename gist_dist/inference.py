@@ -13,7 +13,7 @@ from .config import ModelConfig
 from .data import GistTemplate
 from .distill import GistDistiller
 from .gist import add_gist_tokens, make_attention_mask
-from .model import load_model, load_tokenizer
+from .model import load_model, load_tokenizer, local_device
 
 
 class GistModel:
@@ -32,7 +32,7 @@ class GistModel:
         model = load_model(cfg, vocab_min=num_old).eval()
         fingerprint = artifact.model_fingerprint(model.config, model.get_input_embeddings().weight)
         gist, meta = artifact.load(directory, expected_fingerprint=fingerprint)
-        distiller = GistDistiller(model, gist_ids, gist.to(model.dtype)).eval()
+        distiller = GistDistiller(model, gist_ids, gist.to(local_device(), model.dtype)).eval()
         return cls(model, tok, distiller, meta)
 
     def prompt_ids(self, query: str, instruction: str | None = None) -> list[int]:
@@ -42,10 +42,10 @@ class GistModel:
 
     @torch.no_grad()
     def logits(self, ids: list[int]) -> torch.Tensor:
-        input_ids = torch.tensor([ids])
+        input_ids = torch.tensor([ids], device=self.distiller.gist.device)
         mask = make_attention_mask(input_ids, torch.ones_like(input_ids), self.distiller.gist_ids.tolist(), "gist",
                                    self.model.dtype)
-        return self.distiller.student_logits(input_ids, mask, torch.arange(len(ids))[None])[0]
+        return self.distiller.student_logits(input_ids, mask, torch.arange(len(ids), device=input_ids.device)[None])[0]
 
     @torch.no_grad()
     def generate(self, query: str, instruction: str | None = None, max_new_tokens: int = 64) -> str:

@@ -137,7 +137,7 @@ def latency_for(model: str, num_gist: int, *, data: str = "", n: int = 4, prompt
 
     from .config import ConfigError
     from .flops import model_shape_path, shape_of, tokenizer_for
-    from .model import is_shape_file, llama_config_from_shape, resolve_dtype
+    from .model import is_shape_file, llama_config_from_shape, local_device, resolve_dtype
 
     shape = shape_of(model)
     if shape.params() > 2e9:
@@ -149,7 +149,7 @@ def latency_for(model: str, num_gist: int, *, data: str = "", n: int = 4, prompt
         net = AutoModelForCausalLM.from_config(llama_config_from_shape(path), dtype=dtype, attn_implementation="sdpa")
     else:
         net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    net.eval()
+    net = net.to(local_device()).eval()
     tok, tok_name = tokenizer_for(model)
     gist = [tok.convert_tokens_to_ids(f"<GIST_{i}>") for i in range(num_gist)]
     if tok.unk_token_id in gist or None in gist:  # a base model: stand-in ids cost the same

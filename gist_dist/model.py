@@ -29,7 +29,10 @@ def cache_dir() -> Path:
 
 def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":  # CPUs multiply bf16 ~400x slower than fp32: compute in fp32 there
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        if not torch.cuda.is_available():
+            return torch.float32
+        # V100 / T4 have no bf16: fp16 there, with DeepSpeed's dynamic loss scaling (engine.py)
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
@@ -162,8 +165,25 @@ def load_tokenizer(cfg_model):
     return tok
 
 
+def local_device() -> torch.device:
+    """This process's accelerator: the GPU dist.init bound, else LOCAL_RANK % GPUs on the node, else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+
+
 def load_model(cfg_model, vocab_min: int = 0):
-    """The backbone in the run dtype (built under zero.Init when a ZeRO-3 HF config is alive)."""
+    """The backbone in the run dtype: built under zero.Init when a ZeRO-3 HF config is alive (DeepSpeed
+    places the shards), else whole on this process's GPU when there is one."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    model = _load_backbone(cfg_model, vocab_min)
+    return model if is_deepspeed_zero3_enabled() else model.to(local_device())
+
+
+def _load_backbone(cfg_model, vocab_min: int):
     from transformers import AutoModelForCausalLM
 
     dtype = resolve_dtype(cfg_model.dtype)

@@ -69,21 +69,31 @@ def gather_context(stage: int):
 class Batcher:
     """Turns a list of examples into model kwargs for the run's mode."""
 
-    def __init__(self, cfg: RunConfig, gist_ids, pad_id, dtype):
+    def __init__(self, cfg: RunConfig, gist_ids, pad_id, dtype, device):
         self.mode, self.gist_ids, self.pad_id, self.dtype = cfg.mode, gist_ids, pad_id, dtype
         self.cache_teacher = cfg.distill.cache_teacher
+        self.device = device
+
+    def pad(self, examples) -> dict:
+        """Padded ids/labels, moved to the engine's device (pinned, non-blocking on GPUs); the 4D mask
+        is then built there, never copied over."""
+        batch = pad_batch(examples, self.pad_id)
+        if self.device.type == "cuda":
+            return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.to(self.device) for k, v in batch.items()}
 
     def __call__(self, examples):
         if self.mode == "distill":
-            t = pad_batch([e["teacher"] for e in examples], self.pad_id)
-            s = pad_batch([e["student"] for e in examples], self.pad_id)
+            t = self.pad([e["teacher"] for e in examples])
+            s = self.pad([e["student"] for e in examples])
             return {"teacher": model_inputs(t, self.gist_ids, "pos_control", self.dtype),
                     "student": model_inputs(s, self.gist_ids, "gist", self.dtype),
                     "labels_t": t["labels"], "labels_s": s["labels"],
-                    "keys": [e["key"] for e in examples] if self.cache_teacher else None}, int(s["attention_mask"].sum())
-        b = pad_batch(examples, self.pad_id)
+                    "keys": [e["key"] for e in examples] if self.cache_teacher else None}, \
+                sum(len(e["student"]["input_ids"]) for e in examples)  # counted on the host: no device sync
+        b = self.pad(examples)
         return {**model_inputs(b, self.gist_ids, self.mode, self.dtype), "labels": b["labels"]}, \
-            int(b["attention_mask"].sum())
+            sum(len(e["input_ids"]) for e in examples)
 
 
 def _keep_answer_tokens(example: dict, keep: int) -> dict:
@@ -189,7 +199,7 @@ def run(cfg: RunConfig) -> dict:
         optimizer, warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    batcher = Batcher(cfg, gist_ids, tok.pad_token_id, dtype)
+    batcher = Batcher(cfg, gist_ids, tok.pad_token_id, dtype, engine.device)
 
     ckpt = checkpoint.Checkpointer(out / "checkpoints", cfg.train.keep_checkpoints,
                                    frozen_backbone=cfg.mode == "distill")
