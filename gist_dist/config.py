@@ -71,6 +71,10 @@ class TrainConfig:
     eval_batches: int = 4
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
+    # Recompute each decoder layer in backward (HF gradient checkpointing, non-reentrant, so it works
+    # for distill too, where the only trainable tensor sits at the input): activations drop to one
+    # hidden state per layer, as `gist-dist plan --checkpointing` counts.
+    activation_checkpointing: bool = False
     verify_frozen: bool = True  # distill: digest every frozen weight before and after training
     seed: int = 0
 

@@ -86,10 +86,17 @@ def model_states(shape: Shape, setup: Setup) -> dict:
     return {"gpu": gpu, "gpu_total": sum(gpu.values()), "cpu_per_node": cpu_per_node}
 
 
-def activations(shape: Shape, setup: Setup) -> float:
+def layer_activations(shape: Shape, setup: Setup) -> float:
+    """Bytes one decoder layer saves for backward (sdpa: no s x s scores)."""
     p, tokens = DTYPE_BYTES[setup.dtype], setup.micro_batch * setup.seq_len
     h, a, g, d, i = shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, shape.intermediate
-    per_layer = p * tokens * (4 * h + 2 * a * d + 2 * g * d + 4 * i)
+    return p * tokens * (4 * h + 2 * a * d + 2 * g * d + 4 * i)
+
+
+def activations(shape: Shape, setup: Setup) -> float:
+    p, tokens = DTYPE_BYTES[setup.dtype], setup.micro_batch * setup.seq_len
+    h = shape.hidden
+    per_layer = layer_activations(shape, setup)
     logits = 8 * tokens * shape.vocab
     if setup.checkpointing:
         return shape.layers * p * tokens * h + per_layer + logits

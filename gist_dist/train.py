@@ -190,6 +190,9 @@ def run(cfg: RunConfig) -> dict:
         init_gist_embeddings(model, gist_ids, num_old, len(tok), gather)
         model.config.use_cache = False
         module, trainable = model, [p for p in model.parameters() if p.requires_grad]
+    if cfg.train.activation_checkpointing:
+        model.config.use_cache = False  # a KV cache under recompute is wasted memory
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     build_s = time.time() - t_build
     held, model_param_bytes = param_bytes(model)  # measured before deepspeed.initialize: zero.Init's doing
     rank_param_bytes = dist.all_gather_object(held)
