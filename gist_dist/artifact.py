@@ -20,15 +20,57 @@ class ArtifactError(ValueError):
     pass
 
 
+FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "intermediate_size", "vocab_size", "rope_theta")
+SAMPLE_ROWS, SAMPLE_COLS = 32, 8  # embedding entries recorded to recognise the base model
+
+
 def model_fingerprint(model_config, embedding: torch.Tensor) -> str:
-    """sha256 of the architecture config and the (gathered) input embedding matrix."""
+    """`v2:<sha256 of the architecture config>:<sampled embedding entries>`, the same whatever dtype the
+    base is loaded in: the entries are compared with bf16-sized tolerance (`fingerprints_match`), not
+    hashed, since fp32, bf16 and fp16 copies of one model differ in their low bits."""
+    keep = {k: v for k, v in sorted(model_config.to_dict().items()) if k in FINGERPRINT_KEYS}
+    config_sha = hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+    w = embedding.detach()
+    rows = torch.linspace(0, w.shape[0] - 1, SAMPLE_ROWS).long().to(w.device)
+    cols = torch.linspace(0, w.shape[1] - 1, SAMPLE_COLS).long().to(w.device)
+    sample = w[rows][:, cols].float().flatten().cpu().tolist()
+    return f"v2:{config_sha}:" + ",".join(f"{v:.6g}" for v in sample)
+
+
+def _legacy_fingerprint(model_config, embedding: torch.Tensor) -> str:
+    """The first format (artifacts written before v2): sha256 over the config and the whole fp32 embedding."""
     h = hashlib.sha256()
-    keep = {k: v for k, v in sorted(model_config.to_dict().items())
-            if k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "intermediate_size", "vocab_size", "rope_theta")}
+    keep = {k: v for k, v in sorted(model_config.to_dict().items()) if k in FINGERPRINT_KEYS}
     h.update(json.dumps(keep, sort_keys=True).encode())
-    h.update(embedding.detach().float().contiguous().cpu().numpy())  # hashed in place: no copy of a GB-sized matrix
+    h.update(embedding.detach().float().contiguous().cpu().numpy())
     return h.hexdigest()
+
+
+def fingerprints_match(saved: str | None, current: str) -> bool:
+    """Same config hash and every sampled entry equal within 2^-7 relative (bf16's rounding, with margin)."""
+    if not saved or not saved.startswith("v2:") or not current.startswith("v2:"):
+        return saved == current
+    (_, sha_a, vals_a), (_, sha_b, vals_b) = saved.split(":", 2), current.split(":", 2)
+    a = torch.tensor([float(v) for v in vals_a.split(",")])
+    b = torch.tensor([float(v) for v in vals_b.split(",")])
+    if sha_a != sha_b or a.shape != b.shape:
+        return False
+    scale = float(a.pow(2).mean().sqrt()) + 1e-12
+    return bool(((a - b).abs() <= 2 ** -7 * a.abs() + 1e-3 * scale).all())
+
+
+class BaseModel:
+    """The base model an artifact is loaded onto, as far as the fingerprint check needs it."""
+
+    def __init__(self, model_config, embedding: torch.Tensor):
+        self.config, self.embedding = model_config, embedding
+        self.fingerprint = model_fingerprint(model_config, embedding)
+
+    def matches(self, saved: str | None) -> bool:
+        if saved and not saved.startswith("v2:"):  # an artifact from before v2
+            return saved == _legacy_fingerprint(self.config, self.embedding)
+        return fingerprints_match(saved, self.fingerprint)
 
 
 def save(directory: str | Path, gist: torch.Tensor, meta: dict):
@@ -42,7 +84,7 @@ def save(directory: str | Path, gist: torch.Tensor, meta: dict):
     os.replace(tmp_c, d / CONFIG)
 
 
-def load(directory: str | Path, expected_fingerprint: str | None = None) -> tuple[torch.Tensor, dict]:
+def load(directory: str | Path, expected_fingerprint: "str | BaseModel | None" = None) -> tuple[torch.Tensor, dict]:
     d = Path(directory)
     if not (d / WEIGHTS).is_file() or not (d / CONFIG).is_file():
         raise ArtifactError(f"{d}: not a gist artifact (needs {WEIGHTS} and {CONFIG})")
@@ -52,10 +94,15 @@ def load(directory: str | Path, expected_fingerprint: str | None = None) -> tupl
         raise ArtifactError(f"{d / CONFIG}: not valid JSON ({e})") from None
     if not isinstance(meta, dict):
         raise ArtifactError(f"{d / CONFIG}: expected a JSON object")
-    if expected_fingerprint is not None and meta.get("base_fingerprint") != expected_fingerprint:
-        raise ArtifactError(f"{d}: gist embeddings were trained for base model {meta.get('base_model')!r} "
-                            f"(fingerprint {str(meta.get('base_fingerprint'))[:12]}), not this one "
-                            f"(fingerprint {expected_fingerprint[:12]})")
+    if expected_fingerprint is not None:
+        base = expected_fingerprint
+        ok = base.matches(meta.get("base_fingerprint")) if isinstance(base, BaseModel) \
+            else meta.get("base_fingerprint") == base
+        if not ok:
+            current = base.fingerprint if isinstance(base, BaseModel) else base
+            raise ArtifactError(f"{d}: gist embeddings were trained for base model {meta.get('base_model')!r} "
+                                f"(fingerprint {str(meta.get('base_fingerprint'))[:12]}), not this one "
+                                f"(fingerprint {current[:12]})")
     try:  # safetensors only: a file of any other format (a pickle too) is refused, never run
         gist = load_file(str(d / WEIGHTS))["gist"]
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types

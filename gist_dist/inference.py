@@ -30,8 +30,8 @@ class GistModel:
         num_old = len(tok)
         gist_ids = add_gist_tokens(tok, meta["num_gist"])
         model = load_model(cfg, vocab_min=num_old).eval()
-        fingerprint = artifact.model_fingerprint(model.config, model.get_input_embeddings().weight)
-        gist, meta = artifact.load(directory, expected_fingerprint=fingerprint)
+        base = artifact.BaseModel(model.config, model.get_input_embeddings().weight)
+        gist, meta = artifact.load(directory, expected_fingerprint=base)
         distiller = GistDistiller(model, gist_ids, gist.to(local_device(), model.dtype)).eval()
         return cls(model, tok, distiller, meta)
 

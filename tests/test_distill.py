@@ -134,3 +134,21 @@ def test_truncated_teacher_and_student_keep_the_same_answer_tokens():
         answer = [[i for i, lab in zip(e["input_ids"], e["labels"]) if lab != IGNORE]
                   for e in (ex["teacher"], ex["student"])]
         assert answer[0] == answer[1] and 0 < len(answer[0]) < 60
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_artifact_trained_in_fp32_loads_onto_a_base_in_another_dtype(distill_run, dtype):
+    """The fingerprint is the same whatever dtype the base is loaded in (GPU artifacts load on CPU boxes)."""
+    base = load_model(ModelConfig(name="configs/models/tiny.yaml", dtype=dtype), vocab_min=49152)
+    gist, _ = artifact.load(distill_run, expected_fingerprint=artifact.BaseModel(base.config, base.get_input_embeddings().weight))
+    assert gist.shape == (2, 64)
+    other = load_model(ModelConfig(name="configs/models/tiny.yaml", dtype=dtype, seed=1), vocab_min=49152)
+    with pytest.raises(artifact.ArtifactError, match="trained for base model"):
+        artifact.load(distill_run, expected_fingerprint=artifact.BaseModel(other.config, other.get_input_embeddings().weight))
+
+
+def test_artifacts_of_the_first_fingerprint_format_still_load(tmp_path):
+    base = load_model(ModelConfig(name="configs/models/tiny.yaml"), vocab_min=49152)
+    weight = base.get_input_embeddings().weight
+    artifact.save(tmp_path, torch.zeros(1, 64), {"num_gist": 1, "base_fingerprint": artifact._legacy_fingerprint(base.config, weight)})
+    assert artifact.load(tmp_path, expected_fingerprint=artifact.BaseModel(base.config, weight))[0].shape == (1, 64)
