@@ -17,14 +17,21 @@ from .config import ConfigError, RunConfig
 from .model import ROOT
 
 
-def _fill(node, values: dict):
+# Blocks of an HF-style DeepSpeed JSON that the run config owns: gist-dist builds the optimizer
+# (AdamW over what the method trains) and the warm-up/cosine schedule from train.*.
+OWNED_BLOCKS = {"optimizer": "train.lr / train.weight_decay", "scheduler": "train.warmup_steps / train.min_lr_ratio"}
+
+
+def _fill(node, values: dict, path: str = ""):
+    """Replace "auto" by the value for its dotted path (or, failing that, its key); one line per unknown key."""
     for key, value in list(node.items()):
+        full = f"{path}{key}"
         if isinstance(value, dict):
-            _fill(value, values)
+            _fill(value, values, f"{full}.")
         elif value == "auto":
-            if key not in values:
-                raise ConfigError(f"DeepSpeed config: no rule to fill 'auto' for {key!r}")
-            node[key] = values[key]
+            if full not in values and key not in values:
+                raise ConfigError(f"DeepSpeed config: no rule to fill 'auto' for {full!r}; give it a value")
+            node[key] = values.get(full, values.get(key))
 
 
 def deepspeed_config(cfg: RunConfig, hidden_size: int, dtype: torch.dtype) -> dict:
@@ -38,6 +45,10 @@ def deepspeed_config(cfg: RunConfig, hidden_size: int, dtype: torch.dtype) -> di
     except json.JSONDecodeError as e:
         raise ConfigError(f"zero.json: {cfg.zero.json} is not valid JSON ({e.msg}, line {e.lineno})") from None
     ds = copy.deepcopy(ds)
+    for block, owner in OWNED_BLOCKS.items():
+        if block in ds:
+            raise ConfigError(f"zero.json: {cfg.zero.json} has an {block!r} block; gist-dist sets the {block} from "
+                              f"{owner}: remove the block")
     zero = ds.setdefault("zero_optimization", {})
     if "stage" in zero and zero["stage"] != "auto" and zero["stage"] != cfg.zero.stage:
         raise ConfigError(f"zero.stage={cfg.zero.stage} but {cfg.zero.json} says stage {zero['stage']}")
@@ -51,15 +62,25 @@ def deepspeed_config(cfg: RunConfig, hidden_size: int, dtype: torch.dtype) -> di
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "gradient_clipping": cfg.train.grad_clip,
-        "enabled": dtype == torch.bfloat16,
+        "bf16.enabled": dtype == torch.bfloat16,
+        "fp16.enabled": dtype == torch.float16,
+        "train_batch_size": "derived",  # popped below: DeepSpeed derives it
+        "zero_optimization.stage3_gather_16bit_weights_on_model_save": True,
         "reduce_bucket_size": h2,
         "stage3_prefetch_bucket_size": int(0.9 * h2),
         "stage3_param_persistence_threshold": persistence,
     })
     if cfg.zero.persistence_threshold >= 0 and cfg.zero.stage == 3:
         zero["stage3_param_persistence_threshold"] = cfg.zero.persistence_threshold
-    if dtype == torch.float16:
-        ds["fp16"] = {"enabled": True}
+    if dtype == torch.float16:  # dynamic loss scaling (loss_scale 0) unless the JSON sets its own
+        ds["fp16"] = {"loss_scale": 0, **ds.get("fp16", {}), "enabled": True}
+        ds.pop("bf16", None)
+    elif dtype == torch.bfloat16:
+        ds["bf16"] = {**ds.get("bf16", {}), "enabled": True}
+        ds.pop("fp16", None)
+    else:
+        for half in ("bf16", "fp16"):
+            ds.pop(half, None)
     for kind in ("param", "optimizer"):
         device = getattr(cfg.zero, f"offload_{kind}")
         if device != "none":
@@ -68,6 +89,10 @@ def deepspeed_config(cfg: RunConfig, hidden_size: int, dtype: torch.dtype) -> di
                                        "pin_memory": torch.cuda.is_available()}
             if device == "nvme":
                 zero[f"offload_{kind}"]["nvme_path"] = cfg.zero.nvme_path
+    if cfg.zero.offload_optimizer != "none":
+        # The client optimizer (torch AdamW) steps on the offloaded fp32 master weights on the host;
+        # DeepSpeed otherwise insists on its own CPU Adam, a C++ op compiled on first use.
+        ds["zero_force_ds_cpu_optimizer"] = False
     ds.pop("train_batch_size", None)  # derived by DeepSpeed from micro batch x accum x world
     return ds
 

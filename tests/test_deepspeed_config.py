@@ -1,0 +1,77 @@
+"""HF-style DeepSpeed JSON ("auto" everywhere) and optimizer offload."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY, torchrun
+from gist_dist.config import ConfigError, load_config
+from gist_dist.engine import deepspeed_config
+
+HF_STYLE = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto", "fp16": {"enabled": "auto", "loss_scale": 0}, "bf16": {"enabled": "auto"},
+            "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                                  "stage3_param_persistence_threshold": "auto",
+                                  "stage3_gather_16bit_weights_on_model_save": "auto"}}
+
+
+def _config(tmp_path, ds: dict, *overrides):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    return load_config(TINY, [f"zero.json={path}", *overrides])
+
+
+@pytest.mark.parametrize("dtype,on,off", [(torch.bfloat16, "bf16", "fp16"), (torch.float16, "fp16", "bf16")])
+def test_hf_style_auto_json_fills_each_half_precision_block_for_its_own_dtype(tmp_path, dtype, on, off):
+    ds = deepspeed_config(_config(tmp_path, HF_STYLE), 64, dtype)
+    assert ds[on]["enabled"] is True and off not in ds
+    assert "train_batch_size" not in ds and ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    if dtype == torch.float16:
+        assert ds["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+    assert "auto" not in json.dumps(ds)
+
+
+def test_fp32_run_turns_both_half_precision_blocks_off(tmp_path):
+    ds = deepspeed_config(_config(tmp_path, HF_STYLE), 64, torch.float32)
+    assert "fp16" not in ds and "bf16" not in ds
+
+
+@pytest.mark.parametrize("block", ["optimizer", "scheduler"])
+def test_optimizer_and_scheduler_blocks_are_refused_with_one_line(tmp_path, block):
+    with pytest.raises(ConfigError, match=f"has an '{block}' block; gist-dist sets the {block} from train"):
+        deepspeed_config(_config(tmp_path, {**HF_STYLE, block: {"type": "AdamW", "params": {"lr": "auto"}}}),
+                         64, torch.float32)
+
+
+def test_unknown_auto_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"no rule to fill 'auto' for 'zero_optimization.sub_group_size'"):
+        deepspeed_config(_config(tmp_path, {**HF_STYLE, "zero_optimization": {
+            **HF_STYLE["zero_optimization"], "sub_group_size": "auto"}}), 64, torch.float32)
+
+
+def test_offload_optimizer_values_are_validated():
+    with pytest.raises(ConfigError, match="zero.offload_optimizer must be none, cpu or nvme"):
+        load_config(TINY, ["zero.offload_optimizer=gpu"])
+
+
+def _losses(out) -> dict:
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "step" in r}
+
+
+@pytest.mark.slow
+def test_offload_optimizer_cpu_trains_two_ranks_and_resumes(tmp_path):
+    common = ["train.lr=0.01", "data.num_train=64", "zero.offload_optimizer=cpu", "train.warmup_steps=1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    torchrun(["train", TINY, f"output_dir={straight}", "train.max_steps=4", *common])
+    torchrun(["train", TINY, f"output_dir={resumed}", "train.max_steps=2", *common])
+    proc = torchrun(["train", TINY, f"output_dir={resumed}", "train.max_steps=4", *common])
+    assert "resumed from" in proc.stderr + proc.stdout
+    full, parts = _losses(straight), _losses(resumed)
+    assert list(parts) == [1, 2, 3, 4]  # every step once
+    # Weights, data position and RNG come back exactly: the first step after the resume has the loss
+    # of the uninterrupted run. (Known gap: the update after it differs, with torch AdamW and with
+    # DeepSpeed's CPU Adam alike, so the offloaded optimizer state is not restored bit for bit.)
+    assert [parts[s] for s in (1, 2, 3)] == [full[s] for s in (1, 2, 3)]
+    assert full[4] < full[1] and parts[4] < parts[1]
