@@ -19,6 +19,6 @@ demo: setup
 	@rm -rf runs/demo  # the demo always starts fresh (a kept output_dir would resume)
 	@./launchers/local.sh 2 configs/smollm2.yaml output_dir=runs/demo $(ARGS)
 
-## make test: the whole test suite (unit, 2-rank ZeRO-3, launchers, real Slurm).
+## make test: the whole test suite (unit, 2-rank ZeRO-3, launchers, real Slurm); runs on after a failure.
 test: setup-test
-	@$(VENV)/bin/python -m pytest -q -x $(PYTEST_ARGS)
+	@$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
