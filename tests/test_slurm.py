@@ -105,10 +105,10 @@ class SlurmCluster:
             time.sleep(0.5)
         raise AssertionError(f"Slurm test cluster: {what} not reached (exited: {dead or 'none'})\n{self.logs()}")
 
-    def logs(self) -> str:
+    def logs(self, lines: int = 15) -> str:
         out = []
         for log in sorted(self.root.glob("*.log")) + sorted(self.root.glob("*.stdout")):
-            out.append(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
+            out.append(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:]))
         return "\n".join(out)
 
     def cmd(self, args, check=True, env=None):
@@ -202,7 +202,7 @@ def test_sbatch_training_is_preempted_requeued_and_resumes(slurm, tmp_path, laun
     slurm.cmd(["scancel", "--signal=USR1", "--batch", job])
     info = slurm.wait_done(job)
     text = log.read_text()
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{text[-3000:]}"
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{text[-3000:]}\n{slurm.logs(60)}"
     assert info["Restarts"] == "1", text[-3000:]
     assert "requeueing job" in text and "resumed from" in text
     starts, step_records = read_metrics(out)
