@@ -9,14 +9,21 @@ text like "<GIST_0>" or "<|im_start|>" inside data can never become a special to
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import datagen
-from .gist import make_attention_mask, position_ids_from
+from .masks import model_inputs  # noqa: F401 - re-exported for old callers
+from .model import _file_lock, cache_dir
 
 IGNORE = -100
 
@@ -115,28 +122,38 @@ def _loads(text: str):
         raise json.JSONDecodeError("nested too deeply", text, 0) from None
 
 
-def _parse_file(path: Path, stats: DataStats, skip_bad: bool, columns: dict) -> list[dict]:
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")  # a leading byte-order mark is fine
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start})") from None
-    if not text.strip():
+def _check_text(path: Path) -> bool:
+    """One streaming pass: valid UTF-8 and not blank, as a whole file would be checked. Returns
+    whether the file is one JSON list (a .json name, or `[` first) rather than JSON lines."""
+    first = None
+    with open(path, "rb") as fh:
+        offset = 0
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading BOM is fine
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {offset + e.start})") from None
+            offset += len(raw)
+            if first is None and line.strip():
+                first = line.lstrip()[0]
+    if first is None:
         raise DataError(f"{path}: file is empty")
-    out = []
+    return path.suffix == ".json" or first == "["
 
+
+def _iter_file(path: Path, stats: DataStats, skip_bad: bool, columns: dict):
+    """Checked records of a JSON or JSONL file, in order; JSON lines are read one at a time."""
     def take(rec, where):
         try:
-            out.append(_check_record(rec, where, columns))
+            return _check_record(rec, where, columns)
         except DataError:
             if not skip_bad:
                 raise
             stats.skipped_bad += 1
 
-    if path.suffix == ".json" or text.lstrip().startswith("["):
+    if _check_text(path):
         try:
-            data = _loads(text)
+            data = _loads(path.read_bytes().decode("utf-8-sig"))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
         if isinstance(data, dict) and "data" in data:
@@ -144,9 +161,11 @@ def _parse_file(path: Path, stats: DataStats, skip_bad: bool, columns: dict) -> 
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of records")
         for i, rec in enumerate(data):
-            take(rec, f"{path}: record {i}")
-    else:
-        for lineno, line in enumerate(text.split("\n"), 1):  # JSON strings may hold U+2028 etc.
+            if (rec := take(rec, f"{path}: record {i}")) is not None:
+                yield rec
+        return
+    with open(path, encoding="utf-8-sig", newline="\n") as fh:  # split at \n only: strings may hold U+2028
+        for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
@@ -156,14 +175,124 @@ def _parse_file(path: Path, stats: DataStats, skip_bad: bool, columns: dict) -> 
                     raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
                 stats.skipped_bad += 1
                 continue
-            take(rec, f"{path}:{lineno}")
-    return out
+            if (rec := take(rec, f"{path}:{lineno}")) is not None:
+                yield rec
+
+
+def _iter_dataset(ds, source: str, stats: DataStats, skip_bad: bool, columns: dict):
+    for i, rec in enumerate(ds):
+        try:
+            yield _check_record(rec, f"{source}: record {i}", columns)
+        except DataError:
+            if not skip_bad:
+                raise
+            stats.skipped_bad += 1
+
+
+def _open_dataset(source: str):
+    import datasets
+    name, _, ds_split = source.partition(":")
+    try:
+        if (Path(name) / "state.json").is_file() or (Path(name) / "dataset_dict.json").is_file():
+            ds = datasets.load_from_disk(name)  # a folder written by save_to_disk
+            return ds[ds_split or "train"] if isinstance(ds, datasets.DatasetDict) else ds
+        return datasets.load_dataset(name, split=ds_split or "train")
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds; report one line
+        raise DataError(f"{source}: cannot load data ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+class _Seq(Sequence):
+    """A read-only sequence that compares equal to a list with the same items."""
+
+    def __eq__(self, other):
+        return isinstance(other, Sequence) and len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    def __repr__(self):
+        return f"<{type(self).__name__} of {len(self)}>"
+
+
+class Records(_Seq):
+    """Checked records read lazily from a memory-mapped Arrow file: the bytes live once on disk and
+    in the page cache, shared by every rank on the machine, not in each rank's heap."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return Records(self.ds.select(range(len(self))[i]))
+        return self.ds[range(len(self))[i]]
+
+    def __iter__(self):
+        for batch in self.ds.iter(batch_size=1000):
+            yield from (dict(zip(batch, row)) for row in zip(*batch.values()))
+
+
+CACHE_VERSION = 1  # bump when the checked-record format changes
+
+
+def data_cache_dir() -> Path:
+    """GIST_DIST_DATA_CACHE, else the data/ folder of the model cache (GIST_DIST_CACHE)."""
+    d = Path(os.environ.get("GIST_DIST_DATA_CACHE") or cache_dir() / "data")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _cached_records(key: list, lock_name: str, build, stats: DataStats) -> Records:
+    """The Arrow file of checked records for `key`: built once by the first process to take the
+    lock (rank 0 or not, before or after torch.distributed starts), read by the others. A build
+    that fails (bad data) leaves nothing behind, so every rank fails with the same DataError."""
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    root = data_cache_dir()
+    target = root / digest
+    with _file_lock(root / f"{lock_name}.lock"):
+        if not (target / "meta.json").is_file():
+            tmp = root / f"{digest}.tmp{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            built = DataStats()
+            try:
+                features = datasets.Features({k: datasets.Value("string") for k in FIELDS})
+                with ArrowWriter(features=features, path=str(tmp / "records.arrow")) as writer:
+                    for rec in build(built):
+                        writer.write(rec)
+                    count, _ = writer.finalize()
+                if count == 0:
+                    raise DataError(f"{key[1]}: no usable records")
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            meta = {"records": count, "skipped_bad": built.skipped_bad, "key": key}
+            (tmp / "meta.json").write_text(json.dumps(meta))
+            tmp.rename(target)
+            stats.notes.append(f"data cache built: {target}")
+        else:
+            stats.notes.append(f"data cache read: {target}")
+    meta = json.loads((target / "meta.json").read_text())
+    stats.skipped_bad += meta["skipped_bad"]
+    return Records(datasets.Dataset.from_file(str(target / "records.arrow")))
+
+
+def _file_digest(path: Path) -> str:
+    """Content hash: a file rewritten in place (same path, size and mtime) is never read stale."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def load_records(source: str, *, split: str = "seen", n: int = 0, seed: int = 0,
                  bad_records: str = "error", stats: DataStats | None = None, role: str = "train",
-                 columns: dict | None = None) -> list[dict]:
+                 columns: dict | None = None) -> Sequence[dict]:
     """Records from "generated[:seen|unseen]", a JSON/JSONL file, or a `datasets` source.
+
+    Files and `datasets` sources are checked once into an Arrow file in data_cache_dir() (keyed by
+    content hash, columns and bad_records), by whichever process gets there first; every process
+    then reads it lazily (Records). Generated data is a plain list.
 
     n = 0 keeps every record (generated data: GENERATED_DEFAULT[role]); n > 0 keeps the first n,
     and `stats` records how many were used of how many. `columns` maps our fields to the source's
@@ -176,28 +305,23 @@ def load_records(source: str, *, split: str = "seen", n: int = 0, seed: int = 0,
         gen_split = source.split(":", 1)[1] if ":" in source else split
         records = [_check_record(r, "generated") for r in datagen.generate(n or GENERATED_DEFAULT[role], gen_split, seed)]
     elif Path(source).is_file():
-        records = _parse_file(Path(source), stats, bad_records == "skip", columns or {})
-    elif Path(source).suffix in (".json", ".jsonl") or "/" in source and not Path(source).exists() and source.startswith((".", "/")):
+        path, skip = Path(source), bad_records == "skip"
+        digest = _file_digest(path)
+        records = _cached_records([CACHE_VERSION, source, "file", digest, columns or {}, skip], digest,
+                                  lambda st: _iter_file(path, st, skip, columns or {}), stats)
+    elif Path(source).suffix in (".json", ".jsonl") or "/" in source and source.startswith((".", "/")) \
+            and not Path(source.partition(":")[0]).exists():  # "folder:split" names a folder's split
         raise DataError(f"{source}: data file not found")
     else:  # any `datasets` source: a local dataset folder, or a hub name when online
-        import datasets
-        name, _, ds_split = source.partition(":")
-        try:
-            if (Path(name) / "state.json").is_file() or (Path(name) / "dataset_dict.json").is_file():
-                ds = datasets.load_from_disk(name)  # a folder written by save_to_disk
-                ds = ds[ds_split or "train"] if isinstance(ds, datasets.DatasetDict) else ds
-            else:
-                ds = datasets.load_dataset(name, split=ds_split or "train")
-        except Exception as e:  # noqa: BLE001 - datasets raises many kinds; report one line
-            raise DataError(f"{source}: cannot load data ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-        records = []
-        for i, rec in enumerate(ds):
-            try:
-                records.append(_check_record(rec, f"{source}: record {i}", columns))
-            except DataError:
-                if bad_records != "skip":
-                    raise
-                stats.skipped_bad += 1
+        skip = bad_records == "skip"
+        lock = hashlib.sha256(source.encode()).hexdigest()[:24]
+        with _file_lock(data_cache_dir() / f"{lock}.open.lock"):  # a hub download is prepared once, too
+            ds = _open_dataset(source)
+        folder = Path(source.partition(":")[0])  # a local folder: its files' sizes and mtimes, too
+        stamp = sorted((str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns)
+                       for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else []
+        records = _cached_records([CACHE_VERSION, source, "datasets", ds._fingerprint, stamp, columns or {}, skip], lock,
+                                  lambda st: _iter_dataset(ds, source, st, skip, columns or {}), stats)
     if not records:
         raise DataError(f"{source}: no usable records")
     stats.source_records = len(records)
@@ -245,13 +369,42 @@ class GistTemplate:
             "prompt_tokens": len(prompt),
         }
 
-    def encode_all(self, records, stats: DataStats | None = None, **kw) -> list[dict]:
-        out = []
+    def encode_all(self, records, stats: DataStats | None = None, **kw) -> Examples:
+        """Every record's example (dropped ones counted in `stats`), stored compactly."""
+        ids, starts, heads, prompts = array("i"), array("q", [0]), array("i"), array("i")
         for rec in records:
             ex = self.encode(rec, stats, **kw)
             if ex is not None:
-                out.append(ex)
-        return out
+                ids.extend(ex["input_ids"])
+                starts.append(len(ids))
+                heads.append(sum(lab == IGNORE for lab in ex["labels"]))
+                prompts.append(ex["prompt_tokens"])
+        return Examples(*(np.frombuffer(a, dtype=a.typecode) for a in (ids, starts, heads, prompts)))
+
+
+class Examples(_Seq):
+    """Encoded examples as flat int32 arrays, 4 bytes a token (a list of Python ints costs ~40).
+    Example i is ids[starts[i]:starts[i+1]]; its labels are IGNORE over the first heads[i] tokens
+    (prompt, gist, tail), then the ids themselves (the answer), exactly as GistTemplate.encode
+    builds them. Indexing gives encode()'s dict; slicing gives a view."""
+
+    def __init__(self, ids, starts, heads, prompts, index=None):
+        self.ids, self.starts, self.heads, self.prompts, self.index = ids, starts, heads, prompts, index
+
+    def __len__(self):
+        return len(self.heads) if self.index is None else len(self.index)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            index = np.arange(len(self))[i] if self.index is None else self.index[i]
+            return Examples(self.ids, self.starts, self.heads, self.prompts, index)
+        j = range(len(self))[i] if self.index is None else int(self.index[i])
+        ids = self.ids[self.starts[j]:self.starts[j + 1]].tolist()
+        head = int(self.heads[j])
+        return {"input_ids": ids, "labels": [IGNORE] * head + ids[head:], "prompt_tokens": int(self.prompts[j])}
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.ids, self.starts, self.heads, self.prompts))
 
 
 def pad_batch(examples: list[dict], pad_id: int, left: bool = False) -> dict:
@@ -269,12 +422,3 @@ def pad_batch(examples: list[dict], pad_id: int, left: bool = False) -> dict:
             ids.append(e["input_ids"] + [pad_id] * pad); att.append([1] * n + [0] * pad)
             lab.append(labels + [IGNORE] * pad)
     return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(att), "labels": torch.tensor(lab)}
-
-
-def model_inputs(batch: dict, gist_ids, mode: str, dtype=torch.float32) -> dict:
-    """2D batch -> kwargs for an HF causal LM: 4D gist mask (padding folded in) + positions."""
-    return {
-        "input_ids": batch["input_ids"],
-        "attention_mask": make_attention_mask(batch["input_ids"], batch["attention_mask"], gist_ids, mode, dtype),
-        "position_ids": position_ids_from(batch["attention_mask"]),
-    }

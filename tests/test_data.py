@@ -6,7 +6,7 @@ import pytest
 from gist_dist import datagen
 from gist_dist.config import ModelConfig
 from gist_dist.data import IGNORE, DataError, DataStats, GistTemplate, load_records, pad_batch
-from gist_dist.gist import add_gist_tokens
+from gist_dist.tokens import add_gist_tokens
 from gist_dist.model import load_tokenizer
 
 
