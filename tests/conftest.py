@@ -19,6 +19,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped with the reason where none is "
+                            "(CI), run on a lent GPU by benchmarks/gpu_check.sh")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
