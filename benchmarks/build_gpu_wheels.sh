@@ -24,7 +24,7 @@ pin() { for p in "$@"; do echo "$p==$(ver "$p")"; done; }
 
 # Pure-Python wheels from PyPI.
 "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$DIR" \
-    $(pin hjson annotated-types pydantic typing-inspection typing-extensions datasets dill evaluate nltk)
+    $(pin hjson annotated-types pydantic typing-inspection typing-extensions datasets dill evaluate nltk defusedxml)
 # Compiled or per-Python-version wheels, for the device's CPython 3.12 on x86-64.
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import random
+import signal
 import socket
 import statistics
 import subprocess
@@ -49,9 +50,9 @@ INSTRUCTION = "Repeat the words of the input in reverse order."
 # name -> settings; gpu: ~2.5k-token batches so the matmuls, not the launch, set the pace.
 SETTINGS = {
     "gpu": dict(shape="configs/models/llama-1b.yaml", dtype="bf16", steps=8, micro_batch=8, max_length=512,
-                words=(140, 100, 100), num_gist=4, eval_n=4, new_tokens=8, queries=8, budget_s=450, timeout_s=240),
+                words=(140, 100, 100), num_gist=4, eval_n=4, new_tokens=8, queries=8, deadline_s=460, timeout_s=240),
     "dry": dict(shape="configs/models/tiny.yaml", dtype="fp32", steps=2, micro_batch=2, max_length=64,
-                words=(12, 8, 8), num_gist=2, eval_n=3, new_tokens=4, queries=4, budget_s=0, timeout_s=300),
+                words=(12, 8, 8), num_gist=2, eval_n=3, new_tokens=4, queries=4, deadline_s=0, timeout_s=300),
 }
 
 
@@ -87,20 +88,24 @@ def free_port() -> int:
 
 
 def sh(check: Check, cmd: list, timeout: int, stdin: str | None = None) -> subprocess.CompletedProcess:
-    """Run one command, its output into the log; a timeout counts as a failure (rc 124)."""
+    """Run one command, its output into the log. A timeout kills its whole process group (torchrun's
+    worker too, which would hold the GPU) and counts as a failure (rc 124)."""
     cmd = [str(c) for c in cmd]
     check.log("$ " + " ".join(cmd))
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        proc = subprocess.CompletedProcess(cmd, 124, e.stdout or "", (e.stderr or "") + f"\ntimed out after {timeout}s")
-        proc.stdout = proc.stdout.decode() if isinstance(proc.stdout, bytes) else proc.stdout
-        proc.stderr = proc.stderr.decode() if isinstance(proc.stderr, bytes) else proc.stderr
-    for stream in (proc.stdout, proc.stderr):
+        out, err = proc.communicate(stdin or "", timeout=max(timeout, 1))
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        rc, err = 124, err + f"\ntimed out after {timeout}s"
+    for stream in (out, err):
         if stream.strip():
             print(stream.rstrip()[-6000:], flush=True)
-    check.log(f"exit {proc.returncode}")
-    return proc
+    check.log(f"exit {rc}")
+    return subprocess.CompletedProcess(cmd, rc, out, err)
 
 
 def torchrun(args: list) -> list:
@@ -207,13 +212,18 @@ def main() -> int:
     tokenizer = args.tokenizer or (str(ROOT / ".gpu_wheels" / "tokenizer")
                                    if (ROOT / ".gpu_wheels" / "tokenizer").is_dir() else "smollm2")
 
+    def left() -> int:
+        """Seconds a command may take: its timeout, cut to what is left before the deadline (8 minutes on the GPU
+        with the install and start before this script; the device tool stops a call at 10)."""
+        return int(min(s["timeout_s"], s["deadline_s"] - (time.time() - check.t0))) if s["deadline_s"] else s["timeout_s"]
+
     def over_budget() -> bool:
-        return bool(s["budget_s"]) and time.time() - check.t0 > s["budget_s"]
+        return left() < 45
 
     # 1. the gpu-marked tests
     t = time.time()
     proc = sh(check, [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "-rs",
-                      "--continue-on-collection-errors", "tests/"], timeout=s["timeout_s"])
+                      "--continue-on-collection-errors", "tests/"], timeout=left())
     summary = (proc.stdout.strip().splitlines() or [""])[-1]
     check.step("tests", {"ok": proc.returncode in (0, 5) and "failed" not in summary and "error" not in summary,
                          "summary": summary, "seconds": round(time.time() - t, 1)})
@@ -241,7 +251,7 @@ def main() -> int:
             check.step(name, {"ok": False, "skipped": "time budget spent"})
             continue
         t, run_dir = time.time(), work / name
-        proc = sh(check, torchrun(["train", config, f"output_dir={run_dir}", *extra]), s["timeout_s"])
+        proc = sh(check, torchrun(["train", config, f"output_dir={run_dir}", *extra]), left())
         entry = {"ok": proc.returncode == 0, "seconds": round(time.time() - t, 1), "overrides": extra}
         if (run_dir / "metrics.jsonl").is_file():
             try:
@@ -260,13 +270,13 @@ def main() -> int:
     else:
         t = time.time()
         proc = sh(check, [*CLI, "eval", config, "mode=distill", f"output_dir={distill_dir}",
-                          f"data.eval_splits=check:{files['eval']}"], s["timeout_s"])
+                          f"data.eval_splits=check:{files['eval']}"], left())
         entry = {"ok": False, "eval_seconds": round(time.time() - t, 1)}
         if proc.returncode == 0:
             outputs = [json.loads(x) for x in (distill_dir / "eval_outputs.jsonl").read_text().splitlines()]
             cached = [o["prediction"] for o in outputs]
             gen = sh(check, [*CLI, "generate", "--gist", distill_dir, "--instruction", INSTRUCTION,
-                             "--max-new-tokens", s["new_tokens"]], s["timeout_s"],
+                             "--max-new-tokens", s["new_tokens"]], left(),
                      stdin="".join(o["input"] + "\n" for o in outputs))
             # generate prints one answer a line; an answer may hold a newline itself, so the texts are compared whole
             uncached = gen.stdout if gen.returncode == 0 else None
@@ -283,7 +293,7 @@ def main() -> int:
         t, run_dir = time.time(), work / "compress"
         proc = sh(check, torchrun(["compress", "--prompt-file", files["prompt"], "--num-gist", s["num_gist"],
                                    "--num-queries", s["queries"], "--answer-tokens", s["new_tokens"],
-                                   "--config", config, f"output_dir={run_dir}"]), s["timeout_s"])
+                                   "--config", config, f"output_dir={run_dir}"]), left())
         entry = {"ok": proc.returncode == 0, "compress_seconds": round(time.time() - t, 1)}
         if proc.returncode == 0:
             entry.update(train_figures(run_dir, model, peak, s["micro_batch"]))
@@ -292,7 +302,7 @@ def main() -> int:
             except (json.JSONDecodeError, IndexError):
                 pass
             gen = sh(check, [*CLI, "generate", "--gist", run_dir, "--query", "When are you open?",
-                             "--max-new-tokens", s["new_tokens"]], s["timeout_s"])
+                             "--max-new-tokens", s["new_tokens"]], left())
             entry.update(ok=gen.returncode == 0 and finite(entry["tokens_per_s"], entry["peak_mem_gb"]),
                          answer=gen.stdout.strip())
         entry["seconds"] = round(time.time() - t, 1)

@@ -37,6 +37,8 @@ else
         ls "$WHEELS"/*.whl >/dev/null 2>&1 || { echo "gpu_check: no wheels in $WHEELS: run benchmarks/build_gpu_wheels.sh here and carry it"; exit 2; }
         "$PY" -m pip install -q --no-index --no-deps --no-compile "$WHEELS"/*.whl || exit 2
     fi
+    "$PY" -c "import deepspeed, datasets, evaluate, rouge_score, transformers, pyarrow, torch
+print('versions:', *(f'{m.__name__} {m.__version__}' for m in (torch, transformers, deepspeed, datasets, evaluate, pyarrow)))" || exit 2
     BIN=$("$PY" -c "import sys, os; print(os.path.dirname(sys.executable))")
     if [ ! -x "$BIN/gist-dist" ]; then  # the tests call the console script
         "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 2
