@@ -10,6 +10,7 @@ text like "<GIST_0>" or "<|im_start|>" inside data can never become a special to
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -213,17 +214,19 @@ class _Seq(Sequence):
 
 class Records(_Seq):
     """Checked records read lazily from a memory-mapped Arrow file: the bytes live once on disk and
-    in the page cache, shared by every rank on the machine, not in each rank's heap."""
+    in the page cache, shared by every rank on the machine, not in each rank's heap. `key` names
+    the cached content (GistTemplate.encode_all caches its examples under it)."""
 
-    def __init__(self, ds):
-        self.ds = ds
+    def __init__(self, ds, key: str):
+        self.ds, self.key = ds, key
 
     def __len__(self):
         return len(self.ds)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return Records(self.ds.select(range(len(self))[i]))
+            r = range(len(self))[i]
+            return Records(self.ds.select(r), f"{self.key}[{r.start}:{r.stop}:{r.step}]")
         return self.ds[range(len(self))[i]]
 
     def __iter__(self):
@@ -232,6 +235,7 @@ class Records(_Seq):
 
 
 CACHE_VERSION = 1  # bump when the checked-record format changes
+COUNTS = ("skipped_bad", "truncated", "dropped_overlong")  # what a cached build restores into DataStats
 
 
 def data_cache_dir() -> Path:
@@ -241,42 +245,51 @@ def data_cache_dir() -> Path:
     return d
 
 
-def _cached_records(key: list, lock_name: str, build, stats: DataStats) -> Records:
-    """The Arrow file of checked records for `key`: built once by the first process to take the
-    lock (rank 0 or not, before or after torch.distributed starts), read by the others. A build
-    that fails (bad data) leaves nothing behind, so every rank fails with the same DataError."""
-    import datasets
-    from datasets.arrow_writer import ArrowWriter
-
+def _cached(key: list, write, read, stats: DataStats | None):
+    """read(folder) of the cache entry for `key`, after write(folder, counts) made it: the first
+    process to take the lock builds it (rank 0 or not, before or after torch.distributed starts),
+    the others wait and read it. A build that fails (bad data) leaves nothing behind, so every rank
+    fails with the same DataError. The counts of the build are restored into `stats` every time."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     root = data_cache_dir()
     target = root / digest
-    with _file_lock(root / f"{lock_name}.lock"):
-        if not (target / "meta.json").is_file():
+    with _file_lock(root / f"{digest}.lock"):
+        built = not (target / "meta.json").is_file()
+        if built:
             tmp = root / f"{digest}.tmp{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-            built = DataStats()
+            counts = DataStats()
             try:
-                features = datasets.Features({k: datasets.Value("string") for k in FIELDS})
-                with ArrowWriter(features=features, path=str(tmp / "records.arrow")) as writer:
-                    for rec in build(built):
-                        writer.write(rec)
-                    count, _ = writer.finalize()
-                if count == 0:
-                    raise DataError(f"{key[1]}: no usable records")
+                write(tmp, counts)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            meta = {"records": count, "skipped_bad": built.skipped_bad, "key": key}
-            (tmp / "meta.json").write_text(json.dumps(meta))
+            (tmp / "meta.json").write_text(json.dumps({"key": key, **{k: getattr(counts, k) for k in COUNTS}}))
             tmp.rename(target)
-            stats.notes.append(f"data cache built: {target}")
-        else:
-            stats.notes.append(f"data cache read: {target}")
     meta = json.loads((target / "meta.json").read_text())
-    stats.skipped_bad += meta["skipped_bad"]
-    return Records(datasets.Dataset.from_file(str(target / "records.arrow")))
+    if stats is not None:
+        for k in COUNTS:
+            setattr(stats, k, getattr(stats, k) + meta[k])
+        stats.notes.append(f"data cache {'built' if built else 'read'}: {target}")
+    return read(target)
+
+
+def _cached_records(source: str, key: list, records, stats: DataStats) -> Records:
+    """Checked records (records(counts) yields them) as an Arrow file in the cache."""
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    def write(folder, counts):
+        features = datasets.Features({k: datasets.Value("string") for k in FIELDS})
+        with ArrowWriter(features=features, path=str(folder / "records.arrow")) as writer:
+            for rec in records(counts):
+                writer.write(rec)
+            if writer.finalize()[0] == 0:
+                raise DataError(f"{source}: no usable records")
+
+    return _cached([CACHE_VERSION, source, *key], write,
+                   lambda folder: Records(datasets.Dataset.from_file(str(folder / "records.arrow")), folder.name), stats)
 
 
 def _file_digest(path: Path) -> str:
@@ -306,9 +319,9 @@ def load_records(source: str, *, split: str = "seen", n: int = 0, seed: int = 0,
         records = [_check_record(r, "generated") for r in datagen.generate(n or GENERATED_DEFAULT[role], gen_split, seed)]
     elif Path(source).is_file():
         path, skip = Path(source), bad_records == "skip"
-        digest = _file_digest(path)
-        records = _cached_records([CACHE_VERSION, source, "file", digest, columns or {}, skip], digest,
-                                  lambda st: _iter_file(path, st, skip, columns or {}), stats)
+        digest = _file_digest(path)  # every rank hashes (a streaming read); one parses
+        records = _cached_records(source, ["file", digest, columns or {}, skip],
+                                  lambda counts: _iter_file(path, counts, skip, columns or {}), stats)
     elif Path(source).suffix in (".json", ".jsonl") or "/" in source and source.startswith((".", "/")) \
             and not Path(source.partition(":")[0]).exists():  # "folder:split" names a folder's split
         raise DataError(f"{source}: data file not found")
@@ -320,8 +333,8 @@ def load_records(source: str, *, split: str = "seen", n: int = 0, seed: int = 0,
         folder = Path(source.partition(":")[0])  # a local folder: its files' sizes and mtimes, too
         stamp = sorted((str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns)
                        for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else []
-        records = _cached_records([CACHE_VERSION, source, "datasets", ds._fingerprint, stamp, columns or {}, skip], lock,
-                                  lambda st: _iter_dataset(ds, source, st, skip, columns or {}), stats)
+        records = _cached_records(source, ["datasets", ds._fingerprint, stamp, columns or {}, skip],
+                                  lambda counts: _iter_dataset(ds, source, counts, skip, columns or {}), stats)
     if not records:
         raise DataError(f"{source}: no usable records")
     stats.source_records = len(records)
@@ -370,7 +383,26 @@ class GistTemplate:
         }
 
     def encode_all(self, records, stats: DataStats | None = None, **kw) -> Examples:
-        """Every record's example (dropped ones counted in `stats`), stored compactly."""
+        """Every record's example (dropped ones counted in `stats`), stored compactly. Records from
+        a cached source are encoded once (first process) into memory-mapped arrays in the cache,
+        keyed by the records, the tokenizer's full definition, this template and its settings."""
+        backend = getattr(self.tok, "backend_tokenizer", None)  # fast tokenizers: all of it in one JSON
+        if not isinstance(records, Records) or backend is None:
+            return self._encode_all(records, stats, kw)
+        code = inspect.getsource(GistTemplate)  # a changed template never reads old examples
+        key = [CACHE_VERSION, "examples", records.key, hashlib.sha256(backend.to_str().encode()).hexdigest(),
+               hashlib.sha256(code.encode()).hexdigest(), self.gist_ids, self.max_length, self.overlong, self.eos,
+               sorted(kw.items())]
+
+        def write(folder, counts):
+            ex = self._encode_all(records, counts, kw)
+            for name in Examples.ARRAYS:
+                np.save(folder / f"{name}.npy", getattr(ex, name))
+
+        return _cached(key, write, lambda folder: Examples(
+            *(np.load(folder / f"{name}.npy", mmap_mode="r") for name in Examples.ARRAYS)), stats)
+
+    def _encode_all(self, records, stats, kw) -> Examples:
         ids, starts, heads, prompts = array("i"), array("q", [0]), array("i"), array("i")
         for rec in records:
             ex = self.encode(rec, stats, **kw)
@@ -388,6 +420,8 @@ class Examples(_Seq):
     (prompt, gist, tail), then the ids themselves (the answer), exactly as GistTemplate.encode
     builds them. Indexing gives encode()'s dict; slicing gives a view."""
 
+    ARRAYS = ("ids", "starts", "heads", "prompts")
+
     def __init__(self, ids, starts, heads, prompts, index=None):
         self.ids, self.starts, self.heads, self.prompts, self.index = ids, starts, heads, prompts, index
 
@@ -404,7 +438,7 @@ class Examples(_Seq):
         return {"input_ids": ids, "labels": [IGNORE] * head + ids[head:], "prompt_tokens": int(self.prompts[j])}
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.ids, self.starts, self.heads, self.prompts))
+        return sum(getattr(self, name).nbytes for name in self.ARRAYS)
 
 
 def pad_batch(examples: list[dict], pad_id: int, left: bool = False) -> dict:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from gist_dist.batches import ShardedBatches
@@ -146,6 +147,13 @@ def test_compact_examples_equal_the_encoded_dicts_and_batch_the_same(template, t
     assert examples.nbytes() < 4 * 30 * len(plain)  # about 4 bytes a token
     assert examples[-1] == plain[-1] and examples[10:20:3] == plain[10:20:3]
     assert examples[10:20:3][-1] == plain[19]
+    assert stats.notes[-1].startswith("data cache built")
+    again = DataStats()  # encoded once: the next process maps the arrays and gets the same counts
+    cached = template.encode_all(records, again)
+    assert cached == plain and again.truncated == 1 and again.notes[-1].startswith("data cache read")
+    assert isinstance(cached.ids, np.memmap)
+    longer = GistTemplate(template.tok, template.gist_ids, 400).encode_all(records, again)  # another key
+    assert again.notes[-1].startswith("data cache built") and longer[-1] != plain[-1] and longer[0] == plain[0]
     a = ShardedBatches(examples, 4, 1, 2, seed=5)
     b = ShardedBatches(plain, 4, 1, 2, seed=5)
     assert [next(a) for _ in range(50)] == [next(b) for _ in range(50)]
