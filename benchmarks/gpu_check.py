@@ -194,8 +194,6 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out_dir")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shape, fp32, 2 steps")
-    p.add_argument("--tokenizer", default="", help="SmolLM2 tokenizer folder (default: .gpu_wheels/tokenizer "
-                   "when present, else the embedded smollm2)")
     args = p.parse_args()
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():
@@ -209,8 +207,7 @@ def main() -> int:
     device = "cpu" if dry else "cuda"
     check.set("device", torch.cuda.get_device_name(0) if device == "cuda" else "cpu")
     check.set("torch", torch.__version__)
-    tokenizer = args.tokenizer or (str(ROOT / ".gpu_wheels" / "tokenizer")
-                                   if (ROOT / ".gpu_wheels" / "tokenizer").is_dir() else "smollm2")
+    tokenizer = os.environ.get("GPU_CHECK_TOKENIZER") or "smollm2"  # gpu_check.sh: the carried folder
 
     def left() -> int:
         """Seconds a command may take: its timeout, cut to what is left before the deadline (8 minutes on the GPU
