@@ -14,6 +14,7 @@ import inspect
 import json
 import os
 import shutil
+import sys
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -267,6 +268,7 @@ def _cached(key: list, write, read, stats: DataStats | None):
                 raise
             (tmp / "meta.json").write_text(json.dumps({"key": key, **{k: getattr(counts, k) for k in COUNTS}}))
             tmp.rename(target)
+            print(f"gist_dist.data: built the cache of {key[1]} in {target.parent}", file=sys.stderr, flush=True)
     meta = json.loads((target / "meta.json").read_text())
     if stats is not None:
         for k in COUNTS:
@@ -403,15 +405,7 @@ class GistTemplate:
             *(np.load(folder / f"{name}.npy", mmap_mode="r") for name in Examples.ARRAYS)), stats)
 
     def _encode_all(self, records, stats, kw) -> Examples:
-        ids, starts, heads, prompts = array("i"), array("q", [0]), array("i"), array("i")
-        for rec in records:
-            ex = self.encode(rec, stats, **kw)
-            if ex is not None:
-                ids.extend(ex["input_ids"])
-                starts.append(len(ids))
-                heads.append(sum(lab == IGNORE for lab in ex["labels"]))
-                prompts.append(ex["prompt_tokens"])
-        return Examples(*(np.frombuffer(a, dtype=a.typecode) for a in (ids, starts, heads, prompts)))
+        return Examples.pack(ex for ex in (self.encode(rec, stats, **kw) for rec in records) if ex is not None)
 
 
 class Examples(_Seq):
@@ -424,6 +418,20 @@ class Examples(_Seq):
 
     def __init__(self, ids, starts, heads, prompts, index=None):
         self.ids, self.starts, self.heads, self.prompts, self.index = ids, starts, heads, prompts, index
+
+    @classmethod
+    def pack(cls, examples) -> Examples:
+        """Examples from encode()-style dicts whose labels are IGNORE, then the ids (checked)."""
+        ids, starts, heads, prompts = array("i"), array("q", [0]), array("i"), array("i")
+        for ex in examples:
+            head = sum(lab == IGNORE for lab in ex["labels"])
+            if ex["labels"][head:] != ex["input_ids"][head:] or len(ex["labels"]) != len(ex["input_ids"]):
+                raise ValueError("Examples.pack: labels must be IGNORE over a head, then the input ids")
+            ids.extend(ex["input_ids"])
+            starts.append(len(ids))
+            heads.append(head)
+            prompts.append(ex["prompt_tokens"])
+        return cls(*(np.frombuffer(a, dtype=a.typecode) for a in (ids, starts, heads, prompts)))
 
     def __len__(self):
         return len(self.heads) if self.index is None else len(self.index)

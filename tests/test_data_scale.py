@@ -157,3 +157,19 @@ def test_compact_examples_equal_the_encoded_dicts_and_batch_the_same(template, t
     a = ShardedBatches(examples, 4, 1, 2, seed=5)
     b = ShardedBatches(plain, 4, 1, 2, seed=5)
     assert [next(a) for _ in range(50)] == [next(b) for _ in range(50)]
+
+
+def test_two_torchrun_ranks_train_on_a_jsonl_with_one_cache_build(tmp_path):
+    """The trainer as launched: 2 ranks load the same file; one of them checks it and encodes it,
+    and the start record counts every record."""
+    from conftest import TINY, torchrun
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(_rec(i)) + "\n" for i in range(3000)) + "{oops\n")
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    proc = torchrun(["train", TINY, f"output_dir={out}", f"data.train={path}", "data.bad_records=skip",
+                     "data.num_train=0", "train.max_steps=2"], env={"GIST_DIST_DATA_CACHE": str(cache)})
+    start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert (start["data"]["records"], start["data"]["source_records"], start["data"]["skipped_bad"]) == (3000, 3000, 1)
+    built = [line.split(" cache of ")[1].split(" in ")[0] for line in proc.stderr.splitlines()
+             if line.startswith("gist_dist.data: built")]
+    assert sorted(built) == sorted([str(path), "examples"])  # once each, not once per rank
