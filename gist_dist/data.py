@@ -143,16 +143,19 @@ def _check_text(path: Path) -> bool:
     return path.suffix == ".json" or first == "["
 
 
-def _iter_file(path: Path, stats: DataStats, skip_bad: bool, columns: dict):
-    """Checked records of a JSON or JSONL file, in order; JSON lines are read one at a time."""
-    def take(rec, where):
+def _checked(items, stats: DataStats, skip_bad: bool, columns: dict):
+    """Checked records of (record, where) pairs; bad ones raise, or are counted and skipped."""
+    for rec, where in items:
         try:
-            return _check_record(rec, where, columns)
+            yield _check_record(rec, where, columns)
         except DataError:
             if not skip_bad:
                 raise
             stats.skipped_bad += 1
 
+
+def _iter_file(path: Path, stats: DataStats, skip_bad: bool, columns: dict):
+    """Checked records of a JSON or JSONL file, in order; JSON lines are read one at a time."""
     if _check_text(path):
         try:
             data = _loads(path.read_bytes().decode("utf-8-sig"))
@@ -162,33 +165,22 @@ def _iter_file(path: Path, stats: DataStats, skip_bad: bool, columns: dict):
             data = data["data"]
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of records")
-        for i, rec in enumerate(data):
-            if (rec := take(rec, f"{path}: record {i}")) is not None:
-                yield rec
+        yield from _checked(((rec, f"{path}: record {i}") for i, rec in enumerate(data)), stats, skip_bad, columns)
         return
-    with open(path, encoding="utf-8-sig", newline="\n") as fh:  # split at \n only: strings may hold U+2028
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = _loads(line)
-            except json.JSONDecodeError as e:
-                if not skip_bad:
-                    raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
-                stats.skipped_bad += 1
-                continue
-            if (rec := take(rec, f"{path}:{lineno}")) is not None:
-                yield rec
 
+    def lines():
+        with open(path, encoding="utf-8-sig", newline="\n") as fh:  # split at \n only: strings may hold U+2028
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield _loads(line), f"{path}:{lineno}"
+                except json.JSONDecodeError as e:
+                    if not skip_bad:
+                        raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+                    stats.skipped_bad += 1
 
-def _iter_dataset(ds, source: str, stats: DataStats, skip_bad: bool, columns: dict):
-    for i, rec in enumerate(ds):
-        try:
-            yield _check_record(rec, f"{source}: record {i}", columns)
-        except DataError:
-            if not skip_bad:
-                raise
-            stats.skipped_bad += 1
+    yield from _checked(lines(), stats, skip_bad, columns)
 
 
 def _open_dataset(source: str):
@@ -336,7 +328,8 @@ def load_records(source: str, *, split: str = "seen", n: int = 0, seed: int = 0,
         stamp = sorted((str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns)
                        for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else []
         records = _cached_records(source, ["datasets", ds._fingerprint, stamp, columns or {}, skip],
-                                  lambda counts: _iter_dataset(ds, source, counts, skip, columns or {}), stats)
+                                  lambda counts: _checked(((rec, f"{source}: record {i}") for i, rec in enumerate(ds)),
+                                                          counts, skip, columns or {}), stats)
     if not records:
         raise DataError(f"{source}: no usable records")
     stats.source_records = len(records)
