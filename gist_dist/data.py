@@ -183,14 +183,18 @@ def _iter_file(path: Path, stats: DataStats, skip_bad: bool, columns: dict):
     yield from _checked(lines(), stats, skip_bad, columns)
 
 
-def _open_dataset(source: str):
+def _saved_to_disk(folder: Path) -> bool:
+    return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
+
+
+def _open_dataset(source: str, cache_dir: Path | None = None):
     import datasets
     name, _, ds_split = source.partition(":")
     try:
-        if (Path(name) / "state.json").is_file() or (Path(name) / "dataset_dict.json").is_file():
-            ds = datasets.load_from_disk(name)  # a folder written by save_to_disk
+        if _saved_to_disk(Path(name)):
+            ds = datasets.load_from_disk(name)
             return ds[ds_split or "train"] if isinstance(ds, datasets.DatasetDict) else ds
-        return datasets.load_dataset(name, split=ds_split or "train")
+        return datasets.load_dataset(name, split=ds_split or "train", cache_dir=cache_dir and str(cache_dir))
     except Exception as e:  # noqa: BLE001 - datasets raises many kinds; report one line
         raise DataError(f"{source}: cannot load data ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
@@ -321,12 +325,16 @@ def load_records(source: str, *, split: str = "seen", n: int = 0, seed: int = 0,
         raise DataError(f"{source}: data file not found")
     else:  # any `datasets` source: a local dataset folder, or a hub name when online
         skip = bad_records == "skip"
+        folder = Path(source.partition(":")[0])
+        files = sorted(f for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else []
+        if files and not _saved_to_disk(folder):  # raw data files: `datasets` would cache them by
+            stamp = [(str(f.relative_to(folder)), _file_digest(f)) for f in files]  # path and mtime
+            hf_cache = data_cache_dir() / ("hf-" + hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:24])
+        else:  # save_to_disk folders carry a content fingerprint; hub datasets are versioned
+            stamp, hf_cache = [(str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns) for f in files], None
         lock = hashlib.sha256(source.encode()).hexdigest()[:24]
         with _file_lock(data_cache_dir() / f"{lock}.open.lock"):  # a hub download is prepared once, too
-            ds = _open_dataset(source)
-        folder = Path(source.partition(":")[0])  # a local folder: its files' sizes and mtimes, too
-        stamp = sorted((str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns)
-                       for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else []
+            ds = _open_dataset(source, hf_cache)
         records = _cached_records(source, ["datasets", ds._fingerprint, stamp, columns or {}, skip],
                                   lambda counts: _checked(((rec, f"{source}: record {i}") for i, rec in enumerate(ds)),
                                                           counts, skip, columns or {}), stats)

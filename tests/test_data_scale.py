@@ -83,15 +83,18 @@ def test_save_to_disk_folder_and_dataset_dict(tmp_path):
     assert load_records(str(folder)) == [_rec(i) for i in range(500, 600)]
 
 
-def test_a_file_rewritten_in_place_is_read_again(tmp_path):
-    path = tmp_path / "d.jsonl"
+@pytest.mark.parametrize("as_folder", [False, True])  # a file, or a folder `datasets` reads
+def test_a_file_rewritten_in_place_is_read_again(tmp_path, as_folder):
+    path = tmp_path / "d" / "train.jsonl"
+    path.parent.mkdir()
+    source = str(path.parent if as_folder else path)
     path.write_text(json.dumps(_rec(1)) + "\n")
     stamp = path.stat()
-    assert load_records(str(path)) == [_rec(1)]
+    assert load_records(source) == [_rec(1)]
     path.write_text(json.dumps(_rec(2)) + "\n")  # same size; same mtime restored below
     os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
     assert path.stat().st_size == stamp.st_size
-    assert load_records(str(path)) == [_rec(2)]
+    assert load_records(source) == [_rec(2)]
 
 
 WORKER = textwrap.dedent("""
