@@ -6,6 +6,10 @@ Template (the paper's Alpaca layout: the instruction is compressed, the input st
 
 User text is tokenized with `split_special_tokens=True`, and gist ids are inserted as ids, so
 text like "<GIST_0>" or "<|im_start|>" inside data can never become a special token.
+
+Files and `datasets` sources are checked once, by the first process to get there, into a
+memory-mapped Arrow file in data_cache_dir(); encode_all of those records is stored once as
+memory-mapped int32 arrays. Every rank reads both lazily, with the same counts (DataStats).
 """
 from __future__ import annotations
 
