@@ -11,9 +11,11 @@ Precedence (first match wins):
   5. nothing: a single process (rank 0 of 1)
 Master address: MASTER_ADDR, else under Slurm the first host of
 `scontrol show hostnames $SLURM_JOB_NODELIST`, else under MPI rank 0's address broadcast by mpi4py
-(only when the job spans several hosts), else 127.0.0.1. Port: MASTER_PORT, else 29500 (+ job id
-% 1000 under Slurm, so that jobs sharing a node do not collide).
-Backend: nccl with CUDA, gloo on CPU.
+(only when the job spans several hosts), else 127.0.0.1. Port: MASTER_PORT, else under Slurm one
+derived from the job id and its restart count (the formula of launchers/trainer_env.sh, which the
+templates export), so that jobs sharing a node and a requeued job each get their own; else 29500.
+Backend: nccl with CUDA, gloo on CPU. GPU: local rank % the GPUs this process sees, so one GPU per
+task (srun --gpus-per-task=1: each task sees one) and all GPUs of the node both work.
 """
 from __future__ import annotations
 
@@ -174,10 +176,30 @@ def discover(env=None) -> DistEnv:
         addr = _mpi_master(rank)
     port = _int(env, "MASTER_PORT")
     if port is None:
-        port = 29500 + (_int(env, "SLURM_JOB_ID") or 0) % 1000
+        port = slurm_port(_int(env, "SLURM_JOB_ID"), _int(env, "SLURM_RESTART_COUNT") or 0)
     if source == "torchrun" and "CROSS_RANK" in env:
         source = "deepspeed"
     return DistEnv(rank, world, local, local_world, addr or "127.0.0.1", port, source)
+
+
+def slurm_port(job_id: int | None, restart: int = 0) -> int:
+    """10000 + (job id % 5000) * 4 + restart % 4 under Slurm (below Linux's ephemeral ports), else 29500."""
+    return 29500 if job_id is None else 10000 + job_id % 5000 * 4 + restart % 4
+
+
+def local_gpu(local_rank: int) -> int | None:
+    """This rank's GPU among those it sees (None without CUDA)."""
+    return local_rank % torch.cuda.device_count() if torch.cuda.is_available() else None
+
+
+def exported(d: DistEnv, gpu: int | None) -> dict[str, str]:
+    """What torch and DeepSpeed read. DeepSpeed takes LOCAL_RANK as the index of its GPU (engine,
+    zero.Init): it gets the GPU chosen here, which is the local rank whenever every GPU of the node
+    is visible."""
+    return {"RANK": str(d.rank), "WORLD_SIZE": str(d.world_size),
+            "LOCAL_RANK": str(d.local_rank if gpu is None else gpu),
+            "LOCAL_WORLD_SIZE": str(d.local_world_size), "MASTER_ADDR": d.master_addr,
+            "MASTER_PORT": str(d.master_port)}
 
 
 def init(timeout_s: int = 600) -> DistEnv:
@@ -185,17 +207,21 @@ def init(timeout_s: int = 600) -> DistEnv:
     import deepspeed
 
     d = discover()
-    os.environ.update(RANK=str(d.rank), WORLD_SIZE=str(d.world_size), LOCAL_RANK=str(d.local_rank),
-                      LOCAL_WORLD_SIZE=str(d.local_world_size), MASTER_ADDR=d.master_addr,
-                      MASTER_PORT=str(d.master_port))
+    gpu = local_gpu(d.local_rank)
+    os.environ.update(exported(d, gpu))
     if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(d.local_rank)
+        backend = "nccl" if gpu is not None else "gloo"
+        if gpu is not None:
+            torch.cuda.set_device(gpu)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
         log(f"gist-dist: {d.world_size} ranks from {d.source}, master {d.master_addr}:{d.master_port}, "
             f"backend {torch.distributed.get_backend()}")
+        # What each rank really got: a thread count or GPU that does not fit the allocation shows here.
+        per_rank = all_gather_object((torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS", "unset"), gpu))
+        log(f"gist-dist: torch threads per rank {[r[0] for r in per_rank]} "
+            f"(OMP_NUM_THREADS {', '.join(r[1] for r in per_rank)})"
+            + (f", GPU per rank {[r[2] for r in per_rank]}" if gpu is not None else ""))
     return d
 
 

@@ -9,11 +9,13 @@ set -euo pipefail
 CONFIG=${1:?usage: deepspeed.sh CONFIG [key=value ...]}; shift
 HOSTFILE=${HOSTFILE:?set HOSTFILE (lines like: node01 slots=8)}
 VENV=${VENV:-$(dirname "$0")/../.venv}
-export MASTER_ADDR=${MASTER_ADDR:-$(hostname -I | cut -d' ' -f1)} MASTER_PORT=${MASTER_PORT:-29500}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-# The launcher exports to remote ranks what DS_ENV_FILE lists: the variables the trainer reads.
 # shellcheck source=trainer_env.sh
 source "$(dirname "$0")/trainer_env.sh"
+# Master: MASTER_ADDR, else the first host of a Slurm allocation, else this host's first address;
+# port: MASTER_PORT, else derived from the Slurm job id (29500 outside Slurm).
+MASTER_ADDR=$(job_master_addr "$(hostname -I | cut -d' ' -f1)") MASTER_PORT=$(job_port)
+export MASTER_ADDR MASTER_PORT OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# The launcher exports to remote ranks what DS_ENV_FILE lists: the variables the trainer reads.
 DS_ENV_FILE=$(mktemp)
 export DS_ENV_FILE
 trap 'rm -f "$DS_ENV_FILE"' EXIT

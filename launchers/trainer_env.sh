@@ -1,5 +1,32 @@
-# Sourced by the multi-host launchers: the variables the trainer reads, which mpirun and pdsh do
-# not pass to remote ranks by themselves. Prints the names that are set.
+# Sourced by the launchers and the Slurm templates (slurm/env.sh): where the ranks meet, and the
+# variables the trainer reads, which mpirun and pdsh do not pass to remote ranks by themselves.
+
+# job_master_addr: MASTER_ADDR if set, else the first host of the Slurm allocation, else $1 (a
+# fallback: this host's address for the launchers outside Slurm).
+job_master_addr() {
+  if [ -n "${MASTER_ADDR:-}" ]; then echo "$MASTER_ADDR"
+  elif [ -n "${SLURM_JOB_NODELIST:-}" ]; then scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1
+  else echo "$1"; fi
+}
+
+# job_port: MASTER_PORT if set, else a port from the Slurm job id and its restart count, so that
+# jobs sharing a node, and a requeued job whose previous run's sockets are still closing, each get
+# their own (10000-29999, below Linux's ephemeral range); outside Slurm 29500.
+# gist_dist/dist.py derives the same port when a process finds no MASTER_PORT.
+job_port() {
+  if [ -n "${MASTER_PORT:-}" ]; then echo "$MASTER_PORT"
+  elif [ -n "${SLURM_JOB_ID:-}" ]; then echo $((10000 + SLURM_JOB_ID % 5000 * 4 + ${SLURM_RESTART_COUNT:-0} % 4))
+  else echo 29500; fi
+}
+
+# threads_per_rank N: OMP_NUM_THREADS for N ranks sharing this task's CPUs (Slurm's
+# --cpus-per-task, else 1), at least 1.
+threads_per_rank() {
+  local cpus=${SLURM_CPUS_PER_TASK:-1}
+  echo $((cpus / $1 > 0 ? cpus / $1 : 1))
+}
+
+# trainer_env: the names of the variables the trainer reads that are set here.
 trainer_env() {
   local var
   for var in OMP_NUM_THREADS MASTER_ADDR MASTER_PORT GIST_DIST_CACHE HF_HOME HF_HUB_OFFLINE TORCH_EXTENSIONS_DIR \

@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import torch
+
+from gist_dist import dist
 from gist_dist.dist import LaunchError, discover, first_host, tasks_on_node
 
+ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
             "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400"}
 OPENMPI = {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
@@ -43,7 +48,34 @@ def test_openmpi_variables():
 def test_slurm_step_reads_tasks_per_node_and_job_port():
     d = discover({**SLURM_STEP, "MASTER_ADDR": "gpu07"})
     assert (d.rank, d.world_size, d.local_rank, d.local_world_size) == (5, 6, 1, 2)
-    assert (d.master_port, d.source) == (29500 + 1234 % 1000, "slurm")
+    # The port launchers/trainer_env.sh derives (and the templates export): job id and restart count.
+    assert (d.master_port, d.source) == (10000 + 1234 * 4, "slurm")
+    assert discover({**SLURM_STEP, "SLURM_RESTART_COUNT": "1"}).master_port == 10000 + 1234 * 4 + 1
+
+
+def test_slurm_port_is_the_one_the_shell_launchers_derive():
+    env = {"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": "98765", "SLURM_RESTART_COUNT": "2"}
+    shell = subprocess.run(["bash", "-c", "source launchers/trainer_env.sh; job_port"], env=env, text=True,
+                           capture_output=True, check=True, cwd=ROOT).stdout.strip()
+    assert int(shell) == dist.slurm_port(98765, 2) == 10000 + 98765 % 5000 * 4 + 2
+
+
+@pytest.mark.parametrize("gpus, local_rank, gpu", [(8, 3, 3),   # every GPU of the node visible
+                                                   (1, 3, 0),   # srun --gpus-per-task=1
+                                                   (4, 6, 2)])  # 8 ranks sharing 4 GPUs
+def test_local_gpu_is_local_rank_modulo_visible_gpus(monkeypatch, gpus, local_rank, gpu):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    d = discover({**TORCHRUN, "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": "8", "WORLD_SIZE": "8"})
+    assert dist.local_gpu(d.local_rank) == gpu
+    # DeepSpeed binds the GPU LOCAL_RANK names: it is exported as the same GPU.
+    assert dist.exported(d, dist.local_gpu(d.local_rank))["LOCAL_RANK"] == str(gpu)
+
+
+def test_no_gpu_exports_the_local_rank(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    d = discover(TORCHRUN)
+    assert dist.local_gpu(d.local_rank) is None and dist.exported(d, None)["LOCAL_RANK"] == "1"
 
 
 def test_slurm_master_is_first_host_of_nodelist():
@@ -112,7 +144,7 @@ def test_cli_reports_launch_error_in_one_line_and_exits_nonzero(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "RANK": "2", "WORLD_SIZE": "2", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "gist_dist.cli", "train", "configs/tiny.yaml",
                            f"output_dir={out}"], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=__import__("pathlib").Path(__file__).resolve().parent.parent)
+                          cwd=ROOT)
     assert proc.returncode == 1
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("gist-dist: error: inconsistent launcher environment")
