@@ -57,6 +57,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
 """
 
 
+DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
 def sbin(name: str) -> str:
     return shutil.which(name) or f"/usr/sbin/{name}"
 
@@ -68,6 +71,7 @@ class SlurmCluster:
         self.root = root
         self.conf = root / "slurm.conf"
         self.procs: list[subprocess.Popen] = []
+        self.held: dict[str, int] = {}  # requeued job -> when it was first seen held
         # Clients see only our cluster: no Slurm variables from an outer job leak into the tests.
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
         self.env.update(SLURM_CONF=str(self.conf), OMP_NUM_THREADS="1")
@@ -126,18 +130,35 @@ class SlurmCluster:
         out = self.cmd(["scontrol", "-o", "show", "job", job_id], check=False).stdout
         return dict(re.findall(r"(\w+)=(\S*)", out))
 
-    def wait_done(self, job_id: str, timeout=600, release_requeued=True) -> dict:
-        """Wait until the job has ended. Slurm holds a requeued job for ~2 minutes before it may
-        start again; `release_requeued` lets it start now, as a busy cluster eventually would."""
+    def release_if_held(self, job_id: str, info: dict):
+        """Slurm holds a requeued job for ~2 minutes before it may start again; this lets it start
+        sooner, as a busy cluster eventually would. Not in the second it was requeued in, though:
+        slurmd revokes the old run's job credential with a time stamp in whole seconds and refuses
+        a new one issued in that same second ("Job credential revoked": the requeued run fails
+        before its script starts, with nothing in its output). Slurm's hold exists for that."""
+        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+            held_since = self.held.setdefault(job_id, int(time.time()))  # the requeue was no later
+            if int(time.time()) > held_since:
+                self.cmd(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
+        else:
+            self.held.pop(job_id, None)
+
+    def wait_for(self, job_id: str, ready, what: str, timeout=600) -> dict:
+        """Poll the job (releasing it when requeued) until ready(info) holds; fail if it ends first."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             info = self.job(job_id)
-            if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            if ready(info):
                 return info
-            if release_requeued and info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
-                self.cmd(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
-            time.sleep(1)
-        raise AssertionError(f"job {job_id} still not done after {timeout}s: {self.job(job_id)}\n{self.logs()}")
+            if info.get("JobState") in DONE:
+                raise AssertionError(f"job {job_id} ended before {what}: {info}")
+            self.release_if_held(job_id, info)
+            time.sleep(0.3)
+        raise AssertionError(f"job {job_id}: no {what} after {timeout}s: {self.job(job_id)}\n{self.logs()}")
+
+    def wait_done(self, job_id: str, timeout=600) -> dict:
+        """Wait until the job has ended."""
+        return self.wait_for(job_id, lambda info: info.get("JobState") in DONE, "end", timeout)
 
     def stop(self):
         # Jobs first (their slurmstepd and tasks), then the daemons in reverse order of start.
