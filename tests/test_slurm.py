@@ -1,11 +1,14 @@
 """A real one-node Slurm (munged, slurmctld, slurmd started here on 127.0.0.1) runs the project's sbatch
-templates: 2-task training preempted by the USR1 warning, requeued and resumed; a sweep array over
-srun --mpi=pmix followed by the dependent report job."""
+templates: training preempted twice (the USR1 warning to the batch shell, then SIGTERM to srun or
+torchrun itself), requeued and resumed each time; a job submitted with --export=NONE that gets its
+environment from the SETUP hook; a sweep array over srun --mpi=pmix followed by the dependent report
+job, and a report job cancelled when its sweep fails."""
 from __future__ import annotations
 
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -115,16 +118,16 @@ class SlurmCluster:
             out.append(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:]))
         return "\n".join(out)
 
-    def cmd(self, args, check=True, env=None):
-        proc = subprocess.run([str(a) for a in args], env={**self.env, **(env or {})}, cwd=ROOT,
+    def cmd(self, args, check=True, env=None, cwd=ROOT):
+        proc = subprocess.run([str(a) for a in args], env={**self.env, **(env or {})}, cwd=cwd,
                               capture_output=True, text=True, timeout=120)
         if check and proc.returncode:
             raise AssertionError(f"{' '.join(map(str, args))} exited {proc.returncode}: {proc.stderr}")
         return proc
 
-    def sbatch(self, args, env) -> str:
-        """Submit from the checkout (the templates find slurm/requeue.sh there); returns the job id."""
-        return self.cmd(["sbatch", "--parsable", *args], env=env).stdout.strip().split(";")[0]
+    def sbatch(self, args, env, cwd=ROOT) -> str:
+        """Submit (by default from the checkout: the templates find slurm/ there); returns the job id."""
+        return self.cmd(["sbatch", "--parsable", *args], env=env, cwd=cwd).stdout.strip().split(";")[0]
 
     def job(self, job_id: str) -> dict:
         out = self.cmd(["scontrol", "-o", "show", "job", job_id], check=False).stdout
@@ -200,40 +203,104 @@ def read_metrics(out: Path):
     return [r for r in records if r.get("event") == "start"], [r for r in records if "step" in r]
 
 
-# srun: one task per rank, each exits 75. torchrun: one task per node running torchrun, which
-# exits 1 however its ranks ended; the trainer's "stop" record is what makes the job requeue.
-LAUNCHES = {"srun": (["--ntasks=2"], {}, "slurm"),
-            "torchrun": (["--ntasks=1", "--cpus-per-task=2"], {"LAUNCH": "torchrun", "NPROC_PER_NODE": "2"}, "torchrun")}
+def stops_logged(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if '"stop"' in line] if path.exists() else []
+
+
+def torchrun_pid(job: str, restart: int) -> int | None:
+    """The torchrun process (under its python) of this job's run number `restart`."""
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = [Path(a.decode()).name for a in (proc / "cmdline").read_bytes().split(b"\0")[:2]]
+            env = set((proc / "environ").read_bytes().split(b"\0"))
+        except (OSError, ValueError):
+            continue
+        if "torchrun" in argv and {f"SLURM_JOB_ID={job}".encode(), f"SLURM_RESTART_COUNT={restart}".encode()} <= env:
+            return int(proc.name)
+    return None
+
+
+def sigterm_without_warning(slurm, job: str, launch: str) -> bool:
+    """SIGTERM with no USR1 warning first, once the requeued run trains: to torchrun itself, or, on
+    the srun path, to the ranks of the step (as Slurm terminates a step; SIGTERM to srun itself
+    makes srun SIGKILL its tasks, which is why the templates ask for the warning)."""
+    if launch == "torchrun":
+        pid = torchrun_pid(job, restart=1)
+        pid and os.kill(pid, signal.SIGTERM)
+        return bool(pid)
+    steps = slurm.cmd(["squeue", "-h", "-s", "-j", job, "-o", "%i"], check=False).stdout.split()
+    step = next((s for s in steps if re.fullmatch(rf"{job}\.\d+", s)), None)
+    return bool(step) and slurm.cmd(["scancel", "--signal=TERM", step], check=False).returncode == 0
+
+
+# srun: one task per rank, each exits 75. torchrun: one task running torchrun with 2 ranks on the
+# task's 2 CPUs (so 1 thread each), which exits 1 however its ranks ended; the trainer's "stop"
+# record is what makes the job requeue. OMP_NUM_THREADS is left to the template to derive.
+LAUNCHES = {"srun": (["--ntasks=2"], {}, "slurm", 120),
+            "torchrun": (["--ntasks=1", "--cpus-per-task=2"],
+                         {"LAUNCH": "torchrun", "NPROC_PER_NODE": "2", "SBATCH_SIGNAL": "B:USR1@300"},
+                         "torchrun", 300)}
 
 
 @pytest.mark.parametrize("launch", list(LAUNCHES))
 def test_sbatch_training_is_preempted_requeued_and_resumes(slurm, tmp_path, launch):
+    """Preempted twice: the --signal=B:USR1 warning to the batch shell, then SIGTERM without warning
+    (to torchrun itself; to the ranks on the srun path); each time the ranks save, the job requeues
+    on exit 75 or on the stop record and resumes, and every step runs exactly once."""
     out, log = tmp_path / "run", tmp_path / "job.out"
     steps = 40
-    sbatch_args, env, launcher = LAUNCHES[launch]
+    sbatch_args, env, launcher, lead = LAUNCHES[launch]
     job = slurm.sbatch([*sbatch_args, f"--output={log}", ROOT / "slurm" / "train.sbatch", f"train.max_steps={steps}",
                         "train.save_every=0"],
-                       env={"CONFIG": TINY, "OUTPUT_DIR": str(out), "VENV": str(BIN.parent), **env})
-    # The preemption warning, as --signal=B:USR1@120 sends it: USR1 to the batch shell only.
-    deadline = time.time() + 300
-    while steps_logged(out) < 2:
-        assert time.time() < deadline and slurm.job(job).get("JobState") in ("PENDING", "RUNNING"), \
-            f"training never started: {slurm.job(job)}\n{log.read_text() if log.exists() else ''}"
-        time.sleep(0.3)
+                       env={"CONFIG": TINY, "OUTPUT_DIR": str(out), "VENV": str(BIN.parent), "OMP_NUM_THREADS": "",
+                            **env})
+    # The preemption warning, as --signal=B:USR1@LEAD sends it: USR1 to the batch shell only.
+    slurm.wait_for(job, lambda _: steps_logged(out) >= 2, "2 training steps", timeout=300)
     slurm.cmd(["scancel", "--signal=USR1", "--batch", job])
+    # Resumed: two more steps, then SIGTERM, not to the batch shell.
+    slurm.wait_for(job, lambda _: stops_logged(out) and steps_logged(out) >= stops_logged(out)[0]["after_step"] + 2
+                   and sigterm_without_warning(slurm, job, launch), "SIGTERM to the resumed training")
     info = slurm.wait_done(job)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{text[-3000:]}\n{slurm.logs(60)}"
-    assert info["Restarts"] == "1", text[-3000:]
-    assert "requeueing job" in text and "resumed from" in text
+    assert info["Restarts"] == "2", text[-3000:]
+    assert text.count("requeueing job") == 2 and text.count("resumed from") == 2
     starts, step_records = read_metrics(out)
-    # Every step exactly once across the two allocations; the run began once (no fresh restart).
+    # Every step exactly once across the three allocations; the run began once (no fresh restart).
     assert [r["step"] for r in step_records] == list(range(1, steps + 1))
     assert len(starts) == 1 and starts[0]["launcher"] == launcher and starts[0]["world_size"] == 2
-    stops = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"stop"' in line]
-    assert len(stops) == 1 and (out / "checkpoints" / stops[0]["checkpoint"]).is_dir()
+    stops = stops_logged(out)
+    assert len(stops) == 2 and (out / "checkpoints" / stops[-1]["checkpoint"]).is_dir()
     assert (out / "final" / "model.safetensors").is_file()
     assert step_records[-1]["loss"] < step_records[0]["loss"]
+    # Each run: its own port (job id and restart count), threads = task CPUs / ranks, the lead time.
+    ports = re.findall(r"\(restart \d\): master localhost:(\d+),", text)
+    assert ports == [str(10000 + int(job) % 5000 * 4 + r) for r in range(3)], text[-3000:]
+    assert text.count("torch threads per rank [1, 1] (OMP_NUM_THREADS 1, 1)") == 3
+    assert f"preemption warning {lead} s ahead (torchrun waits {lead - 10} s)" in text
+
+
+def test_export_none_job_gets_its_environment_from_the_setup_hook(slurm, tmp_path):
+    """A site's sbatch --export=NONE: nothing of the submitter's environment reaches the job; the
+    gist-setup.sh hook in the submit directory sets it all up (as `module load` would), and the job
+    steps see it. One srun task with 2 CPUs: srun is given them, and the rank runs 2 threads."""
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    site = {k: os.environ[k] for k in ("GIST_DIST_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR",
+                                       "PYTHONPATH") if k in os.environ}
+    site.update(REPO=str(ROOT), VENV=str(BIN.parent), CONFIG=TINY, OUTPUT_DIR=str(out))
+    (tmp_path / "gist-setup.sh").write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in site.items())
+                                            + 'echo "gist-setup.sh sourced"\n')
+    job = slurm.sbatch(["--export=NONE", "--ntasks=1", "--cpus-per-task=2", f"--output={log}",
+                        ROOT / "slurm" / "train.sbatch", "train.max_steps=2", "train.eval_batches=1"],
+                       env={"CONFIG": "/not/this/one.yaml", "OMP_NUM_THREADS": "7"}, cwd=tmp_path)
+    info = slurm.wait_done(job)
+    text = log.read_text() if log.exists() else ""
+    assert info["JobState"] == "COMPLETED", f"{info}\n{text[-3000:]}\n{slurm.logs(30)}"
+    assert text.startswith("gist-setup.sh sourced")
+    assert "srun --cpus-per-task=2" in text and "torch threads per rank [2] (OMP_NUM_THREADS 2)" in text
+    _, step_records = read_metrics(out)
+    assert len(step_records) == 2 and (out / "final" / "model.safetensors").is_file()
 
 
 def test_sweep_array_over_srun_pmix_then_dependent_report(slurm, tmp_path):
@@ -259,3 +326,29 @@ def test_sweep_array_over_srun_pmix_then_dependent_report(slurm, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert str(run_dir) in json.dumps(report)
     assert (out / "report.md").is_file()
+
+    # eval.sbatch on the trained run handles the warning it asks for: the evaluation step is stopped
+    # and the job requeued, which evaluates from the start again.
+    (run_dir / "eval.json").unlink()
+    log = tmp_path / "eval.out"
+    job = slurm.sbatch(["--ntasks=2", f"--output={log}", ROOT / "slurm" / "eval.sbatch", "mode=gist", "num_gist=2",
+                        "data.num_eval=4", "eval_max_new_tokens=4"], env={**env, "OUTPUT_DIR": str(run_dir)})
+    slurm.wait_for(job, lambda _: f"{job}.0" in slurm.cmd(["squeue", "-h", "-s", "-j", job, "-o", "%i"]).stdout.split(),
+                   "the evaluation step")
+    slurm.cmd(["scancel", "--signal=USR1", "--batch", job])
+    info = slurm.wait_done(job)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{text[-3000:]}"
+    assert "requeueing job" in text and json.loads((run_dir / "eval.json").read_text())["world_size"] == 2
+
+
+def test_report_job_is_cancelled_when_a_sweep_task_fails(slurm, tmp_path):
+    """--kill-on-invalid-dep=yes: the report's afterok can never be met, so it leaves the queue."""
+    env = {"CONFIG": str(tmp_path / "missing.yaml"), "OUTPUT_DIR": str(tmp_path / "sweep"), "VENV": str(BIN.parent),
+           "RUNS": "gist:1", "ARRAY_ARGS": f"--ntasks=1 --output={tmp_path}/array-%a.out",
+           "REPORT_SBATCH_ARGS": f"--output={tmp_path}/report.out"}
+    array_job, report_job = slurm.cmd([ROOT / "slurm" / "submit_sweep.sh"], env=env).stdout.split()
+    info = slurm.wait_done(report_job, timeout=300)
+    assert slurm.job(f"{array_job}_0")["JobState"] == "FAILED"
+    assert info["JobState"] == "CANCELLED" and info["Reason"] == "DependencyNeverSatisfied", info
+    assert not (tmp_path / "report.out").exists()
