@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from gist_dist import flops
+from gist_dist.analysis import flops
 from gist_dist.data import GistTemplate, load_records
 
 PAPER = {"none": 915.0, "gist": 552.0}  # Mu et al. 2023, Table 3, LLaMA-7B, Human split, GFLOPs

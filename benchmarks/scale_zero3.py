@@ -5,12 +5,12 @@
 The driver checks free memory, launches `torchrun --nproc_per_node N` on this same file with
 --worker, samples every rank's RSS from /proc while it runs, then writes OUTPUT_DIR/scale.json
 and prints a Markdown table. Each worker wraps the torch.distributed collectives with a byte
-counter, marks training-step boundaries (DeepSpeedEngine.forward with grad ... .step), and runs
-the real trainer (`gist-dist train`) unchanged. With --ds-comms-logger, DeepSpeed's own comms
+counter, marks training-step boundaries at the Trainer's own seam (each `train_step()`), and runs
+the real trainer (gist_dist.trainer.Trainer) unchanged. With --ds-comms-logger, DeepSpeed's own comms
 logger is switched on too and its per-step totals are recorded next to ours (it makes every op
 blocking, so that run's step times are not the headline numbers).
 
-Predictions come from the project's planner (gist_dist.plan: model states, gathered working set,
+Predictions come from the project's planner (gist_dist.analysis.plan: model states, gathered working set,
 activations, ring all-gather/reduce-scatter volume) for N CPU ranks in fp32, plus:
     shard per rank   = sum over parameters of ceil(numel / N) * 4 bytes   (DeepSpeed pads to N;
                        exact sizes from a meta-device build of the shape)
@@ -96,17 +96,13 @@ class CommCounter:
                 ops[name][0] += 1
                 ops[name][1] += nbytes
 
-    def forward_begins(self, training: bool):
-        if training and self.step_ops is None:
-            self.phase, self.step_ops, self.ds_mark = "step", defaultdict(lambda: [0, 0]), ds_logged()
-        elif not training:
-            self.phase = "eval"
+    def step_begins(self):
+        self.phase, self.step_ops, self.ds_mark = "step", defaultdict(lambda: [0, 0]), ds_logged()
 
     def step_ends(self):
-        if self.step_ops is not None:
-            self.steps.append({op: {"calls": c, "bytes": b} for op, (c, b) in self.step_ops.items()})
-            now = ds_logged()
-            self.ds_steps.append({op: now[op] - self.ds_mark.get(op, 0) for op in now})
+        self.steps.append({op: {"calls": c, "bytes": b} for op, (c, b) in self.step_ops.items()})
+        now = ds_logged()
+        self.ds_steps.append({op: now[op] - self.ds_mark.get(op, 0) for op in now})
         self.phase, self.step_ops = "other", None
 
     def as_dict(self) -> dict:
@@ -123,22 +119,25 @@ def ds_logged() -> dict:
     return {op: sum(v[0] * size for size, v in sizes.items()) for op, sizes in comms_logger.comms_dict.items()}
 
 
-def patch_engine(counter: CommCounter):
-    import torch
-    from deepspeed.runtime.engine import DeepSpeedEngine
-    forward, step = DeepSpeedEngine.forward, DeepSpeedEngine.step
+def count_phases(trainer, counter: CommCounter):
+    """Mark the Trainer's own seams: each train_step() is one step, evaluate() is eval."""
+    train_step, evaluate = trainer.train_step, trainer.evaluate
 
-    def counted_forward(self, *args, **kwargs):
-        counter.forward_begins(torch.is_grad_enabled())
-        return forward(self, *args, **kwargs)
-
-    def counted_step(self, *args, **kwargs):
+    def counted_step():
+        counter.step_begins()
         try:
-            return step(self, *args, **kwargs)
+            return train_step()
         finally:
             counter.step_ends()
 
-    DeepSpeedEngine.forward, DeepSpeedEngine.step = counted_forward, counted_step
+    def counted_eval():
+        counter.phase = "eval"
+        try:
+            return evaluate()
+        finally:
+            counter.phase = "other"
+
+    trainer.train_step, trainer.evaluate = counted_step, counted_eval
 
 
 def with_comms_logger(config_path: str, overrides: list[str], out_dir: Path) -> list[str]:
@@ -157,17 +156,22 @@ def with_comms_logger(config_path: str, overrides: list[str], out_dir: Path) -> 
 def worker(config_path: str, overrides: list[str], ds_comms_logger: bool) -> int:
     from gist_dist import cli
     from gist_dist.config import ConfigError, load_config
+    from gist_dist.trainer import Trainer
     try:
         out = Path(load_config(config_path, overrides).output_dir)
+        if ds_comms_logger:
+            overrides = with_comms_logger(config_path, overrides, out)
+        cfg = load_config(config_path, overrides)
     except ConfigError as e:
         print(f"scale_zero3: config error: {e}", file=sys.stderr)
         return 2
-    if ds_comms_logger:
-        overrides = with_comms_logger(config_path, overrides, out)
+    cli._env_defaults()
     counter = CommCounter()
-    counter.install()
-    patch_engine(counter)
-    code = cli.main(["train", config_path, *overrides])
+    counter.install()  # before deepspeed.comm caches function objects at init
+    trainer = Trainer(cfg)  # set-up traffic (zero.Init, resume) counts as "setup"
+    count_phases(trainer, counter)
+    trainer.train()
+    code = 0
     rank = int(os.environ.get("RANK", "0"))
     result = {"rank": rank, "ru_maxrss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB,
               **counter.as_dict()}
@@ -191,7 +195,7 @@ def meta_model(cfg, vocab_min: int):
 
 def runtime_baseline_gb() -> float:
     """Peak RSS of a process that imported the stack and loaded the tokenizer, before any model."""
-    code = ("import resource, torch, deepspeed, transformers; from gist_dist import train; "
+    code = ("import resource, torch, deepspeed, transformers; from gist_dist import trainer; "
             "from gist_dist.config import ModelConfig; from gist_dist.model import load_tokenizer; "
             "load_tokenizer(ModelConfig(tokenizer='smollm2')); "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
@@ -201,10 +205,10 @@ def runtime_baseline_gb() -> float:
 
 
 def predict(cfg, world: int, baseline_gb: float) -> dict:
-    """The project's planner (gist_dist.plan) for this run on `world` CPU ranks in fp32, plus the
+    """The project's planner (gist_dist.analysis.plan) for this run on `world` CPU ranks in fp32, plus the
     exact padded shard and the measured runtime baseline (a CPU rank's analogue of the CUDA context)."""
-    from gist_dist import plan
-    from gist_dist.flops import shape_of
+    from gist_dist.analysis import plan
+    from gist_dist.analysis.flops import shape_of
     from gist_dist.model import load_tokenizer
     tok_size = len(load_tokenizer(cfg.model))
     model, config = meta_model(cfg, tok_size)
@@ -238,7 +242,7 @@ def predict(cfg, world: int, baseline_gb: float) -> dict:
 
 def swap_buffer_bytes(cfg, hidden: int) -> int:
     """ZeRO-Infinity's pinned read buffers for nvme-offloaded parameters: count x size x 4 bytes."""
-    from gist_dist.engine import deepspeed_config
+    from gist_dist.zero import deepspeed_config
     import torch
     offload = deepspeed_config(cfg, hidden, torch.float32)["zero_optimization"]["offload_param"]
     return int(offload.get("buffer_count", 5) * offload.get("buffer_size", 1e8)) * 4

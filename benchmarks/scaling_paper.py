@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/scaling_paper.py [--micro-batch 4] [--seq-len 512] [--mfu 0.4] > table.md
 
-Per-GPU memory: gist_dist.plan (the `gist-dist plan` numbers). FLOPs: gist_dist.flops.forward_flops.
+Per-GPU memory: gist_dist.analysis.plan (the `gist-dist plan` numbers). FLOPs: gist_dist.analysis.flops.forward_flops.
 Communication: gist_dist.plan.comm_bytes_per_step (ZeRO-3 ring all-gather + reduce-scatter).
 
 A training step (one micro batch per GPU, the same in both modes up to the backward's weight
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 
-from gist_dist import plan
-from gist_dist.flops import forward_flops, shape_of
+from gist_dist.analysis import plan
+from gist_dist.analysis.flops import forward_flops, shape_of
 
 GiB = 2**30
 MODELS = ("llama-7b", "llama-13b", "llama-70b")

@@ -17,11 +17,11 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
-from gist_dist import flops
+from gist_dist.analysis import flops
 from gist_dist.data import GistTemplate, load_records
-from gist_dist.latency import build_prefix, first_token_input, forward_new
+from gist_dist.inference import first_token_input, forward_after, strategy_cache
 from gist_dist.model import resolve_model_path
-from gist_dist.report import measure_peak_gflops
+from gist_dist.analysis.report import measure_peak_gflops
 
 
 def main():
@@ -41,12 +41,12 @@ def main():
     examples = [template.pieces(r)[:2] for r in load_records(args.data, n=args.n)]
     times = {s: [] for s in flops.STRATEGIES}  # per example: median seconds
     for prompt, tail in examples:
-        prefixes = {s: build_prefix(model, prompt, gist, s) for s in flops.STRATEGIES}
+        prefixes = {s: strategy_cache(model, prompt, gist, s) for s in flops.STRATEGIES}
         rounds = {s: [] for s in flops.STRATEGIES}
         for r in range(args.warmup + args.rounds):
             for s in flops.STRATEGIES:
                 t0 = time.perf_counter()
-                forward_new(model, first_token_input(prompt, tail, s), prefixes[s])
+                forward_after(model, first_token_input(prompt, tail, s), prefixes[s])
                 if r >= args.warmup:
                     rounds[s].append(time.perf_counter() - t0)
         for s in flops.STRATEGIES:

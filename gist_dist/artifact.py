@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .atomic import replace_file
 
 WEIGHTS, CONFIG = "gist.safetensors", "gist_config.json"
 
@@ -80,8 +81,8 @@ def save(directory: str | Path, gist: torch.Tensor, meta: dict):
     tmp_w, tmp_c = d / (WEIGHTS + ".tmp"), d / (CONFIG + ".tmp")
     save_file({"gist": gist.detach().float().contiguous().cpu()}, str(tmp_w))
     tmp_c.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    os.replace(tmp_w, d / WEIGHTS)
-    os.replace(tmp_c, d / CONFIG)
+    replace_file(tmp_w, d / WEIGHTS)
+    replace_file(tmp_c, d / CONFIG)
 
 
 def load(directory: str | Path, expected_fingerprint: "str | BaseModel | None" = None) -> tuple[torch.Tensor, dict]:

@@ -26,7 +26,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -35,9 +34,9 @@ import numpy as np
 import torch
 
 from . import dist
+from .atomic import write_text
 from .artifact import ArtifactError
 
-REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again", Slurm scripts requeue on it
 FAULT_ENV = "GIST_DIST_FAULT"
 STATE_FILE = "trainer_state.json"
 
@@ -65,12 +64,6 @@ def set_rng_state(state: dict):
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
-
-
-def _write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _maybe_fault(point: str, step: int):
@@ -153,16 +146,16 @@ class Checkpointer:
         dist.barrier()
         engine.save_checkpoint(str(self.dir), tag=tmp_tag, save_latest=False,
                                exclude_frozen_parameters=self.frozen_backbone)
-        _write_atomic(self.dir / tmp_tag / f"rng_rank{dist.rank()}.json", json.dumps(rng_state()))
+        write_text(self.dir / tmp_tag / f"rng_rank{dist.rank()}.json", json.dumps(rng_state()))
         if dist.is_main():
-            _write_atomic(self.dir / tmp_tag / STATE_FILE, json.dumps(
+            write_text(self.dir / tmp_tag / STATE_FILE, json.dumps(
                 {"step": step, "world_size": dist.world(), "loader": batches.state_dict()}))
         _maybe_fault("die_in_save", step)
         dist.barrier()  # every rank has finished writing its shards
         if dist.is_main():
             shutil.rmtree(self.dir / tag, ignore_errors=True)
             os.replace(self.dir / tmp_tag, self.dir / tag)
-            _write_atomic(self.dir / "latest", tag)
+            write_text(self.dir / "latest", tag)
             self._prune(tag)
         dist.barrier()
         return tag
@@ -228,18 +221,3 @@ class Checkpointer:
         finally:
             engine._config.load_universal_checkpoint = False
         return load_path
-
-
-class StopSignal:
-    """SIGTERM/SIGUSR1 set a flag; ranks agree (all-reduce max) to stop after the current step."""
-
-    def __init__(self):
-        self.flag = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.flag = True
-
-    def agreed(self) -> bool:
-        return dist.all_reduce([float(self.flag)], op="max")[0] > 0

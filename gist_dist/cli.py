@@ -24,7 +24,7 @@ def _env_defaults():
 
 def cmd_train(args) -> int:
     from .config import load_config
-    from .train import run
+    from .trainer import run
 
     cfg = load_config(args.config, args.overrides)
     summary = run(cfg)
@@ -37,7 +37,7 @@ def cmd_train(args) -> int:
 def cmd_compress(args) -> int:
     from . import compress, dist
     from .config import load_config
-    from .train import run
+    from .trainer import run
 
     overrides = [f"num_gist={args.num_gist}", *args.overrides]
     cfg = compress.prepare(load_config(args.config, overrides), args.prompt_file, args.queries,
@@ -80,7 +80,7 @@ def cmd_resolve_output(args) -> int:
 
 
 def cmd_summary(args) -> int:
-    from .summary import summarize
+    from .analysis.summary import summarize
     print(summarize(args.run_dir))
     return 0
 
@@ -106,7 +106,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_flops(args) -> int:
-    from . import flops, latency
+    from .analysis import flops, latency
     result = flops.flops_for(args.model, args.num_gist, data=args.data, prompt_tokens=args.prompt_tokens,
                              tail_tokens=args.tail_tokens, n=args.n, dtype=args.dtype, tokenizer=args.tokenizer)
     text = [flops.format_table(result)]
@@ -130,7 +130,7 @@ def cmd_flops(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .plan import Setup, format_plan, plan, to_json
+    from .analysis.plan import Setup, format_plan, plan, to_json
     setup = Setup(nodes=args.nodes, gpus_per_node=args.gpus_per_node, mode=args.mode, dtype=args.dtype,
                   offload=args.offload, num_gist=args.num_gist, micro_batch=args.micro_batch, seq_len=args.seq_len,
                   checkpointing=args.checkpointing, gpu_mem_gb=args.gpu_mem_gb)
@@ -140,7 +140,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import write_report
+    from .analysis.report import write_report
     out = write_report(args.run_dirs, args.out, args.peak_gflops, plots=not args.no_plots)
     print(f"{out / 'report.md'}\n{out / 'report.json'}")
     return 0
@@ -149,7 +149,7 @@ def cmd_report(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gist-dist", description="Distributed gist-token trainer (DeepSpeed ZeRO-3)")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train gist tokens (modes gist, pos_control, neg_control, distill)")
+    t = sub.add_parser("train", help="train gist tokens (objective finetune|distill, mask gist|pos_control|neg_control)")
     t.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
     t.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested keys")
     t.set_defaults(func=cmd_train)

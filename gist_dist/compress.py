@@ -7,6 +7,7 @@ embeddings replace the prompt at inference.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -14,9 +15,11 @@ from pathlib import Path
 import torch
 
 from . import dist
+from .atomic import write_text
 from .config import ConfigError, RunConfig
 from .data import DataError, GistTemplate
 from .datagen import write_jsonl
+from .inference import greedy
 from .model import load_model, load_tokenizer
 
 QUERY_REQUEST = "\n\nWrite one short question a user could ask about the text above.\nQuestion:"
@@ -46,20 +49,21 @@ def read_queries(path: str) -> list[str]:
 
 
 @torch.no_grad()
-def _continue(model, tok, ids: list[int], max_new: int, sample: bool, gen: torch.Generator) -> list[int]:
+def _sample(model, tok, ids: list[int], max_new: int) -> list[int]:
+    """One sampled continuation (top-k 50): a query the model itself might ask."""
     device = next(model.parameters()).device
     out = model.generate(torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-                         max_new_tokens=max_new, do_sample=sample, top_k=50 if sample else None,
-                         temperature=1.0 if sample else None, top_p=None, pad_token_id=tok.pad_token_id)
+                         max_new_tokens=max_new, do_sample=True, top_k=50, temperature=1.0, top_p=None,
+                         pad_token_id=tok.pad_token_id)
     return out[0, len(ids):].tolist()
 
 
-def sample_queries(model, tok, template, prompt: str, n: int, gen: torch.Generator) -> list[str]:
+def sample_queries(model, tok, template, prompt: str, n: int) -> list[str]:
     """Distinct one-line questions sampled from the frozen model itself."""
     ask = template.text_ids(prompt + QUERY_REQUEST)
     queries: list[str] = []
     for _ in range(n * 3):
-        text = tok.decode(_continue(model, tok, ask, 24, True, gen), skip_special_tokens=True)
+        text = tok.decode(_sample(model, tok, ask, 24), skip_special_tokens=True)
         text = text.strip().split("\n")[0].strip()
         if text and text not in queries:
             queries.append(text)
@@ -73,20 +77,20 @@ def teacher_records(cfg: RunConfig, prompt: str, queries: list[str] | None, n_qu
     """Records {instruction: prompt, input: query, output: the teacher's greedy answer}.
     Every rank answers its share of the queries; all ranks return the full list in order."""
     torch.manual_seed(cfg.train.seed)
-    gen = torch.Generator().manual_seed(cfg.train.seed)
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg.model).eval()  # replicated, inference only; freed before training
     template = GistTemplate(tok, [], max_length=1 << 30)
     if queries is None:
-        queries = sample_queries(model, tok, template, prompt, n_queries, gen) if dist.is_main() else None
+        queries = sample_queries(model, tok, template, prompt, n_queries) if dist.is_main() else None
         queries = dist.all_gather_object(queries)[0]
         if len(queries) < 4:
             raise DataError("compress: the model produced too few distinct queries; pass --queries FILE")
     mine = []
-    for q in queries[dist.rank()::dist.world()]:
+    for q in queries[dist.rank()::dist.world()]:  # one at a time: no padding, the same answer at any world size
         ids = template.encode({"instruction": prompt, "input": q, "output": ""}, with_gist=False,
                               with_output=False)["input_ids"]
-        answer = [t for t in _continue(model, tok, ids, answer_tokens, False, gen) if t != tok.eos_token_id]
+        (answer,), _ = greedy(model, [ids[:-1]], [ids[-1:]], [], "pos_control", answer_tokens,
+                              tok.eos_token_id, tok.pad_token_id)
         mine.append(tok.decode(answer, skip_special_tokens=True).strip() or ".")
     shares = dist.all_gather_object(mine)
     return [{"instruction": prompt, "input": q, "output": shares[i % dist.world()][i // dist.world()]}
@@ -139,12 +143,12 @@ def prepare(cfg: RunConfig, prompt_file: str, queries_file: str | None, n_querie
     template = GistTemplate(tok, [], max_length=1 << 30)
     for line in (data_dir / "train.jsonl").read_text().splitlines():
         longest = max(longest, len(template.encode(json.loads(line), with_gist=False)["input_ids"]))
-    cfg.data.max_length = max(cfg.data.max_length, longest + cfg.num_gist)
-    cfg.mode, cfg.distill.student = "distill", "no_prompt"
-    cfg.distill.cache_teacher = True  # one fixed prompt and data set: the teacher runs once per example
-    cfg.data.train, cfg.data.eval = str(data_dir / "train.jsonl"), str(data_dir / "heldout.jsonl")
-    cfg.data.num_train = cfg.data.num_eval = 0
-    return cfg
+    data = dataclasses.replace(cfg.data, max_length=max(cfg.data.max_length, longest + cfg.num_gist),
+                               train=str(data_dir / "train.jsonl"), eval=str(data_dir / "heldout.jsonl"),
+                               num_train=0, num_eval=0)
+    # one fixed prompt and data set: the teacher runs once per example (cache_teacher)
+    distill = dataclasses.replace(cfg.distill, student="no_prompt", cache_teacher=True)
+    return dataclasses.replace(cfg, objective="distill", mask="gist", mode="", data=data, distill=distill).validate()
 
 
 def record_prompt_meta(cfg: RunConfig):
@@ -154,6 +158,4 @@ def record_prompt_meta(cfg: RunConfig):
     out = Path(cfg.output_dir)
     meta = json.loads((out / "gist_config.json").read_text())
     meta.update(json.loads((out / "compress_data" / "prompt.json").read_text()))
-    tmp = out / "gist_config.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    tmp.replace(out / "gist_config.json")
+    write_text(out / "gist_config.json", json.dumps(meta, indent=2, sort_keys=True))

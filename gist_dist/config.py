@@ -13,7 +13,11 @@ from pathlib import Path
 
 import yaml
 
-MODES = ("gist", "pos_control", "neg_control", "distill")
+OBJECTIVES = ("finetune", "distill")  # gist_dist/methods/: what trains and by which loss
+MASKS = ("gist", "pos_control", "neg_control")  # gist_dist/masks.py: what later tokens may see
+# The first interface's single `mode` key, still accepted: -> (objective, mask)
+MODE_ALIASES = {"gist": ("finetune", "gist"), "pos_control": ("finetune", "pos_control"),
+                "neg_control": ("finetune", "neg_control"), "distill": ("distill", "gist")}
 LOG_BACKENDS = ("jsonl", "tensorboard", "wandb")
 
 
@@ -97,7 +101,9 @@ class LogConfig:
 
 @dataclass
 class RunConfig:
-    mode: str = "gist"
+    objective: str = "finetune"  # finetune: the whole model with the LM loss | distill: only gist embeddings, by KL
+    mask: str = "gist"  # gist | pos_control | neg_control (distill: the student's mask, gist)
+    mode: str = ""  # alias of the first interface: gist | pos_control | neg_control | distill
     num_gist: int = 1
     output_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -110,9 +116,29 @@ class RunConfig:
     eval_max_new_tokens: int = 32
     eval_batch_size: int = 8
 
+    @property
+    def run_kind(self) -> str:
+        """One word for logs and records: the mask when fine-tuning, else the objective."""
+        return self.mask if self.objective == "finetune" else self.objective
+
+    def _resolve_mode(self):
+        if not self.mode:
+            return
+        if self.mode not in MODE_ALIASES:
+            raise ConfigError(f"mode must be one of {', '.join(MODE_ALIASES)}, got {self.mode!r}")
+        objective, mask = MODE_ALIASES[self.mode]
+        for key, implied, default in (("objective", objective, "finetune"), ("mask", mask, "gist")):
+            if getattr(self, key) not in (implied, default):
+                raise ConfigError(f"mode={self.mode} means {key}={implied}, but {key}={getattr(self, key)} was given")
+        self.objective, self.mask, self.mode = objective, mask, ""
+
     def validate(self) -> "RunConfig":
+        self._resolve_mode()
         checks = [
-            (self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}"),
+            (self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"),
+            (self.mask in MASKS, f"mask must be one of {', '.join(MASKS)}, got {self.mask!r}"),
+            (self.objective != "distill" or self.mask == "gist",
+             f"objective=distill trains a student under the gist mask; mask={self.mask} is for objective=finetune"),
             (1 <= self.num_gist <= 64, f"num_gist must be between 1 and 64, got {self.num_gist}"),
             (self.train.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
             (self.train.grad_accum >= 1, "train.grad_accum must be >= 1"),

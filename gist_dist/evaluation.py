@@ -5,8 +5,9 @@
     torchrun --nproc_per_node 2 .venv/bin/gist-dist eval configs/tiny.yaml output_dir=DIR --zero3
     gist-dist eval --compare RUN_gist RUN_pos_control RUN_neg_control  # share of the gap recovered
 
-The run's model is DIR/final/ (gist modes) or the base model + DIR/gist.safetensors (distill). It is
-replicated on every rank, or partitioned with ZeRO-3 (`--zero3`, generate with synced_gpus).
+The run's model is DIR/final/ (objective=finetune) or the base model + DIR/gist.safetensors (distill),
+loaded by inference.load_run, replicated on every rank or partitioned with ZeRO-3 (`--zero3`,
+generate with synced_gpus).
 Records are sorted by prompt length and cut into batches once, globally; rank r takes batches
 r, r + world, ... so every batch (and so every answer) is the same at any world size; rank 0
 gathers the answers back into the original order, scores them and writes DIR/eval.json,
@@ -22,31 +23,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from . import dist
-from .cache import build_cache, generate_from_cache
-from .config import ModelConfig, RunConfig
+from . import dist, zero
+from .atomic import write_text
+from .config import MASKS, RunConfig
 from .data import DataError, DataStats, GistTemplate, load_records
+from .inference import RunModel, greedy, load_run
+from .model import resolve_dtype
 
 ROUGE_MODULE = Path(__file__).resolve().parent / "metrics" / "rouge.py"
-CONTROL_MODES = ("gist", "pos_control", "neg_control")
-
-
-@dataclass
-class EvalModel:
-    model: torch.nn.Module
-    tok: object
-    gist_ids: list[int]
-    mode: str  # mask the run was trained with: decides which cache entries are kept
-    embed: object = None  # distill: splices the trained gist rows in
-    source: str = ""
+CONTROL_MODES = MASKS  # the three runs a comparison needs
 
 
 def eval_splits(cfg: RunConfig) -> dict[str, str]:
@@ -54,66 +43,14 @@ def eval_splits(cfg: RunConfig) -> dict[str, str]:
     return dict(cfg.data.eval_splits) or {"seen": "generated:seen", "unseen": "generated:unseen"}
 
 
-def _load_backbone(model_cfg: ModelConfig, ds_config, vocab_min: int = 0):
-    """from_pretrained, under zero.Init when a ZeRO-3 config is given (no rank holds the whole model)."""
-    from transformers.integrations import HfDeepSpeedConfig
-
-    from .model import load_model
-    keep_alive = HfDeepSpeedConfig(ds_config) if ds_config else None  # noqa: F841
-    model = load_model(model_cfg, vocab_min=vocab_min).eval()
-    if ds_config:
-        import deepspeed
-        model = deepspeed.initialize(model=model, config=ds_config)[0].module.eval()
-    return model
-
-
-def load_run_model(cfg: RunConfig, zero3: bool = False) -> EvalModel:
-    """That run's model: OUTPUT_DIR/final/ (gist modes) or base model + gist.safetensors (distill)."""
-    from transformers import AutoTokenizer
-
-    from . import artifact
-    out = Path(cfg.output_dir)
-    ds_config = _zero3_config(cfg) if zero3 else None
-    final = out / "final"
-    if (final / "gist_config.json").is_file():
-        meta = json.loads((final / "gist_config.json").read_text())
-        tok = AutoTokenizer.from_pretrained(final)
-        gist_ids = tok.convert_tokens_to_ids(meta["gist_tokens"])
-        model_cfg = ModelConfig(name=str(final), dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation)
-        return EvalModel(_load_backbone(model_cfg, ds_config), tok, gist_ids, meta["mode"], source=str(final))
-    if (out / artifact.WEIGHTS).is_file():
-        return _load_distilled(cfg, out, ds_config)
-    raise FileNotFoundError(f"{out}: no trained model here (neither final/ nor {artifact.WEIGHTS}); train into it first")
-
-
-def _load_distilled(cfg: RunConfig, out: Path, ds_config) -> EvalModel:
-    from . import artifact
-    from .distill import GistDistiller
-    from .gist import add_gist_tokens
-    from .model import load_tokenizer, local_device
-    from .train import gather_context
-
-    meta = artifact.load(out)[1]
-    model_cfg = ModelConfig(name=meta.get("base_model", cfg.model.name), tokenizer=meta.get("tokenizer", ""),
-                            dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation, seed=cfg.model.seed)
-    tok = load_tokenizer(model_cfg)
-    num_old = len(tok)
-    gist_ids = add_gist_tokens(tok, meta["num_gist"])
-    model = _load_backbone(model_cfg, ds_config, vocab_min=num_old)
-    weight = model.get_input_embeddings().weight
-    with gather_context(3 if ds_config else 0)([weight]):  # the check reads the whole embedding
-        gist = artifact.load(out, expected_fingerprint=artifact.BaseModel(model.config, weight))[0]
-    gist = gist.to(local_device(), weight.dtype)
-    distiller = GistDistiller(model, gist_ids, gist).eval()
-    return EvalModel(model, tok, gist_ids, "gist", embed=distiller.embed, source=f"{model_cfg.name} + {out / artifact.WEIGHTS}")
-
-
-def _zero3_config(cfg: RunConfig) -> dict:
-    from .engine import deepspeed_config
-    from .model import resolve_dtype
-    from .train import hidden_size_of
-    stage3 = dataclasses.replace(cfg, zero=dataclasses.replace(cfg.zero, stage=3))
-    return deepspeed_config(stage3, hidden_size_of(cfg), resolve_dtype(cfg.model.dtype))
+def load_run_model(cfg: RunConfig, zero3: bool = False) -> RunModel:
+    """That run's model (inference.load_run), replicated or partitioned with ZeRO-3."""
+    ds_config = None
+    if zero3:
+        stage3 = dataclasses.replace(cfg, zero=dataclasses.replace(cfg.zero, stage=3))
+        ds_config = zero.deepspeed_config(stage3, zero.hidden_size_of(cfg), resolve_dtype(cfg.model.dtype))
+    model_cfg = dataclasses.replace(cfg.model, name="", tokenizer="")  # the run's own base model
+    return load_run(cfg.output_dir, model_cfg, ds_config)
 
 
 def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -122,7 +59,7 @@ def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def generate_answers(em: EvalModel, examples: list[dict], batch_size: int, max_new_tokens: int,
+def generate_answers(em: RunModel, examples: list[dict], batch_size: int, max_new_tokens: int,
                      synced: bool = False) -> list[dict]:
     """Greedy answers for `examples` ({"prompt": ids incl. gist, "tail": ids}) sharded over ranks;
     every rank returns all of them in the original order (with the KV bytes of each prompt's cache)."""
@@ -134,9 +71,9 @@ def generate_answers(em: EvalModel, examples: list[dict], batch_size: int, max_n
     results = {}
     for n, batch in enumerate(mine):
         prompts = [examples[i]["prompt"] for i in batch]
-        cache = build_cache(em.model, prompts, em.gist_ids, em.mode, embed=em.embed)
-        answers = generate_from_cache(em.model, cache, [examples[i]["tail"] for i in batch], max_new_tokens,
-                                      em.tok.eos_token_id, em.tok.pad_token_id, synced_gpus=synced)
+        answers, cache = greedy(em.model, prompts, [examples[i]["tail"] for i in batch], em.gist_ids, em.mask,
+                                max_new_tokens, em.tok.eos_token_id, em.tok.pad_token_id, embed=em.embed,
+                                synced_gpus=synced)
         if n >= len(batches[rank::world]):
             continue
         for i, ids, kv, full in zip(batch, answers, cache.nbytes(), cache.full_prompt_nbytes()):
@@ -189,7 +126,7 @@ def run_eval(cfg: RunConfig, zero3: bool = False) -> dict | None:
                                   columns=cfg.data.columns) for name, src in splits.items()}
     em = load_run_model(cfg, zero3)
     template = GistTemplate(em.tok, em.gist_ids, cfg.data.max_length, "drop")
-    result = {"run": str(cfg.output_dir), "mode": em.mode, "num_gist": len(em.gist_ids), "model": em.source,
+    result = {"run": str(cfg.output_dir), "mode": em.mask, "num_gist": len(em.gist_ids), "model": em.source,
               "world_size": dist.world(), "zero3": zero3, "max_new_tokens": cfg.eval_max_new_tokens,
               "batch_size": cfg.eval_batch_size, "splits": {}}
     outputs = []
@@ -220,16 +157,10 @@ def run_eval(cfg: RunConfig, zero3: bool = False) -> dict | None:
     if not dist.is_main():
         return None
     out = Path(cfg.output_dir)
-    _write(out / "eval_outputs.jsonl", "".join(json.dumps(o) + "\n" for o in outputs))
-    _write(out / "eval.md", format_markdown(result))
-    _write(out / "eval.json", json.dumps(result, indent=2))
+    write_text(out / "eval_outputs.jsonl", "".join(json.dumps(o) + "\n" for o in outputs))
+    write_text(out / "eval.md", format_markdown(result))
+    write_text(out / "eval.json", json.dumps(result, indent=2))
     return result
-
-
-def _write(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def format_markdown(result: dict) -> str:

@@ -17,8 +17,6 @@ vLLM (unverified here: vLLM cannot be installed on these machines):
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -26,6 +24,7 @@ from safetensors.torch import save_file
 
 from . import artifact
 from .artifact import ArtifactError
+from .atomic import atomic_dir, replace_file
 
 TAIL_TEMPLATE = "\nInput: {query}\nOutput:"  # data.GistTemplate's tail: what follows the gist rows
 
@@ -40,12 +39,12 @@ def _no_prompt_artifact(run_dir: str | Path) -> tuple[torch.Tensor, dict]:
     return gist, meta
 
 
-def _base_model(meta: dict, model_name: str | None):
+def _base_model(run_dir, model_name: str | None):
+    """The base model, checked against the artifact's fingerprint (inference.load_run)."""
     from .config import ModelConfig
-    from .model import load_model, load_tokenizer
-    cfg = ModelConfig(name=model_name or meta["base_model"], tokenizer=meta.get("tokenizer", ""), dtype="fp32")
-    num_old = len(load_tokenizer(cfg))
-    return load_model(cfg, vocab_min=num_old), cfg
+    from .inference import load_run
+    run = load_run(run_dir, ModelConfig(name=model_name or "", dtype="fp32"))
+    return run.model, run.source.split(" + ")[0]
 
 
 def export_peft(run_dir: str | Path, out_dir: str | Path, model_name: str | None = None) -> Path:
@@ -53,19 +52,16 @@ def export_peft(run_dir: str | Path, out_dir: str | Path, model_name: str | None
     from peft import PromptTuningConfig, TaskType, get_peft_model
 
     gist, meta = _no_prompt_artifact(run_dir)
-    base, cfg = _base_model(meta, model_name)
+    base, base_name = _base_model(run_dir, model_name)
     peft_config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=gist.shape[0],
-                                     token_dim=gist.shape[1], base_model_name_or_path=str(cfg.name))
+                                     token_dim=gist.shape[1], base_model_name_or_path=base_name)
     model = get_peft_model(base, peft_config)
     with torch.no_grad():
         model.prompt_encoder["default"].embedding.weight.copy_(gist)
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    (tmp / "gist_layout.json").write_text(json.dumps(_layout(meta), indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        (tmp / "gist_layout.json").write_text(json.dumps(_layout(meta), indent=2))
     return out
 
 
@@ -75,7 +71,7 @@ def export_prompt_embeds(run_dir: str | Path, path: str | Path) -> Path:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file({"gist": gist.float().contiguous()}, str(tmp), metadata={"layout": json.dumps(_layout(meta))})
-    os.replace(tmp, path)
+    replace_file(tmp, path)
     return path
 
 

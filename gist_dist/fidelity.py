@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .distill import response_positions
+from .atomic import write_text
 from .inference import GistModel
+from .methods.finetune import labelled_rows
 
 
 @torch.no_grad()
@@ -26,7 +27,7 @@ def _answer_logits(gm: GistModel, rec: dict, mode: str) -> torch.Tensor:
     else:
         ex = template.encode(rec, with_gist=False, with_prompt=False)
     logits = gm.logits(ex["input_ids"])
-    return logits[response_positions(torch.tensor([ex["labels"]], device=logits.device))[0]].float()
+    return labelled_rows(logits[None], torch.tensor([ex["labels"]], device=logits.device))[0].float()
 
 
 def measure(gm: GistModel, records: list[dict]) -> dict:
@@ -52,7 +53,5 @@ def evaluate_heldout(run_dir: str | Path) -> dict:
     records = [json.loads(line) for line in (run / "compress_data" / "heldout.jsonl").read_text().splitlines()]
     result = {**measure(gm, records), "num_gist": gm.meta["num_gist"],
               "prompt_tokens": gm.meta.get("prompt_tokens"), "compression_ratio": gm.meta.get("compression_ratio")}
-    tmp = run / "fidelity.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(run / "fidelity.json")
+    write_text(run / "fidelity.json", json.dumps(result, indent=2))
     return result

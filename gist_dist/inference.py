@@ -1,12 +1,16 @@
-"""Gist KV caching: run prompt + gist once, keep only the gist tokens' keys/values, answer from them.
+"""Inference, written once: the gist KV cache, the batched greedy decoder, and the run loader.
+
+Eval, generate, compress (teacher answers), fidelity, latency and the FLOPs check all use these.
+
+Gist KV caching: run prompt + gist once, keep only the gist tokens' keys/values, answer from them.
 
 Under the gist mask every token after the gist sees only the gist and later tokens, so the gist
 positions' KV is all a later query needs. Build it from a left-padded batch of prompt+gist under
-the mode's mask, drop the prompt's entries, and continue through HF `generate` with
+the mask, drop the prompt's entries, and continue through HF `generate` with
 `position_ids` that resume where each row's prompt+gist ended (RoPE offsets differ per row):
 the logits equal those of the full masked run (DESIGN.md, "mask proof").
 
-What is kept per mode (the same code serves the controls):
+What is kept per mask (the same code serves the controls):
     gist         the k gist entries
     pos_control  every prompt + gist entry (nothing is masked, so nothing can be dropped)
     neg_control  nothing (later tokens see neither prompt nor gist); positions still resume
@@ -15,16 +19,28 @@ What is kept per mode (the same code serves the controls):
     answers = generate_from_cache(model, cache, [tail_ids, ...], max_new_tokens=32, eos_id=tok.eos_token_id)
     cache.row(0).save("prompt0.safetensors")                     # later, without the prompt:
     generate_from_cache(model, GistKVCache.load("prompt0.safetensors"), [tail], 32, tok.eos_token_id)
+
+    run = load_run("runs/tiny")                                  # final/ or a distill artifact
+    gm = GistModel.load("runs/compress"); gm.generate("What are your opening hours?")
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .data import model_inputs, pad_batch
+from . import artifact, zero
+from .config import ModelConfig
+from .data import GistTemplate, pad_batch
+from .masks import make_attention_mask, model_inputs
+from .model import load_model, load_tokenizer
+from .tokens import GistEmbedding, add_gist_tokens
+
+FINAL_META = "gist_model.json"  # final/ of a fine-tuned run; runs before 2026-12-03 named it gist_config.json
 
 
 @dataclass
@@ -102,9 +118,9 @@ class GistKVCache:
                    t["attention_mask"], t["next_position"], t["prompt_tokens"])
 
 
-def kept_entries(mode: str, num_gist: int, padded_length: int) -> int:
-    """How many trailing prompt+gist entries later tokens can see under `mode`'s mask."""
-    return {"gist": num_gist, "pos_control": padded_length, "neg_control": 0}[mode]
+def kept_entries(mask: str, num_gist: int, padded_length: int) -> int:
+    """How many trailing prompt+gist entries later tokens can see under `mask`."""
+    return {"gist": num_gist, "pos_control": padded_length, "neg_control": 0}[mask]
 
 
 def _device_dtype(model):
@@ -112,24 +128,34 @@ def _device_dtype(model):
     return p.device, p.dtype
 
 
+def empty_layers(model, batch: int) -> list[torch.Tensor]:
+    """Per layer an empty [B, kv_heads, 0, head_dim] tensor: a cache that holds nothing."""
+    device, dtype = _device_dtype(model)
+    cfg = model.config
+    heads = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return [torch.zeros(batch, heads, 0, head_dim, dtype=dtype, device=device)] * cfg.num_hidden_layers
+
+
 @torch.no_grad()
-def build_cache(model, prompts: list[list[int]], gist_ids: list[int], mode: str = "gist",
+def build_cache(model, prompts: list[list[int]], gist_ids: list[int], mask: str = "gist",
                 embed=None) -> GistKVCache:
-    """One forward over left-padded prompt+gist rows (each ending in the gist ids) under `mode`'s mask.
+    """One forward over left-padded prompt+gist rows (each ending in the gist ids) under `mask`.
 
     `embed(input_ids) -> inputs_embeds` splices trained gist rows in (distill artifacts)."""
     device, dtype = _device_dtype(model)
     k = len(gist_ids)
     for p in prompts:
-        if list(p[-k:]) != list(gist_ids):
+        if k and list(p[-k:]) != list(gist_ids):
             raise ValueError("every prompt must end with the gist tokens")
     batch = pad_batch([{"input_ids": list(p)} for p in prompts], pad_id=0, left=True)
     lengths = batch["attention_mask"].sum(-1)
     L = batch["input_ids"].shape[1]
-    keep = kept_entries(mode, k, L)
+    keep = kept_entries(mask, k, L)
     keys, values = [], []
     if keep:  # neg_control keeps nothing: skipped on every rank alike, so ZeRO-3 collectives still match
-        inputs = {name: t.to(device) for name, t in model_inputs(batch, gist_ids, mode, dtype).items()}
+        on_device = {name: t.to(device) for name, t in batch.items()}  # the 4D mask is built there
+        inputs = model_inputs(on_device, gist_ids, mask, dtype)
         if embed is not None:
             inputs["inputs_embeds"] = embed(inputs.pop("input_ids"))
         out = model(**inputs, use_cache=True, logits_to_keep=1)
@@ -137,14 +163,10 @@ def build_cache(model, prompts: list[list[int]], gist_ids: list[int], mode: str 
             keys.append(layer.keys[:, :, L - keep:].clone())
             values.append(layer.values[:, :, L - keep:].clone())
     else:
-        cfg = model.config
-        heads = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        empty = torch.zeros(len(prompts), heads, 0, head_dim, dtype=dtype, device=device)
-        keys = [empty] * cfg.num_hidden_layers
-        values = [empty] * cfg.num_hidden_layers
-    return GistKVCache(keys, values, batch["attention_mask"][:, L - keep:].to(device), lengths.to(device),
-                       (lengths - k).to(device))
+        keys = values = empty_layers(model, len(prompts))
+    book = device if device.type != "meta" else "cpu"  # weightless FLOP counts still need real positions
+    return GistKVCache(keys, values, batch["attention_mask"][:, L - keep:].to(book), lengths.to(book),
+                       (lengths - k).to(book))
 
 
 @torch.no_grad()
@@ -171,8 +193,16 @@ def _cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
     return ids[:ids.index(eos_id)] if eos_id in ids else ids
 
 
+def greedy(model, prompts: list[list[int]], tails: list[list[int]], gist_ids: list[int], mask: str,
+           max_new_tokens: int, eos_id: int, pad_id: int = 0, embed=None, synced_gpus: bool = False):
+    """The batched greedy decoder: cache each prompt (ending in the gist ids; none for a plain prompt
+    cache, mask pos_control) under `mask`, then answer after each tail. Returns (answers, cache)."""
+    cache = build_cache(model, prompts, gist_ids, mask, embed=embed)
+    return generate_from_cache(model, cache, tails, max_new_tokens, eos_id, pad_id, synced_gpus), cache
+
+
 @torch.no_grad()
-def generate_uncached(model, prompts: list[list[int]], tails: list[list[int]], gist_ids: list[int], mode: str,
+def generate_uncached(model, prompts: list[list[int]], tails: list[list[int]], gist_ids: list[int], mask: str,
                       max_new_tokens: int, eos_id: int, embed=None) -> list[list[int]]:
     """Reference: greedy decoding that reruns the whole prompt + gist + tail + answer under the mask
     every step (no cache at all). Slow; for checking the cached path."""
@@ -182,7 +212,7 @@ def generate_uncached(model, prompts: list[list[int]], tails: list[list[int]], g
     done = [False] * len(seqs)
     for _ in range(max_new_tokens):
         batch = pad_batch([{"input_ids": s + a} for s, a in zip(seqs, answers)], pad_id=0, left=True)
-        inputs = {name: t.to(device) for name, t in model_inputs(batch, gist_ids, mode, dtype).items()}
+        inputs = model_inputs({name: t.to(device) for name, t in batch.items()}, gist_ids, mask, dtype)
         if embed is not None:
             inputs["inputs_embeds"] = embed(inputs.pop("input_ids"))
         nxt = model(**inputs, use_cache=False).logits[:, -1].argmax(-1).tolist()
@@ -193,3 +223,139 @@ def generate_uncached(model, prompts: list[list[int]], tails: list[list[int]], g
         if all(done):
             break
     return [_cut_at_eos(a, eos_id) for a in answers]
+
+
+# Caching strategies compared by the FLOPs and latency reports (one prompt at a time):
+#   none         nothing cached: the first forward reads instruction + tail
+#   instruction  a plain prompt cache: every instruction token's KV kept
+#   gist         instruction + gist run once, only the k gist entries kept
+STRATEGIES = ("none", "instruction", "gist")
+
+
+def strategy_cache(model, prompt: list[int], gist_ids: list[int], strategy: str) -> GistKVCache:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown caching strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+    if strategy == "instruction":
+        return build_cache(model, [prompt], [], "pos_control")
+    if strategy == "gist":
+        return build_cache(model, [list(prompt) + list(gist_ids)], gist_ids, "gist")
+    zeros = torch.zeros(1, dtype=torch.long)
+    return GistKVCache(empty_layers(model, 1), empty_layers(model, 1), torch.zeros(1, 0, dtype=torch.long), zeros, zeros)
+
+
+def first_token_input(prompt: list[int], tail: list[int], strategy: str) -> list[int]:
+    return prompt + tail if strategy == "none" else tail
+
+
+def attention_mask_4d(new: int, past: int, dtype, device="cpu") -> torch.Tensor:
+    """[1, 1, new, past+new] float mask: every cached key visible, causal among the new tokens."""
+    allowed = torch.ones(new, past + new, dtype=torch.bool, device=device).tril(diagonal=past)
+    mask = torch.zeros(1, 1, new, past + new, dtype=dtype, device=device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+@torch.no_grad()
+def forward_after(model, ids: list[int], prefix: GistKVCache, cache=None, logits_to_keep: int = 1):
+    """One forward of `ids` after a one-prompt cache (or after `cache`, the DynamicCache it grew into),
+    positions resuming where the prefix ended; explicit 4D mask (FlopCounterMode on meta weights needs one)."""
+    cache = prefix.dynamic_cache() if cache is None else cache
+    past = cache.get_seq_length()
+    start = int(prefix.next_position[0]) + past - prefix.length
+    device, dtype = _device_dtype(model)  # device "meta" for weightless FLOP counts
+    return model(input_ids=torch.tensor([ids], device=device),
+                 attention_mask=attention_mask_4d(len(ids), past, dtype, device),
+                 position_ids=torch.arange(start, start + len(ids), device=device)[None],
+                 past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep)
+
+
+@dataclass
+class RunModel:
+    """A trained run ready for inference: fine-tuned final/ or the base model + a distill artifact."""
+    model: torch.nn.Module
+    tok: object
+    gist_ids: list[int]
+    mask: str  # the mask the run was trained with: decides which cache entries are kept
+    embed: object = None  # distill: splices the trained gist rows in
+    source: str = ""
+    meta: dict = dataclasses.field(default_factory=dict)
+    gist: torch.Tensor | None = None  # distill: the trained [k, hidden] rows
+
+
+def load_inference_model(model_cfg: ModelConfig, ds_config: dict | None = None, vocab_min: int = 0):
+    """from_pretrained onto the local GPU (or CPU), or partitioned over ranks with ZeRO-3 when a
+    stage-3 DeepSpeed config is given (no rank holds the whole model)."""
+    with zero.build_context(ds_config):
+        model = load_model(model_cfg, vocab_min=vocab_min).eval()
+        if ds_config:
+            import deepspeed
+            model = deepspeed.initialize(model=model, config=ds_config)[0].module.eval()
+    return model
+
+
+def load_run(run_dir, model_cfg: ModelConfig | None = None, ds_config: dict | None = None) -> RunModel:
+    """The run's model: RUN/final/ (fine-tune) or the base model + RUN/gist.safetensors (distill).
+    `model_cfg` sets dtype / attention, and for artifacts may name another copy of the base model."""
+    from transformers import AutoTokenizer
+
+    out, model_cfg = Path(run_dir), model_cfg or ModelConfig(name="")
+    final = out / "final"
+    meta_file = next((f for f in (final / FINAL_META, final / artifact.CONFIG) if f.is_file()), None)
+    if meta_file is not None:
+        meta = json.loads(meta_file.read_text())
+        tok = AutoTokenizer.from_pretrained(final)
+        cfg = dataclasses.replace(model_cfg, name=str(final), tokenizer="")
+        return RunModel(load_inference_model(cfg, ds_config), tok, tok.convert_tokens_to_ids(meta["gist_tokens"]),
+                        meta.get("mask", meta.get("mode")), source=str(final), meta=meta)
+    if not (out / artifact.WEIGHTS).is_file():
+        raise FileNotFoundError(f"{out}: no trained model here (neither final/ nor {artifact.WEIGHTS}); train into it first")
+    meta = artifact.load(out)[1]
+    cfg = dataclasses.replace(model_cfg, name=model_cfg.name or meta["base_model"],
+                              tokenizer=model_cfg.tokenizer or meta.get("tokenizer", ""))
+    tok = load_tokenizer(cfg)
+    num_old = len(tok)
+    gist_ids = add_gist_tokens(tok, meta["num_gist"])
+    model = load_inference_model(cfg, ds_config, vocab_min=num_old)
+    embedding = model.get_input_embeddings()
+    with zero.gather([embedding.weight]):  # the fingerprint check reads the whole embedding
+        gist, meta = artifact.load(out, expected_fingerprint=artifact.BaseModel(model.config, embedding.weight))
+    rows = GistEmbedding(gist_ids, gist.to(embedding.weight.device, embedding.weight.dtype)).eval()
+    return RunModel(model, tok, gist_ids, "gist", embed=lambda ids: rows(ids, embedding),
+                    source=f"{cfg.name} + {out / artifact.WEIGHTS}", meta=meta, gist=rows.gist.detach())
+
+
+class GistModel:
+    """A distill artifact in use: the base model with k trained gist embeddings in place of a prompt."""
+
+    def __init__(self, run: RunModel):
+        self.run, self.model, self.tok, self.meta = run, run.model, run.tok, run.meta
+        self.template = GistTemplate(run.tok, run.gist_ids, max_length=1 << 30)
+
+    @classmethod
+    def load(cls, directory, model_name: str | None = None, tokenizer: str | None = None) -> "GistModel":
+        return cls(load_run(directory, ModelConfig(name=model_name or "", tokenizer=tokenizer or "")))
+
+    def prompt_and_tail(self, query: str, instruction: str | None = None) -> tuple[list[int], list[int]]:
+        """(instruction when the artifact was trained with it visible + gist tokens, the query's tail)."""
+        prompt, tail, _ = self.template.pieces({"instruction": instruction or "-", "input": query, "output": ""})
+        return (prompt if instruction is not None else self.template.bos) + self.run.gist_ids, tail
+
+    def prompt_ids(self, query: str, instruction: str | None = None) -> list[int]:
+        """The whole input for teacher-forced scoring: prompt_and_tail joined."""
+        prompt, tail = self.prompt_and_tail(query, instruction)
+        return prompt + tail
+
+    @torch.no_grad()
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """[T, vocab] logits of one sequence under the gist mask (teacher-forced scoring)."""
+        device = _device_dtype(self.model)[0]
+        input_ids = torch.tensor([ids], device=device)
+        mask = make_attention_mask(input_ids, torch.ones_like(input_ids), self.run.gist_ids, "gist", self.model.dtype)
+        return self.model(inputs_embeds=self.run.embed(input_ids), attention_mask=mask,
+                          position_ids=torch.arange(len(ids), device=device)[None]).logits[0]
+
+    def generate(self, query: str, instruction: str | None = None, max_new_tokens: int = 64) -> str:
+        """Greedy answer. Without an instruction the gist embeddings stand in for the prompt."""
+        prompt, tail = self.prompt_and_tail(query, instruction)
+        answers, _ = greedy(self.model, [prompt], [tail], self.run.gist_ids, "gist", max_new_tokens,
+                            self.tok.eos_token_id, self.tok.pad_token_id, embed=self.run.embed)
+        return self.tok.decode(answers[0], skip_special_tokens=True).strip()

@@ -1,4 +1,11 @@
-"""DeepSpeed set-up: fill the "auto" values of a ZeRO JSON from the run config and the model shape.
+"""Everything ZeRO: the DeepSpeed config, building a model already partitioned, gathering
+partitioned parameters, and the consolidated weights for export.
+
+    ds = deepspeed_config(cfg, hidden_size_of(cfg), dtype)   # "auto" values filled per run
+    with build_context(ds):                                  # from_pretrained runs inside zero.Init
+        model = load_model(cfg.model)
+    with gather([w]):                                        # whole (and writable on rank 0) if partitioned
+        ...
 
 Bucket sizes follow HF Trainer's "auto" rule (reduce bucket = hidden^2, prefetch = 0.9 hidden^2,
 persistence threshold = 10 hidden): DeepSpeed's fixed defaults (5e8 elements) dominate memory at
@@ -6,15 +13,15 @@ small sizes and made a 135M model use more memory under ZeRO-3 than without it.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
-import math
 from pathlib import Path
 
 import torch
 
 from .config import ConfigError, RunConfig
-from .model import ROOT
+from .model import ROOT, is_shape_file, load_shape, resolve_model_path
 
 
 # Blocks of an HF-style DeepSpeed JSON that the run config owns: gist-dist builds the optimizer
@@ -97,11 +104,59 @@ def deepspeed_config(cfg: RunConfig, hidden_size: int, dtype: torch.dtype) -> di
     return ds
 
 
-def warmup_cosine(warmup: int, total: int, min_ratio: float):
-    """LR multiplier: linear warm-up, then cosine decay to min_ratio."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
+def hidden_size_of(cfg: RunConfig) -> int:
+    path = resolve_model_path(cfg.model.name)
+    if is_shape_file(path):
+        return int(load_shape(path)["hidden_size"])
+    from transformers import AutoConfig
+    return int(AutoConfig.from_pretrained(path).hidden_size)
+
+
+@contextlib.contextmanager
+def build_context(ds_config: dict | None):
+    """While alive, transformers builds models inside deepspeed.zero.Init for a stage-3 config
+    (no rank ever holds the whole model); a no-op for other stages or None."""
+    if not ds_config or ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    keep_alive = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference
+    try:
+        yield
+    finally:
+        del keep_alive
+
+
+def is_partitioned(p: torch.nn.Parameter) -> bool:
+    return hasattr(p, "ds_id")
+
+
+@contextlib.contextmanager
+def gather(params):
+    """Make partitioned (ZeRO-3) params whole for the block, writable on rank 0; a no-op otherwise."""
+    params = [p for p in params if is_partitioned(p)]
+    if not params:
+        yield
+        return
+    import deepspeed
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        yield
+
+
+def param_bytes(model) -> tuple[int, int]:
+    """(bytes of parameters this rank holds, bytes of the whole model): under ZeRO-3 a rank holds
+    only its shard `ds_tensor`; the ratio proves the sharding is real."""
+    held = sum(((p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0) + p.data.numel()) * p.element_size()
+               for p in model.parameters())  # p.data is empty unless gathered or persistent
+    whole = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
+    return held, whole
+
+
+def consolidated_state_dict(engine, prefix: str = "") -> dict:
+    """The whole model's weights (16-bit under ZeRO-3, gathered on rank 0 only; empty elsewhere),
+    keys under `prefix` (the method's wrapper attribute) with the prefix removed."""
+    if engine.zero_optimization_stage() == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict()
+    return {k[len(prefix):]: v for k, v in (state or {}).items() if k.startswith(prefix)}

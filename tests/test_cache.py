@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gist_dist.cache import GistKVCache, build_cache, generate_from_cache, generate_uncached
+from gist_dist.inference import GistKVCache, build_cache, generate_from_cache, generate_uncached
 from gist_dist.config import load_config
 from gist_dist.data import GistTemplate, load_records
-from gist_dist.gist import add_gist_tokens, init_gist_embeddings
+from gist_dist.tokens import add_gist_tokens, init_gist_embeddings
 from gist_dist.model import load_model, load_tokenizer
 
 from conftest import TINY

@@ -37,8 +37,8 @@ def test_checkpointed_activations_match_the_planner():
     (plus one layer's transient recompute, checked without checkpointing in test_plan)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from gist_dist.flops import shape_of
-    from gist_dist.plan import Setup, activations, layer_activations
+    from gist_dist.analysis.flops import shape_of
+    from gist_dist.analysis.plan import Setup, activations, layer_activations
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=256, num_attention_heads=8, num_key_value_heads=4, intermediate_size=688,
                          num_hidden_layers=3, vocab_size=2000, attn_implementation="sdpa")

@@ -8,7 +8,7 @@ import torch
 
 from conftest import TINY, torchrun
 from gist_dist.config import ConfigError, load_config
-from gist_dist.engine import deepspeed_config
+from gist_dist.zero import deepspeed_config
 
 HF_STYLE = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
             "gradient_clipping": "auto", "fp16": {"enabled": "auto", "loss_scale": 0}, "bf16": {"enabled": "auto"},

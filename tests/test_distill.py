@@ -50,7 +50,7 @@ def test_artifact_round_trip_gives_identical_logits(distill_run, tmp_path):
     gm = GistModel.load(distill_run)
     ids = gm.prompt_ids("apple river", instruction="Reverse the order of the words.")
     before = gm.logits(ids)
-    artifact.save(tmp_path, gm.distiller.gist.detach(), gm.meta)
+    artifact.save(tmp_path, gm.run.gist, gm.meta)
     again = GistModel.load(tmp_path)
     assert torch.equal(before, again.logits(ids))
 
@@ -89,10 +89,11 @@ def test_compress_one_prompt_end_to_end(tmp_path):
 
 def test_teacher_cache_gives_the_same_loss():
     """Cached teacher rows (kept in bf16) reproduce the uncached distillation loss."""
-    from gist_dist.data import model_inputs, pad_batch
-    from gist_dist.distill import GistDistiller
+    from gist_dist.data import pad_batch
+    from gist_dist.masks import model_inputs
+    from gist_dist.methods.distill import DistillLoss
     from gist_dist.data import GistTemplate
-    from gist_dist.gist import add_gist_tokens
+    from gist_dist.tokens import add_gist_tokens
     from gist_dist.model import load_tokenizer
 
     tok = load_tokenizer(ModelConfig(name="smollm2"))
@@ -100,7 +101,7 @@ def test_teacher_cache_gives_the_same_loss():
     gist_ids = add_gist_tokens(tok, 1)
     model = load_model(ModelConfig(name="configs/models/tiny.yaml"), vocab_min=n)
     init = model.get_input_embeddings().weight.mean(0, keepdim=True)
-    plain, cached = (GistDistiller(model, gist_ids, init, cache_teacher=c) for c in (False, True))
+    plain, cached = (DistillLoss(model, gist_ids, init, cache_teacher=c) for c in (False, True))
     template = GistTemplate(tok, gist_ids, 64)
     recs = generate(3, "seen", seed=1)
     t = pad_batch([template.encode(r, with_gist=False) for r in recs], tok.pad_token_id)
@@ -120,17 +121,19 @@ def test_truncated_teacher_and_student_keep_the_same_answer_tokens():
     student; both must keep the same ones or the KL would compare different tokens."""
     from gist_dist.config import RunConfig
     from gist_dist.data import IGNORE, GistTemplate
-    from gist_dist.gist import add_gist_tokens
+    from gist_dist.methods import Tokens
+    from gist_dist.methods.distill import Distill
     from gist_dist.model import load_tokenizer
-    from gist_dist.train import encode
+    from gist_dist.tokens import add_gist_tokens
 
     tok = load_tokenizer(ModelConfig(name="smollm2"))
     gist_ids = add_gist_tokens(tok, 2)
     rec = {"instruction": "Explain this carefully. " * 8, "input": "x", "output": "word " * 60}
     for student in ("no_prompt", "gist_mask"):  # student head shorter, then longer, than the teacher's
-        cfg = RunConfig(mode="distill")
+        cfg = RunConfig(objective="distill")
         cfg.distill.student = student
-        (ex,) = encode(cfg, GistTemplate(tok, gist_ids, 48), [rec], None)
+        method = Distill(cfg, Tokens(tok, gist_ids, len(tok) - 2, tok.pad_token_id), torch.float32)
+        (ex,) = method.encode(GistTemplate(tok, gist_ids, 48), [rec], None, "train")
         answer = [[i for i, lab in zip(e["input_ids"], e["labels"]) if lab != IGNORE]
                   for e in (ex["teacher"], ex["student"])]
         assert answer[0] == answer[1] and 0 < len(answer[0]) < 60

@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from gist_dist.cache import generate_uncached
+from gist_dist.inference import generate_uncached
 from gist_dist.config import load_config
 from gist_dist.data import GistTemplate, load_records
 from gist_dist.evaluation import compare_runs, gap_recovered, load_run_model, rouge
-from gist_dist.gist import add_gist_tokens, init_gist_embeddings
+from gist_dist.tokens import add_gist_tokens, init_gist_embeddings
 from gist_dist.model import load_model, load_tokenizer
 
 from conftest import TINY, gist_dist, torchrun
@@ -80,7 +80,7 @@ def run_with_known_answers(tmp_path_factory):
     init_gist_embeddings(model, gist_ids, num_old, len(tok))
     model.save_pretrained(run / "final")
     tok.save_pretrained(run / "final")
-    (run / "final" / "gist_config.json").write_text(json.dumps(
+    (run / "final" / "gist_config.json").write_text(json.dumps(  # the name and keys runs before 2026-12-03 wrote
         {"mode": "gist", "num_gist": cfg.num_gist, "gist_tokens": tok.convert_ids_to_tokens(gist_ids)}))
     em = load_run_model(cfg)  # loaded back the way eval loads it
     template = GistTemplate(em.tok, em.gist_ids, cfg.data.max_length)
@@ -89,7 +89,7 @@ def run_with_known_answers(tmp_path_factory):
         records = load_records(f"generated:{split}", n=10, seed=7)
         pieces = [template.pieces(r) for r in records]
         answers = generate_uncached(em.model, [p + em.gist_ids for p, _, _ in pieces], [t for _, t, _ in pieces],
-                                    em.gist_ids, em.mode, MAX_NEW, em.tok.eos_token_id)
+                                    em.gist_ids, em.mask, MAX_NEW, em.tok.eos_token_id)
         references = [em.tok.decode(a, skip_special_tokens=True).strip() for a in answers]
         assert all(references) and len(set(references)) > 1
         path = run / f"{split}.jsonl"

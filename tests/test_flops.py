@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from conftest import gist_dist
-from gist_dist import flops, latency
-from gist_dist.gist import make_attention_mask
+from gist_dist.analysis import flops, latency
+from gist_dist.inference import forward_after, strategy_cache
+from gist_dist.masks import make_attention_mask
 
 LENGTHS = [(5, 3), (26, 11), (40, 1)]  # (instruction tokens, tail tokens)
 
@@ -38,9 +39,9 @@ def test_gist_prefix_gives_the_masked_full_sequence_logits():
     ids = torch.tensor([prompt + gist + tail])
     with torch.no_grad():
         full = net(input_ids=ids, attention_mask=make_attention_mask(ids, torch.ones_like(ids), gist, "gist")).logits
-    prefix = latency.build_prefix(net, prompt, gist, "gist")
-    assert prefix.length == len(gist) and prefix.next_position == len(prompt) + len(gist)
-    cached = latency.forward_new(net, tail, prefix, logits_to_keep=0).logits
+    prefix = strategy_cache(net, prompt, gist, "gist")
+    assert prefix.length == len(gist) and int(prefix.next_position[0]) == len(prompt) + len(gist)
+    cached = forward_after(net, tail, prefix, logits_to_keep=0).logits
     torch.testing.assert_close(cached[0], full[0, -len(tail):], rtol=1e-4, atol=1e-5)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from gist_dist.gist import allowed_attention, make_attention_mask, position_ids_from
+from gist_dist.masks import allowed_attention, make_attention_mask, position_ids_from
 
 GIST = [1000, 1001, 1002]
 

@@ -3,7 +3,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from gist_dist.config import ModelConfig
-from gist_dist.gist import add_gist_tokens, gist_token_strings, init_gist_embeddings
+from gist_dist.tokens import add_gist_tokens, gist_token_strings, init_gist_embeddings
 from gist_dist.model import load_tokenizer
 
 

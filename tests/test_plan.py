@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import gist_dist
-from gist_dist.flops import hf_config, shape_of
-from gist_dist.plan import Setup, comm_bytes_per_step, plan
+from gist_dist.analysis.flops import hf_config, shape_of
+from gist_dist.analysis.plan import Setup, comm_bytes_per_step, plan
 
 
 @functools.cache
@@ -97,7 +97,7 @@ def test_activation_term_matches_what_autograd_saves(attention, mask_4d, micro_b
     and weights are left out."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from gist_dist.plan import activations
+    from gist_dist.analysis.plan import activations
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=256, num_attention_heads=8, num_key_value_heads=4, intermediate_size=688,
                          num_hidden_layers=3, vocab_size=2000, attn_implementation=attention)

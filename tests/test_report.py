@@ -9,8 +9,8 @@ import matplotlib.image
 import pytest
 
 from conftest import TINY, gist_dist
-from gist_dist.flops import forward_flops, shape_of
-from gist_dist.summary import read_metrics
+from gist_dist.analysis.flops import forward_flops, shape_of
+from gist_dist.analysis.summary import read_metrics
 
 PEAK = 50.0  # GFLOP/s handed to the report, so MFU can be recomputed here exactly
 

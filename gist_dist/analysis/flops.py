@@ -36,10 +36,11 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import ConfigError
-from .model import ROOT, is_shape_file, llama_config_from_shape, resolve_model_path
+from ..atomic import write_text
+from ..config import ConfigError
+from ..inference import STRATEGIES
+from ..model import ROOT, is_shape_file, llama_config_from_shape, resolve_model_path
 
-STRATEGIES = ("none", "instruction", "gist")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -101,7 +102,7 @@ def hf_config(name: str):
 def shape_of(name: str, config=None) -> Shape:
     if config is None and is_shape(name):  # plain YAML: no transformers import, answers in a second
         from types import SimpleNamespace
-        from .model import load_shape
+        from ..model import load_shape
         config = SimpleNamespace(**load_shape(model_shape_path(name)))
     c = config if config is not None else hf_config(name)
     text = getattr(c, "get_text_config", lambda: c)()
@@ -158,7 +159,7 @@ def dataset_flops(shape: Shape, lengths: list[tuple[int, int]], num_gist: int, d
 
 def prompt_lengths(records: list[dict], tokenizer) -> list[tuple[int, int]]:
     """(instruction tokens, tail tokens) per record, in the training template (data.GistTemplate)."""
-    from .data import GistTemplate
+    from ..data import GistTemplate
     template = GistTemplate(tokenizer, [], max_length=1 << 30)
     return [(len(p), len(t)) for p, t, _ in map(template.pieces, records)]
 
@@ -182,10 +183,7 @@ def format_table(result: dict) -> str:
 
 
 def write_json(result: dict, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.rename(path)
+    write_text(path, json.dumps(result, indent=2))
 
 
 def measured_flops(model, prompt: list[int], tail: list[int], gist_ids: list[int], strategy: str) -> int:
@@ -195,11 +193,11 @@ def measured_flops(model, prompt: list[int], tail: list[int], gist_ids: list[int
     CPU sdpa dispatches to a fused kernel torch's counter has no formula for.
     """
     from torch.utils.flop_counter import FlopCounterMode
-    from .latency import build_prefix, first_token_input, forward_new
+    from ..inference import first_token_input, forward_after, strategy_cache
 
-    prefix = build_prefix(model, prompt, gist_ids, strategy)
+    prefix = strategy_cache(model, prompt, gist_ids, strategy)
     with FlopCounterMode(display=False) as counter:
-        forward_new(model, first_token_input(prompt, tail, strategy), prefix)
+        forward_after(model, first_token_input(prompt, tail, strategy), prefix)
     return counter.get_total_flops()
 
 
@@ -267,7 +265,7 @@ def is_shape(model: str) -> bool:
 
 
 def load_records_for(data: str, n: int) -> list[dict]:
-    from .data import load_records
+    from ..data import load_records
     return load_records(data, n=n)
 
 

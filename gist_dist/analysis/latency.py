@@ -14,70 +14,10 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
 
 import torch
 
-from .flops import STRATEGIES
-
-
-@dataclass
-class Prefix:
-    kv: list  # [(keys, values)] per layer, [B, kv_heads, cached, head_dim]; empty for "none"
-    next_position: int
-
-    @property
-    def length(self) -> int:
-        return self.kv[0][0].shape[2] if self.kv else 0
-
-    def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self.kv)
-
-    def fresh_cache(self):
-        """A new DynamicCache over the stored tensors (forward appends by concatenation, never in place)."""
-        from transformers import DynamicCache
-        return DynamicCache(ddp_cache_data=self.kv) if self.kv else DynamicCache()
-
-
-def attention_mask_4d(new: int, past: int, dtype, device="cpu") -> torch.Tensor:
-    """[1, 1, new, past+new] float mask: every cached key visible, causal among the new tokens."""
-    allowed = torch.ones(new, past + new, dtype=torch.bool, device=device).tril(diagonal=past)
-    mask = torch.zeros(1, 1, new, past + new, dtype=dtype, device=device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-
-
-def _dtype(model):
-    return next(model.parameters()).dtype
-
-
-@torch.no_grad()
-def forward_new(model, ids: list[int], prefix: Prefix, cache=None, logits_to_keep: int = 1):
-    """Forward `ids` after `prefix` (explicit 4D mask: FlopCounterMode on meta weights needs one too)."""
-    past = prefix.length if cache is None else cache.get_seq_length()
-    cache = prefix.fresh_cache() if cache is None else cache
-    start = prefix.next_position + past - prefix.length
-    device = next(model.parameters()).device  # "meta" for weightless FLOP counts
-    return model(input_ids=torch.tensor([ids], device=device),
-                 attention_mask=attention_mask_4d(len(ids), past, _dtype(model), device),
-                 position_ids=torch.arange(start, start + len(ids), device=device)[None],
-                 past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep)
-
-
-@torch.no_grad()
-def build_prefix(model, prompt: list[int], gist_ids: list[int], strategy: str) -> Prefix:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown caching strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
-    if strategy == "none":
-        return Prefix([], 0)
-    ids = prompt + (list(gist_ids) if strategy == "gist" else [])
-    out = forward_new(model, ids, Prefix([], 0), logits_to_keep=1)
-    keep = len(gist_ids) if strategy == "gist" else len(ids)
-    kv = [(layer.keys[:, :, -keep:].clone(), layer.values[:, :, -keep:].clone()) for layer in out.past_key_values.layers]
-    return Prefix(kv, len(ids))
-
-
-def first_token_input(prompt: list[int], tail: list[int], strategy: str) -> list[int]:
-    return prompt + tail if strategy == "none" else tail
+from ..inference import STRATEGIES, first_token_input, forward_after, strategy_cache
 
 
 def _timed(fn) -> float:
@@ -95,19 +35,19 @@ def _stats(seconds: list[float]) -> dict:
 @torch.no_grad()
 def measure_strategy(model, prompt, tail, gist_ids, strategy, repeats=10, warmup=2, decode_tokens=8) -> dict:
     """TTFT (the first-token forward given the strategy's prefix) and greedy per-token decode time."""
-    prefix = build_prefix(model, prompt, gist_ids, strategy)
+    prefix = strategy_cache(model, prompt, gist_ids, strategy)
     first = first_token_input(prompt, tail, strategy)
-    ttft = [_timed(lambda: forward_new(model, first, prefix)) for _ in range(warmup + repeats)][warmup:]
-    out = forward_new(model, first, prefix)
+    ttft = [_timed(lambda: forward_after(model, first, prefix)) for _ in range(warmup + repeats)][warmup:]
+    out = forward_after(model, first, prefix)
     cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
     decode = []
     for _ in range(warmup + decode_tokens):
         t0 = time.perf_counter()
-        out = forward_new(model, [token], prefix, cache=cache)
+        out = forward_after(model, [token], prefix, cache=cache)
         decode.append(time.perf_counter() - t0)
         token = int(out.logits[0, -1].argmax())
     return {"ttft": _stats(ttft), "decode_per_token": _stats(decode[warmup:]),
-            "first_forward_tokens": len(first), "cached_tokens": prefix.length, "kv_bytes": prefix.nbytes()}
+            "first_forward_tokens": len(first), "cached_tokens": prefix.length, "kv_bytes": prefix.nbytes()[0]}
 
 
 def measure_strategies(model, examples: list[tuple[list[int], list[int]]], gist_ids, repeats=10, warmup=2,
@@ -125,7 +65,7 @@ def measure_strategies(model, examples: list[tuple[list[int], list[int]]], gist_
             "examples": runs,
         }
     result["settings"] = {"repeats": repeats, "warmup": warmup, "decode_tokens": decode_tokens,
-                          "threads": torch.get_num_threads(), "dtype": str(_dtype(model)).replace("torch.", "")}
+                          "threads": torch.get_num_threads(), "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
     return result
 
 
@@ -135,9 +75,9 @@ def latency_for(model: str, num_gist: int, *, data: str = "", n: int = 4, prompt
     on the first `n` records of `data`, or on one synthetic prompt of the given lengths."""
     from transformers import AutoModelForCausalLM
 
-    from .config import ConfigError
+    from ..config import ConfigError
     from .flops import model_shape_path, shape_of, tokenizer_for
-    from .model import is_shape_file, llama_config_from_shape, local_device, resolve_dtype
+    from ..model import is_shape_file, llama_config_from_shape, local_device, resolve_dtype
 
     shape = shape_of(model)
     if shape.params() > 2e9:
@@ -155,7 +95,7 @@ def latency_for(model: str, num_gist: int, *, data: str = "", n: int = 4, prompt
     if tok.unk_token_id in gist or None in gist:  # a base model: stand-in ids cost the same
         gist = list(range(shape.vocab - num_gist, shape.vocab))
     if data:
-        from .data import GistTemplate, load_records
+        from ..data import GistTemplate, load_records
         template = GistTemplate(tok, gist, max_length=1 << 30)
         examples = [template.pieces(r)[:2] for r in load_records(data, n=n)]
     else:

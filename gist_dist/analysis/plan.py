@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from .config import ConfigError
+from ..config import ConfigError
 from .flops import DTYPE_BYTES, Shape, shape_of
 
 GiB = 2**30

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from ..atomic import write_text
 from .summary import read_metrics
 
 
@@ -99,9 +100,9 @@ def analytic_flops(cfg: dict, run_dir: Path) -> dict | None:
     if saved:
         return saved
     try:
-        from .data import load_records
+        from ..data import load_records
         from .flops import dataset_flops, prompt_lengths, shape_of, tokenizer_for
-        from .model import resolve_dtype
+        from ..model import resolve_dtype
         m, d = cfg.get("model") or {}, cfg.get("data") or {}
         tok, tok_name = tokenizer_for(m.get("name", "smollm2"), m.get("tokenizer", ""))
         records = load_records(d.get("eval", "generated"), n=d.get("num_eval", 0), role="eval", seed=d.get("seed", 0) + 1)
@@ -209,7 +210,5 @@ def write_report(run_dirs: list[str], out_dir: str | None = None, peak_gflops: f
         written = write_plots(report, out)
     report["plots"] = [str(p) for p in written]
     for name, text in (("report.json", json.dumps(report, indent=2)), ("report.md", format_markdown(report, written))):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.rename(out / name)
+        write_text(out / name, text)
     return out

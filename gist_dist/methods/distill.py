@@ -1,33 +1,34 @@
-"""Distill mode: frozen backbone, only k gist embeddings train, by KL to the full-prompt teacher.
+"""objective=distill: the backbone is frozen and only k gist embeddings train, by KL to the teacher
+(the same frozen model seeing the full prompt) on the response tokens.
 
-The trainable part is one [k, hidden] parameter spliced in at the gist positions (PEFT prompt
-tuning style); the backbone's vocabulary is never resized, so every backbone weight stays
-bit-for-bit what it was.
+The trainable part is one [k, hidden] parameter spliced in at the gist positions (tokens.GistEmbedding);
+the backbone's vocabulary is never resized, so every backbone weight stays bit-for-bit what it was
+(checked with digests of the gathered weights when train.verify_frozen is on). The student sees the
+prompt + gist under the gist mask (distill.student=gist_mask) or only the gist (no_prompt, compress).
 """
 from __future__ import annotations
 
-import contextlib
+import hashlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import IGNORE
+from .. import artifact, dist, zero
+from ..batches import ShardedBatches
+from ..data import IGNORE
+from ..masks import model_inputs
+from ..tokens import GistEmbedding, mean_embedding
+from .base import Method, to_device
+from .finetune import label_targets, labelled_rows, lm_head_rows
 
 
-def response_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Positions whose logits predict a response token (labels shifted by one)."""
-    pos = torch.zeros_like(labels, dtype=torch.bool)
-    pos[:, :-1] = labels[:, 1:] != IGNORE
-    return pos
-
-
-def kl_on_responses(teacher_rows, student_logits, student_labels, temperature: float):
-    """Mean over response tokens of KL(teacher || student) at temperature T, scaled by T^2.
-    teacher_rows: the teacher's logits at its response positions, in batch order."""
+def kl_on_responses(teacher_rows, student_rows, temperature: float):
+    """Mean over response tokens of KL(teacher || student) at temperature T, scaled by T^2 (rows in batch order)."""
+    assert teacher_rows.shape == student_rows.shape, \
+        f"teacher/student response tokens differ: {teacher_rows.shape} vs {student_rows.shape}"
     t = teacher_rows.float() / temperature
-    s = student_logits[response_positions(student_labels)].float() / temperature
-    assert t.shape == s.shape, f"teacher/student response tokens differ: {t.shape} vs {s.shape}"
+    s = student_rows.float() / temperature
     kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
     return kl.mean() * temperature ** 2
 
@@ -42,7 +43,6 @@ class TeacherCache:
         self.hits = self.misses = 0  # batches served from the cache / by a teacher forward
 
     def lookup(self, keys) -> torch.Tensor | None:
-        from . import dist
         hit = keys is not None and all(k in self.rows for k in keys)
         if dist.all_reduce([float(hit)], op="min")[0] < 1:
             self.misses += 1
@@ -50,14 +50,13 @@ class TeacherCache:
         self.hits += 1
         return torch.cat([self.rows[k] for k in keys])
 
-    def store(self, keys, t_logits, labels_t):
-        pos = response_positions(labels_t)
-        for row, key in enumerate(keys):
-            self.rows[key] = t_logits[row][pos[row]].detach().to("cpu", torch.bfloat16)
+    def store(self, keys, rows: torch.Tensor, counts: list[int]):
+        for key, part in zip(keys, rows.split(counts)):
+            self.rows[key] = part.detach().to("cpu", torch.bfloat16)
 
 
-class GistDistiller(nn.Module):
-    """Wraps a frozen causal LM; forward(teacher, student) returns the distillation loss."""
+class DistillLoss(nn.Module):
+    """Wraps a frozen causal LM; forward(teacher, student, labels_t, labels_s) returns the distillation loss."""
 
     def __init__(self, model, gist_ids: list[int], init: torch.Tensor, temperature=1.0, lm_weight=0.0,
                  cache_teacher=False):
@@ -65,58 +64,123 @@ class GistDistiller(nn.Module):
         self.model = model
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.gist = nn.Parameter(init.clone())  # [k, hidden], the only trainable weights
-        self.register_buffer("gist_ids", torch.tensor(gist_ids, device=init.device), persistent=False)
-        self.temperature = temperature
-        self.lm_weight = lm_weight
+        self.gist_rows = GistEmbedding(gist_ids, init)  # the only trainable weights
+        self.temperature, self.lm_weight = temperature, lm_weight
         self.teacher_cache = TeacherCache() if cache_teacher else None
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with the gist rows taken from the trainable parameter."""
-        is_gist = torch.isin(input_ids, self.gist_ids)
-        safe = torch.where(is_gist, torch.zeros_like(input_ids), input_ids)
-        emb = self.model.get_input_embeddings()(safe)
-        index = (input_ids - self.gist_ids[0]).clamp(0, len(self.gist_ids) - 1)
-        return torch.where(is_gist[..., None], self.gist[index].to(emb.dtype), emb)
-
-    def student_logits(self, input_ids, attention_mask, position_ids, **_):
-        return self.model(inputs_embeds=self.embed(input_ids), attention_mask=attention_mask,
-                          position_ids=position_ids).logits
+    def response_logits(self, labels, input_ids=None, inputs_embeds=None, **masks) -> torch.Tensor:
+        """Logits only at the positions that predict a response token, [tokens, vocab]."""
+        hidden = self.model.get_decoder()(input_ids=input_ids, inputs_embeds=inputs_embeds, use_cache=False,
+                                          **masks).last_hidden_state
+        return lm_head_rows(self.model, labelled_rows(hidden, labels)[0])
 
     def teacher_rows(self, teacher: dict, labels_t: torch.Tensor, keys=None) -> torch.Tensor:
         cached = self.teacher_cache.lookup(keys) if self.teacher_cache is not None else None
         if cached is not None:
             return cached.to(labels_t.device)
         with torch.no_grad():
-            t_logits = self.model(**teacher).logits
+            rows = self.response_logits(labels_t, **teacher)
         if self.teacher_cache is not None and keys is not None:
-            self.teacher_cache.store(keys, t_logits, labels_t)
-        return t_logits[response_positions(labels_t)]
+            self.teacher_cache.store(keys, rows, (labels_t[:, 1:] != IGNORE).sum(-1).tolist())
+        return rows
 
     def forward(self, teacher: dict, student: dict, labels_t: torch.Tensor, labels_s: torch.Tensor, keys=None):
         t_rows = self.teacher_rows(teacher, labels_t, keys)
-        s_logits = self.student_logits(**student)
-        loss = kl_on_responses(t_rows, s_logits, labels_s, self.temperature)
+        masks = {k: v for k, v in student.items() if k != "input_ids"}
+        embeds = self.gist_rows(student["input_ids"], self.model.get_input_embeddings())
+        s_rows = self.response_logits(labels_s, inputs_embeds=embeds, **masks)
+        loss = kl_on_responses(t_rows, s_rows, self.temperature)
         if self.lm_weight:
-            shift = s_logits[:, :-1].flatten(0, 1).float()
-            lm = F.cross_entropy(shift, labels_s[:, 1:].flatten(), ignore_index=IGNORE)
+            lm = F.cross_entropy(s_rows.float(), label_targets(labels_s))
             loss = (1 - self.lm_weight) * loss + self.lm_weight * lm
         return loss
 
 
-def mean_embedding(model, gather=contextlib.nullcontext) -> torch.Tensor:
-    w = model.get_input_embeddings().weight
-    with gather([w]):
-        return w.detach().float().mean(0).to(w.dtype).clone()
+def _keep_answer_tokens(example: dict, keep: int) -> dict:
+    extra = sum(lab != IGNORE for lab in example["labels"]) - keep
+    if extra <= 0:
+        return example
+    return {**example, "input_ids": example["input_ids"][:-extra], "labels": example["labels"][:-extra]}
 
 
-def parameter_digest(named_params, gather=contextlib.nullcontext) -> str:
+def parameter_digest(named_params) -> str:
     """sha256 over every (gathered) parameter's name and bytes: proves frozen weights unchanged."""
-    import hashlib
-
     h = hashlib.sha256()
     for name, p in sorted(named_params, key=lambda item: item[0]):
-        with gather([p]):
+        with zero.gather([p]):
             h.update(name.encode())
             h.update(p.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+class Distill(Method):
+    name = "distill"
+    trains_backbone = False  # the frozen backbone is rebuilt from the base model on resume
+
+    def encode(self, template, records, stats, split):
+        out = []
+        for rec in records:
+            teacher = template.encode(rec, stats, with_gist=False)
+            student = template.encode(rec, stats, with_prompt=self.cfg.distill.student == "gist_mask")
+            if teacher is not None and student is not None:
+                # Truncation can leave the two with different answer lengths (the teacher's head holds
+                # the prompt, a gist_mask student's holds prompt + gist): the KL compares the same
+                # answer tokens, so both keep the shorter answer.
+                keep = min(sum(lab != IGNORE for lab in e["labels"]) for e in (teacher, student))
+                teacher, student = (_keep_answer_tokens(e, keep) for e in (teacher, student))
+                out.append({"teacher": teacher, "student": student, "key": f"{split}:{len(out)}"})
+        return out
+
+    def batches(self, examples, batch_size, rank, world, seed):
+        # With the teacher cache, each example stays on one rank (shuffled within it), so after one
+        # epoch every rank finds all its teacher rows in its own cache.
+        return ShardedBatches(examples, batch_size, rank, world, seed, pinned=self.cfg.distill.cache_teacher)
+
+    def collate(self, examples, device):
+        pad, gist = self.tokens.pad_id, self.tokens.gist_ids
+        t = to_device([e["teacher"] for e in examples], pad, device)
+        s = to_device([e["student"] for e in examples], pad, device)
+        return {"teacher": model_inputs(t, gist, "pos_control", self.dtype),
+                "student": model_inputs(s, gist, "gist", self.dtype),
+                "labels_t": t["labels"], "labels_s": s["labels"],
+                "keys": [e["key"] for e in examples] if self.cfg.distill.cache_teacher else None}, \
+            sum(len(e["student"]["input_ids"]) for e in examples)
+
+    def wrap(self, model):
+        d = self.cfg.distill
+        init = mean_embedding(model, zero.gather).expand(self.cfg.num_gist, -1)
+        module = DistillLoss(model, self.tokens.gist_ids, init, d.temperature, d.lm_weight, d.cache_teacher)
+        return module, [module.gist_rows.gist]
+
+    def start(self, module):
+        embedding = module.model.get_input_embeddings().weight
+        with zero.gather([embedding]):
+            meta = {"base_fingerprint": artifact.model_fingerprint(module.model.config, embedding)}
+        if self.cfg.train.verify_frozen:  # costs one gather of every weight; proves the backbone never moved
+            meta["frozen_digest_before"] = parameter_digest(module.model.named_parameters())
+        return meta
+
+    def finish(self, module, meta):
+        out = {}
+        if self.cfg.train.verify_frozen:
+            out["frozen_digest_after"] = parameter_digest(module.model.named_parameters())
+            if out["frozen_digest_after"] != meta["frozen_digest_before"]:
+                raise RuntimeError("distill: a frozen backbone weight changed during training")
+            out["frozen_digest_before"] = meta["frozen_digest_before"]
+        cache = module.teacher_cache
+        out["teacher_cache"] = cache and {"hits": cache.hits, "misses": cache.misses}
+        return out
+
+    def export(self, engine, module, out, meta, last_loss):
+        """OUTPUT_DIR/gist.safetensors + gist_config.json: the artifact `gist-dist generate` loads."""
+        param = module.gist_rows.gist
+        with zero.gather([param]):
+            gist = param.detach().clone()
+        if dist.is_main():
+            cfg, tok = self.cfg, self.tokens.tokenizer
+            artifact.save(out, gist, {
+                "base_fingerprint": meta["base_fingerprint"], "base_model": cfg.model.name,
+                "num_gist": cfg.num_gist, "gist_tokens": tok.convert_ids_to_tokens(self.tokens.gist_ids),
+                "hidden_size": gist.shape[1], "tokenizer": cfg.model.tokenizer or cfg.model.name,
+                "mode": "distill", "final_loss": last_loss, "temperature": cfg.distill.temperature,
+                "student": cfg.distill.student})
