@@ -351,6 +351,15 @@ def load_records(source: str, *, split: str = "seen", n: int = 0, seed: int = 0,
     return records
 
 
+def sequence_start(tokenizer) -> list[int]:
+    """[BOS] when the tokenizer itself puts one first (the model was trained with it: LLaMA-1/2/3,
+    Mistral), else []. SmolLM2 defines bos `<|im_start|>` but never adds it (add_bos_token False)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    return [bos] if tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos] else []
+
+
 class GistTemplate:
     """Tokenizes records into the gist template. One instance per (tokenizer, gist ids)."""
 
@@ -360,20 +369,23 @@ class GistTemplate:
         self.max_length = max_length
         self.overlong = overlong
         self.eos = tokenizer.eos_token_id
+        self.bos = sequence_start(tokenizer)
 
     def text_ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     def pieces(self, rec: dict):
-        prompt = self.text_ids(f"Instruction: {rec['instruction']}\n")
+        """(BOS + instruction, the tail up to "Output:", the answer + EOS) as token ids."""
+        prompt = self.bos + self.text_ids(f"Instruction: {rec['instruction']}\n")
         tail = f"\nInput: {rec['input']}\nOutput:" if rec.get("input") else "\nOutput:"
         return prompt, self.text_ids(tail), self.text_ids(" " + rec["output"]) + [self.eos]
 
     def encode(self, rec: dict, stats: DataStats | None = None, *, with_gist: bool = True,
                with_prompt: bool = True, with_output: bool = True) -> dict | None:
-        """One example. Returns None if it must be dropped (overlong and overlong=drop)."""
+        """One example. Returns None if it must be dropped (overlong and overlong=drop). Without the
+        prompt the sequence still starts with the BOS, when the model takes one."""
         prompt, tail, output = self.pieces(rec)
-        head = (prompt if with_prompt else []) + (self.gist_ids if with_gist else []) + tail
+        head = (prompt if with_prompt else self.bos) + (self.gist_ids if with_gist else []) + tail
         output = output if with_output else []
         if len(head) + len(output) > self.max_length:
             if self.overlong == "drop" or len(head) >= self.max_length:

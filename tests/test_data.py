@@ -97,3 +97,22 @@ def test_pad_batch_left_and_right():
     assert r["labels"].tolist() == [[IGNORE, 2, 3], [4, IGNORE, IGNORE]]
     left = pad_batch(ex, pad_id=0, left=True)
     assert left["input_ids"].tolist() == [[1, 2, 3], [0, 0, 4]]
+
+
+def test_bos_comes_first_only_when_the_tokenizer_adds_one():
+    """The rule: BOS first iff the tokenizer itself puts it there (LLaMA-style); SmolLM2 adds none."""
+    from tokenizers.processors import TemplateProcessing
+
+    from gist_dist.data import sequence_start
+    tok = load_tokenizer(ModelConfig(name="smollm2"))
+    gist = add_gist_tokens(tok, 1)
+    rec = {"instruction": "Say hi.", "input": "", "output": "hi"}
+    assert sequence_start(tok) == [] and GistTemplate(tok, gist, 64).encode(rec)["input_ids"][0] != tok.bos_token_id
+    # the same tokenizer told to add its BOS, as LLaMA's tokenizers do
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    assert tok("a")["input_ids"][0] == tok.bos_token_id and sequence_start(tok) == [tok.bos_token_id]
+    template = GistTemplate(tok, gist, 64)
+    for kw in ({}, {"with_prompt": False}, {"with_gist": False}):
+        ids = template.encode(rec, **kw)["input_ids"]
+        assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1, kw
