@@ -33,6 +33,10 @@ class ModelConfig:
     tokenizer: str = ""  # defaults to the model's; shape files need one (e.g. "smollm2")
     dtype: str = "auto"  # auto: fp32 on CPU, bf16 on GPU
     attn_implementation: str = "sdpa"
+    # How the gist mask reaches attention in training: dense (a 4D float mask: CPU, sdpa/eager),
+    # flex (FlexAttention BlockMask: skips fully masked blocks; CUDA only, no CPU backward), auto:
+    # flex on CUDA, dense elsewhere.
+    attention: str = "auto"
     seed: int = 0  # init seed for shape models
 
 
@@ -48,6 +52,7 @@ class DataConfig:
     num_eval: int = 0
     max_length: int = 256
     overlong: str = "truncate"  # truncate | drop
+    packing: bool = False  # several examples per row of up to max_length tokens (gist_dist/packing.py)
     bad_records: str = "error"  # error | skip (counted)
     seed: int = 0
 
@@ -149,6 +154,7 @@ class RunConfig:
             (self.train.eval_every >= 0, "train.eval_every must be >= 0 (0: only at the end)"),
             (self.data.max_length >= 8, "data.max_length must be >= 8"),
             (self.data.overlong in ("truncate", "drop"), "data.overlong must be truncate or drop"),
+            (self.model.attention in ("auto", "dense", "flex"), "model.attention must be auto, dense or flex"),
             (self.data.bad_records in ("error", "skip"), "data.bad_records must be error or skip"),
             (self.zero.stage in (0, 1, 2, 3), f"zero.stage must be 0-3, got {self.zero.stage}"),
             (self.zero.offload_param in ("none", "cpu", "nvme"), "zero.offload_param must be none, cpu or nvme"),

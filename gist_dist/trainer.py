@@ -16,6 +16,7 @@ From Python (benchmarks and tests drive the step directly):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import resource
 import time
@@ -27,7 +28,7 @@ import yaml
 from . import dist, preempt, zero
 from .batches import ShardedBatches
 from .checkpoint import Checkpointer
-from .config import RunConfig, to_dict
+from .config import ConfigError, RunConfig, to_dict
 from .data import DataError, DataStats, GistTemplate, load_records
 from .methods import METHODS, Tokens
 from .metrics_log import MetricsLog, Progress, check_backends
@@ -39,6 +40,16 @@ def peak_memory_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def attention_backend(choice: str) -> str:
+    """auto: FlexAttention's BlockMask on CUDA, the dense 4D mask elsewhere (flex has no CPU backward)."""
+    if choice == "auto":
+        return "flex" if torch.cuda.is_available() else "dense"
+    if choice == "flex" and not torch.cuda.is_available():
+        raise ConfigError("model.attention=flex trains only on CUDA (FlexAttention has no CPU backward here); "
+                          "use dense or auto")
+    return choice
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float):
@@ -63,7 +74,8 @@ class Trainer:
         num_old = len(tok)
         self.tokens = Tokens(tok, add_gist_tokens(tok, cfg.num_gist), num_old, tok.pad_token_id)
         self.dtype = resolve_dtype(cfg.model.dtype)
-        self.method = METHODS[cfg.objective](cfg, self.tokens, self.dtype)
+        self.attention = attention_backend(cfg.model.attention)
+        self.method = METHODS[cfg.objective](cfg, self.tokens, self.dtype, self.attention)
         ds_config = zero.deepspeed_config(cfg, zero.hidden_size_of(cfg), self.dtype)
 
         self._load_data()  # bad input fails before the model is built or anything is written
@@ -72,8 +84,10 @@ class Trainer:
             (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
         t_build = time.time()
+        model_cfg = cfg.model if self.attention == "dense" else \
+            dataclasses.replace(cfg.model, attn_implementation="flex_attention")
         with zero.build_context(ds_config):  # resizing the vocabulary (wrap) needs it alive too
-            model = load_model(cfg.model, vocab_min=num_old)
+            model = load_model(model_cfg, vocab_min=num_old)
             self.module, trainable = self.method.wrap(model)
         if cfg.train.activation_checkpointing:
             model.config.use_cache = False  # a KV cache under recompute is wasted memory
@@ -107,6 +121,12 @@ class Trainer:
         eval_examples = self.method.encode(template, evals, None, "eval")
         if not self.train_examples:
             raise DataError(f"{cfg.data.train}: every record was dropped (max_length={cfg.data.max_length})")
+        if cfg.data.packing:  # rows of several examples; eval batches too (the loss is per token either way)
+            n = len(self.train_examples)
+            self.train_examples = self.method.pack(self.train_examples, cfg.data.max_length)
+            eval_examples = self.method.pack(eval_examples, cfg.data.max_length)
+            dist.log(f"gist-dist: packed {n} examples into {len(self.train_examples)} rows of <= "
+                     f"{cfg.data.max_length} tokens")
         try:
             self.train_batches = self.method.batches(self.train_examples, cfg.train.micro_batch_size, rank, world,
                                                      cfg.train.seed)
@@ -133,34 +153,44 @@ class Trainer:
                 "optimizer_state_bytes": 2 * 4 * self.n_trainable})
 
     def evaluate(self) -> float:
-        """Mean loss over train.eval_batches held-out batches, averaged over ranks."""
+        """Loss per target token over train.eval_batches held-out batches of every rank."""
         self.engine.eval()
         self.eval_batches.rewind()
-        total = count = 0.0
+        total = targets = 0.0
         with torch.no_grad():
             for _ in range(min(self.cfg.train.eval_batches, self.eval_batches.per_epoch)):
-                batch, _ = self.method.collate(next(self.eval_batches), self.engine.device)
+                examples = next(self.eval_batches)
+                batch, _ = self.method.collate(examples, self.engine.device)
                 total += float(self.engine(**batch))
-                count += 1
+                targets += self.method.targets(examples)
         self.engine.train()
-        total, count = dist.all_reduce([total, count])
-        return total / max(count, 1)
+        total, targets = dist.all_reduce([total, targets])
+        return total / max(targets, 1)
 
     def train_step(self) -> dict:
-        """One optimizer step over train.grad_accum micro-batches; the metrics record of the step."""
+        """One optimizer step over train.grad_accum micro-batches; the metrics record of the step.
+
+        Loss rule: the mean over the target tokens of the whole global batch (every micro-batch of
+        every rank), whatever their grouping: each micro-batch's summed loss is scaled by
+        world * grad_accum / (global target tokens), which DeepSpeed's 1/grad_accum and its
+        average over ranks turn back into exactly 1 / (global target tokens)."""
         t0 = time.time()
+        accum, world = self.cfg.train.grad_accum, self.env.world_size
+        micro = [next(self.train_batches) for _ in range(accum)]  # host lists only: counted before any forward
+        targets = dist.all_reduce([float(sum(self.method.targets(m) for m in micro))])[0]
+        scale = world * accum / max(targets, 1.0)
         loss_sum, tokens = 0.0, 0
-        for _ in range(self.cfg.train.grad_accum):
-            batch, n_tok = self.method.collate(next(self.train_batches), self.engine.device)
-            loss = self.engine(**batch)
-            self.engine.backward(loss)
+        for examples in micro:
+            batch, n_tok = self.method.collate(examples, self.engine.device)
+            summed = self.engine(**batch)
+            self.engine.backward(summed * scale)
             self.engine.step()
-            loss_sum += float(loss.detach())
+            loss_sum += float(summed.detach())
             tokens += n_tok
         self.step += 1
         step_time = time.time() - t0
-        world = self.env.world_size
-        loss_mean, total_tokens = dist.all_reduce([loss_sum / self.cfg.train.grad_accum / world, tokens])
+        loss_sum, total_tokens = dist.all_reduce([loss_sum, tokens])
+        loss_mean = loss_sum / max(targets, 1.0)
         per_rank = dist.all_gather_object((tokens / step_time, peak_memory_gb()))  # one collective per step
         rank_tps, rank_mem = [r[0] for r in per_rank], [r[1] for r in per_rank]
         return {"step": self.step, "loss": loss_mean, "lr": self.scheduler.get_last_lr()[0], "step_time_s": step_time,

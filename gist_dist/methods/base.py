@@ -12,7 +12,8 @@ import torch
 
 from ..batches import ShardedBatches
 from ..config import RunConfig
-from ..data import pad_batch
+from ..data import IGNORE, pad_batch
+from ..packing import join, pack
 
 
 @dataclass
@@ -24,25 +25,53 @@ class Tokens:
     pad_id: int
 
 
+def segment_ids(examples: list[dict], width: int) -> torch.Tensor:
+    """[B, width]: each token's example within its row (0, 1, ... for packed rows), -1 on padding."""
+    rows = []
+    for e in examples:
+        lengths = e.get("lengths") or [len(e["input_ids"])]
+        row = [s for s, n in enumerate(lengths) for _ in range(n)]
+        rows.append(row + [-1] * (width - len(row)))
+    return torch.tensor(rows)
+
+
+def label_tokens(example: dict) -> int:
+    """Tokens whose prediction is scored: labelled positions after the first (t predicts t + 1)."""
+    return sum(label != IGNORE for label in example["labels"][1:])
+
+
 def to_device(examples: list[dict], pad_id: int, device: torch.device) -> dict:
-    """Padded ids/labels, moved to the engine's device (pinned and non-blocking on GPUs), so the 4D
-    mask is then built there, never copied over."""
+    """Padded ids/labels and segment ids, moved to the engine's device (pinned and non-blocking on
+    GPUs), so the mask is then built there, never copied over."""
     batch = pad_batch(examples, pad_id)
+    batch["segments"] = segment_ids(examples, batch["input_ids"].shape[1])
     if device.type == "cuda":
         return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
     return {k: v.to(device) for k, v in batch.items()}
 
 
 class Method:
+    """The module from `wrap` returns the loss SUMMED over the batch's target tokens; the Trainer
+    divides by the target tokens of the whole global batch (all micro-batches, all ranks), so the
+    loss and its gradient do not depend on how examples were grouped into micro-batches or rows."""
     name = ""
     trains_backbone = True  # False: checkpoints leave the (frozen) backbone's shards out
 
-    def __init__(self, cfg: RunConfig, tokens: Tokens, dtype: torch.dtype):
+    def __init__(self, cfg: RunConfig, tokens: Tokens, dtype: torch.dtype, attention: str = "dense"):
         self.cfg, self.tokens, self.dtype = cfg, tokens, dtype
+        self.attention = attention  # dense (4D float mask) | flex (BlockMask)
 
     def encode(self, template, records, stats, split: str) -> list:
         """Records -> examples (`stats` counts truncation/drops; None for eval)."""
         raise NotImplementedError
+
+    def pack(self, examples, capacity: int) -> list:
+        """Rows of several examples, each row at most `capacity` tokens (data.packing)."""
+        return pack(examples, capacity, lambda e: len(e["input_ids"]), join)
+
+    def targets(self, examples: list) -> int:
+        """Target tokens in these examples (what the loss is summed over)."""
+        return sum(label_tokens(e) for e in examples)
 
     def batches(self, examples: list, batch_size: int, rank: int, world: int, seed: int) -> ShardedBatches:
         return ShardedBatches(examples, batch_size, rank, world, seed)

@@ -19,18 +19,19 @@ from ..batches import ShardedBatches
 from ..data import IGNORE
 from ..masks import model_inputs
 from ..tokens import GistEmbedding, mean_embedding
-from .base import Method, to_device
+from ..packing import join, pack
+from .base import Method, label_tokens, to_device
 from .finetune import label_targets, labelled_rows, lm_head_rows
 
 
 def kl_on_responses(teacher_rows, student_rows, temperature: float):
-    """Mean over response tokens of KL(teacher || student) at temperature T, scaled by T^2 (rows in batch order)."""
+    """Sum over response tokens of KL(teacher || student) at temperature T, scaled by T^2 (rows in batch order)."""
     assert teacher_rows.shape == student_rows.shape, \
         f"teacher/student response tokens differ: {teacher_rows.shape} vs {student_rows.shape}"
     t = teacher_rows.float() / temperature
     s = student_rows.float() / temperature
     kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
-    return kl.mean() * temperature ** 2
+    return kl.sum() * temperature ** 2
 
 
 class TeacherCache:
@@ -56,7 +57,8 @@ class TeacherCache:
 
 
 class DistillLoss(nn.Module):
-    """Wraps a frozen causal LM; forward(teacher, student, labels_t, labels_s) returns the distillation loss."""
+    """Wraps a frozen causal LM; forward(teacher, student, labels_t, labels_s) returns the distillation
+    loss summed over the response tokens."""
 
     def __init__(self, model, gist_ids: list[int], init: torch.Tensor, temperature=1.0, lm_weight=0.0,
                  cache_teacher=False):
@@ -91,7 +93,7 @@ class DistillLoss(nn.Module):
         s_rows = self.response_logits(labels_s, inputs_embeds=embeds, **masks)
         loss = kl_on_responses(t_rows, s_rows, self.temperature)
         if self.lm_weight:
-            lm = F.cross_entropy(s_rows.float(), label_targets(labels_s))
+            lm = F.cross_entropy(s_rows.float(), label_targets(labels_s), reduction="sum")
             loss = (1 - self.lm_weight) * loss + self.lm_weight * lm
         return loss
 
@@ -131,6 +133,17 @@ class Distill(Method):
                 out.append({"teacher": teacher, "student": student, "key": f"{split}:{len(out)}"})
         return out
 
+    def pack(self, examples, capacity):
+        """Teacher and student packed alike: one row holds the same examples on both sides."""
+        def combine(parts):
+            return {"teacher": join([p["teacher"] for p in parts]), "student": join([p["student"] for p in parts]),
+                    "key": "+".join(p["key"] for p in parts)}
+        return pack(examples, capacity, lambda e: max(len(e["teacher"]["input_ids"]), len(e["student"]["input_ids"])),
+                    combine)
+
+    def targets(self, examples):
+        return sum(label_tokens(e["student"]) for e in examples)
+
     def batches(self, examples, batch_size, rank, world, seed):
         # With the teacher cache, each example stays on one rank (shuffled within it), so after one
         # epoch every rank finds all its teacher rows in its own cache.
@@ -140,8 +153,8 @@ class Distill(Method):
         pad, gist = self.tokens.pad_id, self.tokens.gist_ids
         t = to_device([e["teacher"] for e in examples], pad, device)
         s = to_device([e["student"] for e in examples], pad, device)
-        return {"teacher": model_inputs(t, gist, "pos_control", self.dtype),
-                "student": model_inputs(s, gist, "gist", self.dtype),
+        return {"teacher": model_inputs(t, gist, "pos_control", self.dtype, self.attention),
+                "student": model_inputs(s, gist, "gist", self.dtype, self.attention),
                 "labels_t": t["labels"], "labels_s": s["labels"],
                 "keys": [e["key"] for e in examples] if self.cfg.distill.cache_teacher else None}, \
             sum(len(e["student"]["input_ids"]) for e in examples)

@@ -34,7 +34,8 @@ def lm_head_rows(model, hidden_rows: torch.Tensor) -> torch.Tensor:
 
 
 class CausalLMLoss(nn.Module):
-    """forward(batch) -> mean cross-entropy over the batch's label tokens (HF's loss, same value)."""
+    """forward(batch) -> cross-entropy summed over the batch's label tokens (divided by their count:
+    HF's loss, same value)."""
 
     def __init__(self, model):
         super().__init__()
@@ -44,7 +45,7 @@ class CausalLMLoss(nn.Module):
         hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                           position_ids=position_ids, use_cache=False).last_hidden_state
         rows, targets = labelled_rows(hidden, labels)
-        return F.cross_entropy(lm_head_rows(self.model, rows).float(), targets)
+        return F.cross_entropy(lm_head_rows(self.model, rows).float(), targets, reduction="sum")
 
 
 class Finetune(Method):
@@ -55,7 +56,8 @@ class Finetune(Method):
 
     def collate(self, examples, device):
         b = to_device(examples, self.tokens.pad_id, device)
-        return {**model_inputs(b, self.tokens.gist_ids, self.cfg.mask, self.dtype), "labels": b["labels"]}, \
+        return {**model_inputs(b, self.tokens.gist_ids, self.cfg.mask, self.dtype, self.attention),
+                "labels": b["labels"]}, \
             sum(len(e["input_ids"]) for e in examples)
 
     def wrap(self, model):
