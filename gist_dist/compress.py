@@ -4,6 +4,13 @@ No labelled data is needed: queries come from a file or are sampled from the fro
 and the answers are the frozen model's own greedy answers with the full prompt (the teacher).
 The student sees only the gist tokens and the query (distill.student=no_prompt), so the trained
 embeddings replace the prompt at inference.
+
+With a tokenizer that has a chat template (data.template=chat_system): the prompt is the system
+message, the query the user turn, the teacher's answer the assistant turn; the student has the gist
+tokens in place of the system message's content (the template's fixed header stays). Without one:
+the Alpaca layout. A query the teacher answers with nothing (eos first) is dropped and counted
+(prompt.json: dropped_empty_answers): an empty answer teaches one eos and gives fidelity nothing
+to compare, and many of them flag a broken template rather than a property of the prompt.
 """
 from __future__ import annotations
 
@@ -23,6 +30,12 @@ from .inference import greedy
 from .model import load_model, load_tokenizer
 
 QUERY_REQUEST = "\n\nWrite one short question a user could ask about the text above.\nQuestion:"
+CHAT_QUERY_REQUEST = "Write one short question a user could ask you, given your instructions. Reply with the question only."
+
+
+def template_for(tok) -> str:
+    """chat_system when the tokenizer has a chat template (prompt = system message), else alpaca."""
+    return "chat_system" if getattr(tok, "chat_template", None) else "alpaca"
 
 
 def read_queries(path: str) -> list[str]:
@@ -60,7 +73,11 @@ def _sample(model, tok, ids: list[int], max_new: int) -> list[int]:
 
 def sample_queries(model, tok, template, prompt: str, n: int) -> list[str]:
     """Distinct one-line questions sampled from the frozen model itself."""
-    ask = template.text_ids(prompt + QUERY_REQUEST)
+    if template.chat:  # the model, holding the prompt as its system message, asked for a user's question
+        ask = template.encode({"instruction": prompt, "input": CHAT_QUERY_REQUEST, "output": ""}, with_gist=False,
+                              with_output=False)["input_ids"]
+    else:
+        ask = template.text_ids(prompt + QUERY_REQUEST)
     queries: list[str] = []
     for _ in range(n * 3):
         text = tok.decode(_sample(model, tok, ask, 24), skip_special_tokens=True)
@@ -73,13 +90,14 @@ def sample_queries(model, tok, template, prompt: str, n: int) -> list[str]:
 
 
 def teacher_records(cfg: RunConfig, prompt: str, queries: list[str] | None, n_queries: int,
-                    answer_tokens: int) -> list[dict]:
-    """Records {instruction: prompt, input: query, output: the teacher's greedy answer}.
-    Every rank answers its share of the queries; all ranks return the full list in order."""
+                    answer_tokens: int) -> tuple[list[dict], int]:
+    """(records {instruction: prompt, input: query, output: the teacher's greedy answer}, how many
+    queries were dropped for an empty answer). Every rank answers its share of the queries; all
+    ranks return the same records in query order."""
     torch.manual_seed(cfg.train.seed)
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg.model).eval()  # replicated, inference only; freed before training
-    template = GistTemplate(tok, [], max_length=1 << 30)
+    template = GistTemplate(tok, [], max_length=1 << 30, template=template_for(tok))
     if queries is None:
         queries = sample_queries(model, tok, template, prompt, n_queries) if dist.is_main() else None
         queries = dist.all_gather_object(queries)[0]
@@ -91,32 +109,40 @@ def teacher_records(cfg: RunConfig, prompt: str, queries: list[str] | None, n_qu
                               with_output=False)["input_ids"]
         (answer,), _ = greedy(model, [ids[:-1]], [ids[-1:]], [], "pos_control", answer_tokens,
                               tok.eos_token_id, tok.pad_token_id)
-        mine.append(tok.decode(answer, skip_special_tokens=True).strip() or ".")
+        mine.append(tok.decode(answer, skip_special_tokens=True).strip())
     shares = dist.all_gather_object(mine)
-    return [{"instruction": prompt, "input": q, "output": shares[i % dist.world()][i // dist.world()]}
-            for i, q in enumerate(queries)]
+    answers = [shares[i % dist.world()][i // dist.world()] for i in range(len(queries))]
+    records = [{"instruction": prompt, "input": q, "output": a} for q, a in zip(queries, answers) if a]
+    if len(records) < 2:
+        raise DataError(f"compress: the teacher answered {len(queries) - len(records)} of {len(queries)} queries "
+                        f"with nothing; too few left to train and hold out")
+    return records, len(queries) - len(records)
 
 
-def _same_prompt_data(data_dir: Path, prompt: str, num_gist: int) -> bool:
+def _same_prompt_data(data_dir: Path, prompt: str, num_gist: int, template: str) -> bool:
     meta = data_dir / "prompt.json"
     if not meta.is_file() or not (data_dir / "heldout.jsonl").is_file():
         return False
     saved = json.loads(meta.read_text())
-    return saved.get("prompt_sha256") == hashlib.sha256(prompt.encode()).hexdigest() and saved.get("num_gist") == num_gist
+    return saved.get("prompt_sha256") == hashlib.sha256(prompt.encode()).hexdigest() and saved.get("num_gist") == num_gist \
+        and saved.get("template", "alpaca") == template
 
 
 def _write_teacher_data(cfg, data_dir: Path, prompt: str, queries, n_queries: int, answer_tokens: int, heldout: float):
     """All ranks answer; rank 0 writes. prompt.json goes last: it marks the data complete."""
-    records = teacher_records(cfg, prompt, queries, n_queries, answer_tokens)
+    records, dropped = teacher_records(cfg, prompt, queries, n_queries, answer_tokens)
     if not dist.is_main():
         return
     n_eval = max(1, int(len(records) * heldout))
     write_jsonl(records[:-n_eval], data_dir / "train.jsonl")
     write_jsonl(records[-n_eval:], data_dir / "heldout.jsonl")
-    prompt_tokens = len(load_tokenizer(cfg.model)(prompt, add_special_tokens=False)["input_ids"])
+    tok = load_tokenizer(cfg.model)
+    prompt_tokens = len(tok(prompt, add_special_tokens=False)["input_ids"])
     (data_dir / "prompt.json").write_text(json.dumps({
         "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest(), "prompt_tokens": prompt_tokens,
-        "num_gist": cfg.num_gist, "compression_ratio": prompt_tokens / cfg.num_gist}, indent=2))
+        "num_gist": cfg.num_gist, "compression_ratio": prompt_tokens / cfg.num_gist, "template": template_for(tok),
+        "queries": len(records) + dropped, "dropped_empty_answers": dropped, "answer_tokens": answer_tokens},
+        indent=2))
 
 
 def prepare(cfg: RunConfig, prompt_file: str, queries_file: str | None, n_queries: int, answer_tokens: int,
@@ -133,19 +159,20 @@ def prepare(cfg: RunConfig, prompt_file: str, queries_file: str | None, n_querie
     queries = read_queries(queries_file) if queries_file else None
     data_dir = Path(cfg.output_dir) / "compress_data"
     dist.init(cfg.timeout_s)
-    if _same_prompt_data(data_dir, prompt, cfg.num_gist):
+    tok = load_tokenizer(cfg.model)
+    kind = template_for(tok)
+    if _same_prompt_data(data_dir, prompt, cfg.num_gist, kind):
         dist.log(f"gist-dist: reusing teacher data in {data_dir} (same prompt; e.g. a requeued job)")
     else:
         _write_teacher_data(cfg, data_dir, prompt, queries, n_queries, answer_tokens, heldout)
     dist.barrier()
     # The teacher sees the whole prompt: make room for the longest teacher example.
-    tok, longest = load_tokenizer(cfg.model), 0
-    template = GistTemplate(tok, [], max_length=1 << 30)
+    longest, template = 0, GistTemplate(tok, [], max_length=1 << 30, template=kind)
     for line in (data_dir / "train.jsonl").read_text().splitlines():
         longest = max(longest, len(template.encode(json.loads(line), with_gist=False)["input_ids"]))
     data = dataclasses.replace(cfg.data, max_length=max(cfg.data.max_length, longest + cfg.num_gist),
                                train=str(data_dir / "train.jsonl"), eval=str(data_dir / "heldout.jsonl"),
-                               num_train=0, num_eval=0)
+                               num_train=0, num_eval=0, template=kind)
     # one fixed prompt and data set: the teacher runs once per example (cache_teacher)
     distill = dataclasses.replace(cfg.distill, student="no_prompt", cache_teacher=True)
     return dataclasses.replace(cfg, objective="distill", mask="gist", mode="", data=data, distill=distill).validate()

@@ -19,6 +19,7 @@ MASKS = ("gist", "pos_control", "neg_control")  # gist_dist/masks.py: what later
 MODE_ALIASES = {"gist": ("finetune", "gist"), "pos_control": ("finetune", "pos_control"),
                 "neg_control": ("finetune", "neg_control"), "distill": ("distill", "gist")}
 LOG_BACKENDS = ("jsonl", "tensorboard", "wandb")
+TEMPLATES = ("alpaca", "chat", "chat_system")  # gist_dist/data.py GistTemplate: the text around the gist
 
 
 class ConfigError(ValueError):
@@ -52,6 +53,7 @@ class DataConfig:
     num_eval: int = 0
     max_length: int = 256
     overlong: str = "truncate"  # truncate | drop
+    template: str = "alpaca"  # alpaca (the paper's) | chat | chat_system (the tokenizer's chat template)
     packing: bool = False  # several examples per row of up to max_length tokens (gist_dist/packing.py)
     bad_records: str = "error"  # error | skip (counted)
     seed: int = 0
@@ -154,6 +156,7 @@ class RunConfig:
             (self.train.eval_every >= 0, "train.eval_every must be >= 0 (0: only at the end)"),
             (self.data.max_length >= 8, "data.max_length must be >= 8"),
             (self.data.overlong in ("truncate", "drop"), "data.overlong must be truncate or drop"),
+            (self.data.template in TEMPLATES, f"data.template must be one of {', '.join(TEMPLATES)}, got {self.data.template!r}"),
             (self.model.attention in ("auto", "dense", "flex"), "model.attention must be auto, dense or flex"),
             (self.data.bad_records in ("error", "skip"), "data.bad_records must be error or skip"),
             (self.zero.stage in (0, 1, 2, 3), f"zero.stage must be 0-3, got {self.zero.stage}"),

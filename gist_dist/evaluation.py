@@ -5,6 +5,11 @@
     torchrun --nproc_per_node 2 .venv/bin/gist-dist eval configs/tiny.yaml output_dir=DIR --zero3
     gist-dist eval --compare RUN_gist RUN_pos_control RUN_neg_control  # share of the gap recovered
 
+The comparison gives each share of the gap a paired bootstrap 95% interval: the examples of a split
+(paired across the three runs by their place in eval_outputs.jsonl) are resampled with replacement
+(n=1000, seeded), the share is recomputed from the resampled per-example scores (ROUGE-L per
+example via the same rouge module, exact match), and the 2.5 / 97.5 percentiles are reported.
+
 The run's model is DIR/final/ (objective=finetune) or the base model + DIR/gist.safetensors (distill),
 loaded by inference.load_run, replicated on every rank or partitioned with ZeRO-3 (`--zero3`,
 generate with synced_gpus).
@@ -88,15 +93,22 @@ def _normalise(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
+def exact_matches(predictions: list[str], references: list[str]) -> list[bool]:
+    """Per answer: equal to the reference up to case and whitespace."""
+    return [_normalise(p) == _normalise(r) for p, r in zip(predictions, references)]
+
+
 def exact_match(predictions: list[str], references: list[str]) -> float:
     """Share of answers equal to the reference up to case and whitespace."""
-    return sum(_normalise(p) == _normalise(r) for p, r in zip(predictions, references)) / max(len(references), 1)
+    return sum(exact_matches(predictions, references)) / max(len(references), 1)
 
 
-def rouge(predictions: list[str], references: list[str]) -> dict:
-    """ROUGE F-measures through `evaluate` with the local module (no hub)."""
+def rouge(predictions: list[str], references: list[str], use_aggregator: bool = True) -> dict:
+    """ROUGE F-measures through `evaluate` with the local module (no hub): means over examples, or
+    (use_aggregator=False) one score per example."""
     import evaluate
-    return evaluate.load(str(ROUGE_MODULE)).compute(predictions=predictions, references=references)
+    return evaluate.load(str(ROUGE_MODULE)).compute(predictions=predictions, references=references,
+                                                    use_aggregator=use_aggregator)
 
 
 def summary_stats(values: list[float]) -> dict:
@@ -125,7 +137,7 @@ def run_eval(cfg: RunConfig, zero3: bool = False) -> dict | None:
                                   bad_records=cfg.data.bad_records, role="eval",
                                   columns=cfg.data.columns) for name, src in splits.items()}
     em = load_run_model(cfg, zero3)
-    template = GistTemplate(em.tok, em.gist_ids, cfg.data.max_length, "drop")
+    template = GistTemplate(em.tok, em.gist_ids, cfg.data.max_length, "drop", em.template or cfg.data.template)
     result = {"run": str(cfg.output_dir), "mode": em.mask, "num_gist": len(em.gist_ids), "model": em.source,
               "world_size": dist.world(), "zero3": zero3, "max_new_tokens": cfg.eval_max_new_tokens,
               "batch_size": cfg.eval_batch_size, "splits": {}}
@@ -184,29 +196,75 @@ def gap_recovered(gist: float, pos: float, neg: float) -> float | None:
     return (gist - neg) / (pos - neg) if pos != neg else None
 
 
-def compare_runs(gist_dir, pos_dir, neg_dir, metrics=("rougeL", "exact_match")) -> dict:
-    """Per split (present in all three eval.json files): each mode's score and the normalised one."""
+def per_example_scores(run_dir) -> dict[str, dict[str, list]]:
+    """{split: {"reference": [...], "rougeL": [...], "exact_match": [...]}} from RUN/eval_outputs.jsonl ({} if absent)."""
+    path = Path(run_dir) / "eval_outputs.jsonl"
+    if not path.is_file():
+        return {}
+    rows: dict[str, list] = {}
+    for line in path.read_text().splitlines():
+        o = json.loads(line)
+        rows.setdefault(o["split"], []).append(o)
+    out = {}
+    for split, items in rows.items():
+        items.sort(key=lambda o: o["index"])
+        preds, refs = [o["prediction"] for o in items], [o["reference"] for o in items]
+        out[split] = {"reference": refs, "rougeL": rouge(preds, refs, use_aggregator=False)["rougeL"],
+                      "exact_match": [float(m) for m in exact_matches(preds, refs)]}
+    return out
+
+
+def bootstrap_gap(scores: dict[str, list[float]], n: int = 1000, seed: int = 0) -> dict | None:
+    """Paired bootstrap 95% interval of the share of the gap: resample the examples (the same draw for
+    the three runs), recompute each run's mean and the share. Draws with pos = neg are left out (counted)."""
+    import numpy as np
+    per_run = np.array([scores[mode] for mode in CONTROL_MODES], dtype=float)  # [3, examples]
+    draws = np.random.default_rng(seed).integers(0, per_run.shape[1], size=(n, per_run.shape[1]))
+    gist, pos, neg = per_run[:, draws].mean(-1)  # [3, n]
+    ok = pos != neg
+    if not ok.any():
+        return None
+    share = (gist[ok] - neg[ok]) / (pos[ok] - neg[ok])
+    low, high = np.percentile(share, [2.5, 97.5])
+    return {"low": float(low), "high": float(high), "n_boot": n, "undefined_draws": int(n - ok.sum()), "seed": seed}
+
+
+def compare_runs(gist_dir, pos_dir, neg_dir, metrics=("rougeL", "exact_match"), n_boot: int = 1000,
+                 seed: int = 0) -> dict:
+    """Per split (present in all three eval.json files): each mode's score, the normalised one, and its
+    paired bootstrap 95% interval ("interval": None where the runs' eval_outputs.jsonl are missing or
+    hold different examples)."""
+    dirs = dict(zip(CONTROL_MODES, (gist_dir, pos_dir, neg_dir)))
     results = {}
-    for mode, d in zip(CONTROL_MODES, (gist_dir, pos_dir, neg_dir)):
+    for mode, d in dirs.items():
         path = Path(d) / "eval.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing (run gist-dist eval on {d} first)")
         results[mode] = json.loads(path.read_text())
+    examples = {mode: per_example_scores(d) for mode, d in dirs.items()}
     splits = [s for s in results["gist"]["splits"] if all(s in r["splits"] for r in results.values())]
     table = {}
     for split in splits:
         table[split] = {}
+        paired = [examples[mode].get(split) for mode in CONTROL_MODES]
+        paired = paired if all(paired) and all(p["reference"] == paired[0]["reference"] for p in paired) else None
         for metric in metrics:
             score = {mode: results[mode]["splits"][split][metric] for mode in CONTROL_MODES}
-            table[split][metric] = {**score, "normalised": gap_recovered(*score.values())}
-    return {"runs": {mode: str(d) for mode, d in zip(CONTROL_MODES, (gist_dir, pos_dir, neg_dir))}, "splits": table}
+            interval = paired and bootstrap_gap({m: p[metric] for m, p in zip(CONTROL_MODES, paired)}, n_boot, seed)
+            table[split][metric] = {**score, "normalised": gap_recovered(*score.values()), "interval": interval,
+                                    "n": len(paired[0]["reference"]) if paired else None}
+    return {"runs": {mode: str(d) for mode, d in dirs.items()}, "splits": table}
 
 
 def format_comparison(comparison: dict) -> str:
-    lines = ["| split | metric | neg_control | gist | pos_control | gap recovered |", "|---|---|---:|---:|---:|---:|"]
+    lines = ["| split | metric | neg_control | gist | pos_control | gap recovered | 95% interval (paired bootstrap) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for split, per_metric in comparison["splits"].items():
         for metric, s in per_metric.items():
             norm = "n/a (pos = neg)" if s["normalised"] is None else f"{s['normalised']:.3f}"
+            ci = s.get("interval")
+            ci = f"[{ci['low']:.3f}, {ci['high']:.3f}] (n={s['n']})" if ci else \
+                "n/a (pos = neg in every draw)" if s.get("n") else "n/a (no paired eval_outputs.jsonl)"
             lines.append(f"| {split} | {metric} | {s['neg_control']:.4f} | {s['gist']:.4f} | "
-                         f"{s['pos_control']:.4f} | {norm} |")
+                         f"{s['pos_control']:.4f} | {norm} | {ci} |")
     return "\n".join(lines) + "\n"

@@ -3,7 +3,10 @@
 For each held-out (prompt, query, teacher answer): teacher = frozen model with the full prompt;
 student = same model with the gist embeddings instead of the prompt; baseline = no prompt and no
 gist. On the answer tokens (teacher-forced) we report KL(teacher || x) and greedy next-token
-agreement (argmax equal), for the student and the baseline.
+agreement (argmax equal), for the student and the baseline. Then what a user sees: the student's
+and the baseline's free greedy answers against the teacher's (the held-out record's answer, made
+by the same greedy decoder with the same token budget): exact match and ROUGE-L per answer, their
+means in fidelity.json, every answer in fidelity_answers.jsonl.
 """
 from __future__ import annotations
 
@@ -13,8 +16,11 @@ from pathlib import Path
 import torch
 
 from .atomic import write_text
-from .inference import GistModel
+from .evaluation import exact_matches, rouge
+from .inference import GistModel, greedy
 from .methods.finetune import labelled_rows
+
+ANSWER_TOKENS = 64  # free answers of artifacts that did not record the teacher's budget
 
 
 @torch.no_grad()
@@ -47,11 +53,41 @@ def measure(gm: GistModel, records: list[dict]) -> dict:
             **{f"{name}_agreement": s[1] / n_tokens for name, s in sums.items()}}
 
 
+def free_answers(gm: GistModel, records: list[dict], max_new_tokens: int, batch_size: int = 8) -> dict:
+    """Greedy answers of the student (gist in place of the prompt) and the baseline (neither)."""
+    tok, run, out = gm.tok, gm.run, {"student": [], "baseline": []}
+    for i in range(0, len(records), batch_size):
+        batch = records[i:i + batch_size]
+        student = [gm.prompt_and_tail(r["input"]) for r in batch]
+        plain = [gm.template.encode(r, with_gist=False, with_prompt=False, with_output=False)["input_ids"] for r in batch]
+        out["student"] += greedy(gm.model, [p for p, _ in student], [t for _, t in student], run.gist_ids, "gist",
+                                 max_new_tokens, tok.eos_token_id, tok.pad_token_id, embed=run.embed)[0]
+        out["baseline"] += greedy(gm.model, [ids[:-1] for ids in plain], [ids[-1:] for ids in plain], [], "pos_control",
+                                  max_new_tokens, tok.eos_token_id, tok.pad_token_id)[0]
+    return {who: [tok.decode(a, skip_special_tokens=True).strip() for a in answers] for who, answers in out.items()}
+
+
+def compare_answers(answers: dict, references: list[str]) -> tuple[dict, list[dict]]:
+    """Means of exact match and ROUGE-L against the teacher's answers, and the per-answer rows."""
+    scores = {who: {"exact_match": exact_matches(preds, references),
+                    "rougeL": rouge(preds, references, use_aggregator=False)["rougeL"]} for who, preds in answers.items()}
+    means = {f"{who}_answer_{m}": sum(v) / len(v) for who, s in scores.items() for m, v in s.items()}
+    rows = [{"teacher": ref, **{who: answers[who][i] for who in answers},
+             **{f"{who}_{m}": float(v[i]) for who, s in scores.items() for m, v in s.items()}}
+            for i, ref in enumerate(references)]
+    return means, rows
+
+
 def evaluate_heldout(run_dir: str | Path) -> dict:
     run = Path(run_dir)
     gm = GistModel.load(run)
     records = [json.loads(line) for line in (run / "compress_data" / "heldout.jsonl").read_text().splitlines()]
-    result = {**measure(gm, records), "num_gist": gm.meta["num_gist"],
-              "prompt_tokens": gm.meta.get("prompt_tokens"), "compression_ratio": gm.meta.get("compression_ratio")}
+    max_new = gm.meta.get("answer_tokens", ANSWER_TOKENS)
+    means, rows = compare_answers(free_answers(gm, records, max_new), [r["output"].strip() for r in records])
+    result = {**measure(gm, records), **means, "answer_max_new_tokens": max_new, "num_gist": gm.meta["num_gist"],
+              "prompt_tokens": gm.meta.get("prompt_tokens"), "compression_ratio": gm.meta.get("compression_ratio"),
+              "template": gm.template.template}
+    write_text(run / "fidelity_answers.jsonl",
+               "".join(json.dumps({"query": r["input"], **row}) + "\n" for r, row in zip(records, rows)))
     write_text(run / "fidelity.json", json.dumps(result, indent=2))
     return result

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from . import artifact, zero
@@ -279,6 +280,7 @@ class RunModel:
     source: str = ""
     meta: dict = dataclasses.field(default_factory=dict)
     gist: torch.Tensor | None = None  # distill: the trained [k, hidden] rows
+    template: str | None = None  # data.template the run trained with (None: not recorded, alpaca)
 
 
 def load_inference_model(model_cfg: ModelConfig, ds_config: dict | None = None, vocab_min: int = 0):
@@ -290,6 +292,16 @@ def load_inference_model(model_cfg: ModelConfig, ds_config: dict | None = None, 
             import deepspeed
             model = deepspeed.initialize(model=model, config=ds_config)[0].module.eval()
     return model
+
+
+def run_template(run_dir: Path, meta: dict) -> str | None:
+    """The template a run trained with: its artifact's meta, else its config.yaml, else None (not recorded)."""
+    if "template" in meta:
+        return meta["template"]
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        return ((yaml.safe_load(saved.read_text()) or {}).get("data") or {}).get("template")
+    return None
 
 
 def load_run(run_dir, model_cfg: ModelConfig | None = None, ds_config: dict | None = None) -> RunModel:
@@ -305,7 +317,8 @@ def load_run(run_dir, model_cfg: ModelConfig | None = None, ds_config: dict | No
         tok = AutoTokenizer.from_pretrained(final)
         cfg = dataclasses.replace(model_cfg, name=str(final), tokenizer="")
         return RunModel(load_inference_model(cfg, ds_config), tok, tok.convert_tokens_to_ids(meta["gist_tokens"]),
-                        meta.get("mask", meta.get("mode")), source=str(final), meta=meta)
+                        meta.get("mask", meta.get("mode")), source=str(final), meta=meta,
+                        template=run_template(out, meta))
     if not (out / artifact.WEIGHTS).is_file():
         raise FileNotFoundError(f"{out}: no trained model here (neither final/ nor {artifact.WEIGHTS}); train into it first")
     meta = artifact.load(out)[1]
@@ -320,7 +333,8 @@ def load_run(run_dir, model_cfg: ModelConfig | None = None, ds_config: dict | No
         gist, meta = artifact.load(out, expected_fingerprint=artifact.BaseModel(model.config, embedding.weight))
     rows = GistEmbedding(gist_ids, gist.to(embedding.weight.device, embedding.weight.dtype)).eval()
     return RunModel(model, tok, gist_ids, "gist", embed=lambda ids: rows(ids, embedding),
-                    source=f"{cfg.name} + {out / artifact.WEIGHTS}", meta=meta, gist=rows.gist.detach())
+                    source=f"{cfg.name} + {out / artifact.WEIGHTS}", meta=meta, gist=rows.gist.detach(),
+                    template=run_template(out, meta))
 
 
 class GistModel:
@@ -328,7 +342,7 @@ class GistModel:
 
     def __init__(self, run: RunModel):
         self.run, self.model, self.tok, self.meta = run, run.model, run.tok, run.meta
-        self.template = GistTemplate(run.tok, run.gist_ids, max_length=1 << 30)
+        self.template = GistTemplate(run.tok, run.gist_ids, max_length=1 << 30, template=run.template or "alpaca")
 
     @classmethod
     def load(cls, directory, model_name: str | None = None, tokenizer: str | None = None) -> "GistModel":
@@ -337,7 +351,7 @@ class GistModel:
     def prompt_and_tail(self, query: str, instruction: str | None = None) -> tuple[list[int], list[int]]:
         """(instruction when the artifact was trained with it visible + gist tokens, the query's tail)."""
         prompt, tail, _ = self.template.pieces({"instruction": instruction or "-", "input": query, "output": ""})
-        return (prompt if instruction is not None else self.template.bos) + self.run.gist_ids, tail
+        return (prompt if instruction is not None else self.template.prefix) + self.run.gist_ids, tail
 
     def prompt_ids(self, query: str, instruction: str | None = None) -> list[int]:
         """The whole input for teacher-forced scoring: prompt_and_tail joined."""

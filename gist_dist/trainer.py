@@ -112,7 +112,7 @@ class Trainer:
     def _load_data(self):
         cfg, rank, world = self.cfg, self.env.rank, self.env.world_size
         self.stats, self.eval_stats = DataStats(), DataStats()
-        template = GistTemplate(self.tokens.tokenizer, self.tokens.gist_ids, cfg.data.max_length, cfg.data.overlong)
+        template = GistTemplate(self.tokens.tokenizer, self.tokens.gist_ids, cfg.data.max_length, cfg.data.overlong, cfg.data.template)
         common = {"split": "seen", "bad_records": cfg.data.bad_records, "columns": cfg.data.columns}
         train = load_records(cfg.data.train, n=cfg.data.num_train, seed=cfg.data.seed, stats=self.stats, **common)
         evals = load_records(cfg.data.eval, n=cfg.data.num_eval, seed=cfg.data.seed + 1, stats=self.eval_stats,

@@ -196,4 +196,4 @@ class Distill(Method):
                 "num_gist": cfg.num_gist, "gist_tokens": tok.convert_ids_to_tokens(self.tokens.gist_ids),
                 "hidden_size": gist.shape[1], "tokenizer": cfg.model.tokenizer or cfg.model.name,
                 "mode": "distill", "final_loss": last_loss, "temperature": cfg.distill.temperature,
-                "student": cfg.distill.student})
+                "student": cfg.distill.student, "template": cfg.data.template})
