@@ -26,7 +26,7 @@ from . import artifact
 from .artifact import ArtifactError
 from .atomic import atomic_dir, replace_file
 
-TAIL_TEMPLATE = "\nInput: {query}\nOutput:"  # data.GistTemplate's tail: what follows the gist rows
+TAIL_TEMPLATE = "\nInput: {query}\nOutput:"  # the alpaca template's tail: what follows the gist rows
 
 
 def _no_prompt_artifact(run_dir: str | Path) -> tuple[torch.Tensor, dict]:
@@ -36,6 +36,11 @@ def _no_prompt_artifact(run_dir: str | Path) -> tuple[torch.Tensor, dict]:
         raise ArtifactError(f"{run_dir}: its gist embeddings were trained with the instruction visible "
                             f"(distill.student={student}); only no-prompt artifacts (compress, "
                             f"distill.student=no_prompt) stand alone as a prompt-tuning adapter")
+    before, _ = _text_around_gist(meta)
+    if before:  # the gist mask hid that text from every later token; plain causal attention would not
+        raise ArtifactError(f"{run_dir}: its template ({meta.get('template')}) puts {before!r} before the gist rows, "
+                            f"which the student saw only from the gist tokens; PEFT prompt tuning and prompt_embeds "
+                            f"attend causally, so they would not reproduce it")
     return gist, meta
 
 
@@ -45,6 +50,19 @@ def _base_model(run_dir, model_name: str | None):
     from .inference import load_run
     run = load_run(run_dir, ModelConfig(name=model_name or "", dtype="fp32"))
     return run.model, run.source.split(" + ")[0]
+
+
+def _text_around_gist(meta: dict) -> tuple[str, str]:
+    """(fixed text before the gist rows, the text after them with a {query} slot) in the artifact's
+    template: ("", TAIL_TEMPLATE) for alpaca on a model without BOS; a chat header for compress on
+    chat models."""
+    from .config import ModelConfig
+    from .data import GistTemplate
+    from .model import load_tokenizer
+    tok = load_tokenizer(ModelConfig(name=meta["base_model"], tokenizer=meta.get("tokenizer", "")))
+    t = GistTemplate(tok, [], 1 << 30, template=meta.get("template") or "alpaca")
+    tail = t.pieces({"instruction": "-", "input": "{query}", "output": ""})[1]
+    return tok.decode(t.prefix), tok.decode(tail)
 
 
 def export_peft(run_dir: str | Path, out_dir: str | Path, model_name: str | None = None) -> Path:
@@ -76,6 +94,8 @@ def export_prompt_embeds(run_dir: str | Path, path: str | Path) -> Path:
 
 
 def _layout(meta: dict) -> dict:
-    return {"gist_rows_first": True, "num_gist": meta["num_gist"], "then_text": TAIL_TEMPLATE,
+    """How to place the rows: the k gist rows first, then the embeddings of `then_text`."""
+    return {"gist_rows_first": True, "num_gist": meta["num_gist"], "then_text": _text_around_gist(meta)[1],
+            "template": meta.get("template") or "alpaca",
             "add_special_tokens": False, "attention": "causal", "base_model": meta.get("base_model"),
             "base_fingerprint": meta.get("base_fingerprint")}

@@ -179,3 +179,18 @@ def test_messages_and_sharegpt_conversations_map_onto_instruction_input_output(t
         load_records(str(path))
     stats = DataStats()
     assert len(load_records(str(path), bad_records="skip", stats=stats)) == 1 and stats.skipped_bad == 1
+
+
+def test_export_refuses_an_artifact_whose_template_puts_text_before_the_gist(tmp_path):
+    """compress on a chat model (template chat_system): the header before the gist was hidden from
+    later tokens by the gist mask, which causal PEFT / prompt_embeds cannot reproduce."""
+    import torch
+
+    from gist_dist import artifact, export
+    artifact.save(tmp_path, torch.zeros(2, 64), {"num_gist": 2, "student": "no_prompt", "template": "chat_system",
+                                                "base_model": "configs/models/tiny.yaml", "tokenizer": "smollm2"})
+    for write in (lambda: export.export_prompt_embeds(tmp_path, tmp_path / "e.safetensors"),
+                  lambda: export.export_peft(tmp_path, tmp_path / "peft")):
+        with pytest.raises(artifact.ArtifactError, match="before the gist rows"):
+            write()
+    assert not (tmp_path / "e.safetensors").exists() and not (tmp_path / "peft").exists()

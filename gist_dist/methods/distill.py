@@ -28,10 +28,10 @@ def kl_on_responses(teacher_rows, student_rows, temperature: float):
     """Sum over response tokens of KL(teacher || student) at temperature T, scaled by T^2 (rows in batch order)."""
     assert teacher_rows.shape == student_rows.shape, \
         f"teacher/student response tokens differ: {teacher_rows.shape} vs {student_rows.shape}"
-    t = teacher_rows.float() / temperature
-    s = student_rows.float() / temperature
-    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
-    return kl.sum() * temperature ** 2
+    t, s = teacher_rows.float(), student_rows.float()
+    if temperature != 1:  # no [tokens, vocab] copies when there is nothing to scale
+        t, s = t / temperature, s / temperature
+    return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum") * temperature ** 2
 
 
 class TeacherCache:
