@@ -31,7 +31,7 @@ def segments_from(attention_mask: torch.Tensor) -> torch.Tensor:
 def _per_segment(segments: torch.Tensor, values: torch.Tensor, fill: int, reduce: str) -> torch.Tensor:
     """For every token, `reduce` (amax / amin) of `values` over the tokens of its segment."""
     B, T = segments.shape
-    S = int(segments.max()) + 2 if segments.numel() else 1  # the last slot collects padding
+    S = T + 1  # a row holds at most T examples; the last slot collects padding (no device sync to size it)
     index = torch.where(segments >= 0, segments, S - 1).long()
     table = torch.full((B, S), fill, dtype=values.dtype, device=values.device)
     table = table.scatter_reduce(1, index, values, reduce, include_self=True)
