@@ -96,25 +96,42 @@ def is_shape_file(path: str) -> bool:
     return path.endswith((".yaml", ".yml"))
 
 
+SHAPE_FAMILIES = {"llama": "hidden_size", "t5": "d_model"}  # model_type -> the key that sizes it
+
+
 def load_shape(path: str) -> dict:
+    """A shape file: `model_type` (llama, the default, or t5) and that HF config's own fields."""
     shape = yaml.safe_load(Path(path).read_text())
-    if not isinstance(shape, dict) or "hidden_size" not in shape:
-        raise ValueError(f"{path}: not a model shape (needs hidden_size, num_hidden_layers, ...)")
+    family = shape.get("model_type", "llama") if isinstance(shape, dict) else None
+    if family not in SHAPE_FAMILIES:
+        raise ValueError(f"{path}: not a model shape (model_type must be one of {', '.join(SHAPE_FAMILIES)})")
+    if SHAPE_FAMILIES[family] not in shape:
+        raise ValueError(f"{path}: not a {family} shape (needs {SHAPE_FAMILIES[family]}, layers, heads, ...)")
     return shape
 
 
-def llama_config_from_shape(path: str, vocab_min: int = 0):
-    from transformers import LlamaConfig
+def config_from_shape(path: str, vocab_min: int = 0):
+    """The HF config of a shape file (LlamaConfig or T5Config), vocabulary at least `vocab_min`."""
+    from transformers import LlamaConfig, T5Config
 
-    shape = {k: v for k, v in load_shape(path).items() if k not in ("name", "notes")}
+    shape = {k: v for k, v in load_shape(path).items() if k not in ("name", "notes", "model_type")}
     shape["vocab_size"] = max(shape.get("vocab_size", 0), vocab_min)
-    return LlamaConfig(**shape)
+    family = load_shape(path).get("model_type", "llama")
+    return (T5Config if family == "t5" else LlamaConfig)(**shape)
+
+
+llama_config_from_shape = config_from_shape  # the name callers used before shape files had families
 
 
 MATERIALIZE_MAX_PARAMS = 500_000_000
 
 
 def approx_params(config) -> int:
+    if getattr(config, "is_encoder_decoder", False):  # T5: encoder + decoder (+ cross-attention)
+        inner, h, f = config.num_heads * config.d_kv, config.d_model, config.d_ff
+        ffn = (3 if config.is_gated_act else 2) * h * f
+        layers = config.num_layers * (4 * h * inner + ffn) + config.num_decoder_layers * (8 * h * inner + ffn)
+        return config.vocab_size * h * (1 if config.tie_word_embeddings else 2) + layers
     h, i, L, v = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
     kv = h * config.num_key_value_heads // config.num_attention_heads
     return v * h * (1 if config.tie_word_embeddings else 2) + L * (2 * h * h + 2 * h * kv + 3 * h * i)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, RunConfig
-from .model import ROOT, is_shape_file, load_shape, resolve_model_path
+from .model import ROOT, config_from_shape, is_shape_file, resolve_model_path
 
 
 # Blocks of an HF-style DeepSpeed JSON that the run config owns: gist-dist builds the optimizer
@@ -107,7 +107,7 @@ def deepspeed_config(cfg: RunConfig, hidden_size: int, dtype: torch.dtype) -> di
 def hidden_size_of(cfg: RunConfig) -> int:
     path = resolve_model_path(cfg.model.name)
     if is_shape_file(path):
-        return int(load_shape(path)["hidden_size"])
+        return int(config_from_shape(path).hidden_size)  # T5Config maps hidden_size to d_model
     from transformers import AutoConfig
     return int(AutoConfig.from_pretrained(path).hidden_size)
 
