@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/flops_check.py --data ../shared/data/alpaca_dev.json -n 8
 
 tiny and smollm2 run real forward passes (real weights for SmolLM2); the LLaMA shapes run on the
-meta device (no weights). Prints analytic/measured per strategy (1.0000 = exact) and, for LLaMA-7B
+meta device (no weights). The encoder-decoder shapes (t5-tiny with random weights, flan-t5-xxl on the
+meta device) are checked per T5 strategy (none, gist, no_prompt; flops.py). Prints analytic/measured per strategy (1.0000 = exact) and, for LLaMA-7B
 with k=1 on the data's full length distribution, the FLOPs cut the paper reports as 915 -> 552.
 """
 from __future__ import annotations
@@ -39,6 +40,12 @@ def main():
         check = flops.check_against_counter(model, lengths, args.num_gist, meta=meta)
         print(f"{model:<10} {check['weights']:<12} " + " ".join(
             f"{check[s]['analytic'] / check[s]['measured']:>30.6f}" for s in flops.STRATEGIES))
+
+    print(f"{'model':<12} {'weights':<12} " + " ".join(f"{s + ' analytic/measured':>30}" for s in flops.SEQ2SEQ_STRATEGIES))
+    for model, meta in (("t5-tiny", False), ("flan-t5-xxl", True)):
+        check = flops.check_against_counter(model, lengths, args.num_gist, meta=meta)
+        print(f"{model:<12} {check['weights']:<12} " + " ".join(
+            f"{check[s]['analytic'] / check[s]['measured']:>30.6f}" for s in flops.SEQ2SEQ_STRATEGIES))
 
     shape = flops.shape_of("llama-7b")
     pieces = [GistTemplate(tok, [], 1 << 30).pieces(r) for r in load_records(args.data)]

@@ -29,11 +29,34 @@ Strategies for one example with instruction P tokens, k gist tokens and tail X t
     gist         forward(X,   k)   only the gist tokens' KV is cached (k tokens kept per prompt)
 The one-off cost of building a cache (forward(P, 0) or forward(P+k, 0)) is reported apart: it is
 paid once per prompt, not per query.
+
+Encoder-decoder (T5 v1.1 / FLAN-T5, `Seq2SeqShape`): E encoder and D decoder layers, h = d_model,
+a heads of d = d_kv (n = a*d), F = d_ff, m = 3 FFN matrices when gated (gated-gelu) else 2. Same
+convention (matmuls only; T5's relative position bias is an embedding lookup, not counted):
+    encoder layer, per token   q, k, v, o 8*h*n + FFN 2*m*h*F
+    encoder self-attention     4*n*q*c   (q new tokens against c = cached + new keys, bidirectional)
+    decoder layer, per token   self q, k, v, o 8*h*n + cross q, o 4*h*n + FFN 2*m*h*F
+    decoder attention          self 4*n*q*(past+q) + cross 4*n*q*S over the S encoder positions it sees
+    cross k, v                 4*h*n*S per decoder layer, computed at the first decoder step, then cached
+    LM head                    2*h*V per decoder token
+    seq2seq(N new, C cached, S seen) = encoder(N, C) + decoder(first token, S)
+T5 strategies for instruction P, k gist tokens and input X, counting the request up to the first
+output token (encoder + one decoder step from the start token):
+    none       (P+k+X, 0, P+k+X)  the masked full prompt encoded every time, cross-attention over all
+    gist       (X,     k, k+X)    prompt + gist encoded once (build_gist_cache = encoder(P+k, 0)); per
+                                  request only X is encoded, each layer's self-attention reading the k
+                                  cached gist positions' keys/values as extra keys; the decoder
+                                  cross-attends the k cached gist outputs + X (their k, v projected
+                                  per request, as HF's T5 does from encoder_hidden_states)
+    no_prompt  (X,     0, X)      the input alone (the floor: no instruction at all)
+There is no exact T5 "instruction" cache: the bidirectional encoder's prompt states depend on the input.
+Kept per prompt with the gist cache: k * (2*E*n + h) values (encoder keys/values + final states).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 from pathlib import Path
 
 from ..atomic import write_text
@@ -42,6 +65,7 @@ from ..inference import STRATEGIES
 from ..model import ROOT, is_shape_file, llama_config_from_shape, resolve_model_path
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+SEQ2SEQ_STRATEGIES = ("none", "gist", "no_prompt")
 
 
 @dataclass(frozen=True)
@@ -55,6 +79,24 @@ class Shape:
     intermediate: int
     vocab: int
     tied: bool
+    strategies: ClassVar[tuple] = STRATEGIES
+
+    def describe(self) -> str:
+        return (f"L={self.layers} h={self.hidden} heads={self.heads}/{self.kv_heads} I={self.intermediate} "
+                f"V={self.vocab} tied={self.tied}")
+
+    def strategy_inputs(self, prompt: int, tail: int, num_gist: int) -> dict:
+        return strategy_inputs(prompt, tail, num_gist)
+
+    def first_token_flops(self, new: int, past: int) -> int:
+        return forward_flops(self, new, past)
+
+    def next_token_flops(self, new: int, past: int) -> int:
+        return forward_flops(self, 1, past + new)  # the first output token, after the cache grew by `new`
+
+    def cache_build_flops(self, prompt: int, num_gist: int) -> dict:
+        return {"instruction": forward_flops(self, prompt, 0, logits=0),
+                "gist": forward_flops(self, prompt + num_gist, 0, logits=0)}
 
     @property
     def linear_per_token(self) -> int:
@@ -78,6 +120,79 @@ class Shape:
         return 2 * self.layers * self.kv_heads * self.head_dim * DTYPE_BYTES[dtype]  # keys + values
 
 
+@dataclass(frozen=True)
+class Seq2SeqShape:
+    """A T5-family encoder-decoder (notation in the module docstring)."""
+    name: str
+    encoder_layers: int
+    decoder_layers: int
+    hidden: int
+    heads: int
+    head_dim: int
+    ff: int
+    gated: bool
+    vocab: int
+    tied: bool
+    buckets: int = 32
+    strategies: ClassVar[tuple] = SEQ2SEQ_STRATEGIES
+
+    @property
+    def inner(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def ffn_matrices(self) -> int:
+        return 3 if self.gated else 2
+
+    def describe(self) -> str:
+        return (f"encoder-decoder E={self.encoder_layers} D={self.decoder_layers} h={self.hidden} "
+                f"heads={self.heads}x{self.head_dim} F={self.ff} gated={self.gated} V={self.vocab} tied={self.tied}")
+
+    def strategy_inputs(self, prompt: int, tail: int, num_gist: int) -> dict:
+        """(encoder new tokens, encoder cached tokens, encoder positions the decoder sees) per strategy."""
+        full = prompt + num_gist + tail
+        return {"none": (full, 0, full), "gist": (tail, num_gist, num_gist + tail), "no_prompt": (tail, 0, tail)}
+
+    def first_token_flops(self, new: int, cached: int, seen: int) -> int:
+        return encoder_flops(self, new, cached) + decoder_flops(self, seen)
+
+    def next_token_flops(self, new: int, cached: int, seen: int) -> int:
+        return decoder_flops(self, seen, new=1, past=1)
+
+    def cache_build_flops(self, prompt: int, num_gist: int) -> dict:
+        return {"gist": encoder_flops(self, prompt + num_gist, 0)}
+
+    def params(self) -> int:
+        h, n, f = self.hidden, self.inner, self.ffn_matrices * self.hidden * self.ff
+        encoder = self.encoder_layers * (4 * h * n + f + 2 * h)  # self-attention, FFN, 2 norms
+        decoder = self.decoder_layers * (8 * h * n + f + 3 * h)  # + cross-attention and its norm
+        bias = 2 * self.buckets * self.heads  # relative position bias of each stack's first layer
+        return self.vocab * h * (1 if self.tied else 2) + encoder + decoder + bias + 2 * h  # + final norms
+
+    def largest_module_params(self) -> int:
+        return max(self.vocab * self.hidden, self.hidden * self.ff, self.hidden * self.inner)
+
+    def kv_bytes_per_token(self, dtype: str) -> int:
+        """Kept per cached gist position: every encoder layer's key and value, and the final state."""
+        return (2 * self.encoder_layers * self.inner + self.hidden) * DTYPE_BYTES[dtype]
+
+
+def encoder_flops(shape: Seq2SeqShape, new: int, cached: int = 0) -> int:
+    """T5 encoder over `new` tokens whose self-attention also reads `cached` positions' keys/values."""
+    linear = 8 * shape.hidden * shape.inner + 2 * shape.ffn_matrices * shape.hidden * shape.ff
+    return shape.encoder_layers * (new * linear + 4 * shape.inner * new * (cached + new))
+
+
+def decoder_flops(shape: Seq2SeqShape, seen: int, new: int = 1, past: int = 0, logits: int = 1) -> int:
+    """T5 decoder over `new` tokens after `past` ones, cross-attending `seen` encoder positions; the
+    cross keys/values are projected at the first step only (past == 0) and cached after."""
+    h, n = shape.hidden, shape.inner
+    linear = 12 * h * n + 2 * shape.ffn_matrices * h * shape.ff
+    cross_kv = 4 * h * n * seen if past == 0 else 0
+    attention = 4 * n * new * (past + new) + 4 * n * new * seen
+    return shape.decoder_layers * (new * linear + cross_kv + attention) + logits * 2 * h * shape.vocab
+
+
 def model_shape_path(name: str) -> str:
     """"llama-7b" -> configs/models/llama-7b.yaml; anything else as model.resolve_model_path."""
     named = ROOT / "configs" / "models" / f"{name}.yaml"
@@ -99,12 +214,14 @@ def hf_config(name: str):
         raise FileNotFoundError(f"model {name!r}: no shape file, HF folder or config.json ({str(e).splitlines()[0]})") from None
 
 
-def shape_of(name: str, config=None) -> Shape:
+def shape_of(name: str, config=None) -> Shape | Seq2SeqShape:
     if config is None and is_shape(name):  # plain YAML: no transformers import, answers in a second
         from types import SimpleNamespace
         from ..model import load_shape
         config = SimpleNamespace(**load_shape(model_shape_path(name)))
     c = config if config is not None else hf_config(name)
+    if getattr(c, "model_type", "llama") == "t5":
+        return seq2seq_shape_of(name, c)
     text = getattr(c, "get_text_config", lambda: c)()
     heads = text.num_attention_heads
     return Shape(
@@ -113,6 +230,19 @@ def shape_of(name: str, config=None) -> Shape:
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
         intermediate=text.intermediate_size, vocab=text.vocab_size,
         tied=bool(getattr(c, "tie_word_embeddings", False)))
+
+
+def seq2seq_shape_of(name: str, c) -> Seq2SeqShape:
+    """From a T5Config or a t5 shape file's fields (T5Config's defaults where a file leaves one out)."""
+    get = lambda key, default: getattr(c, key, None) or default  # noqa: E731
+    # transformers 5 T5Config forces tie_word_embeddings=True and keeps the checkpoint's own value
+    # as scale_decoder_outputs (T5 v1.1 / FLAN-T5: False, a separate lm_head)
+    tied = getattr(c, "scale_decoder_outputs", getattr(c, "tie_word_embeddings", True))
+    return Seq2SeqShape(
+        name=name, encoder_layers=c.num_layers, decoder_layers=get("num_decoder_layers", c.num_layers),
+        hidden=c.d_model, heads=c.num_heads, head_dim=get("d_kv", 64), ff=c.d_ff,
+        gated=get("feed_forward_proj", "relu").startswith("gated-"), vocab=c.vocab_size, tied=bool(tied),
+        buckets=get("relative_attention_num_buckets", 32))
 
 
 def forward_flops(shape: Shape, new: int, past: int = 0, logits: int = 1) -> int:
@@ -126,14 +256,18 @@ def strategy_inputs(prompt: int, tail: int, num_gist: int) -> dict:
     return {"none": (prompt + tail, 0), "instruction": (tail, prompt), "gist": (tail, num_gist)}
 
 
-def example_flops(shape: Shape, prompt: int, tail: int, num_gist: int) -> dict:
-    per = {s: forward_flops(shape, n, p) for s, (n, p) in strategy_inputs(prompt, tail, num_gist).items()}
-    per["build_instruction_cache"] = forward_flops(shape, prompt, 0, logits=0)
-    per["build_gist_cache"] = forward_flops(shape, prompt + num_gist, 0, logits=0)
+def example_flops(shape: Shape | Seq2SeqShape, prompt: int, tail: int, num_gist: int) -> dict:
+    """Per strategy: first-token FLOPs, `next/` one further output token, `cached/` tokens kept;
+    `build/` the one-off cache builds."""
+    per = {}
+    for s, inputs in shape.strategy_inputs(prompt, tail, num_gist).items():
+        per[s], per[f"next/{s}"], per[f"cached/{s}"] = \
+            shape.first_token_flops(*inputs), shape.next_token_flops(*inputs), inputs[1]
+    per.update({f"build/{s}": f for s, f in shape.cache_build_flops(prompt, num_gist).items()})
     return per
 
 
-def dataset_flops(shape: Shape, lengths: list[tuple[int, int]], num_gist: int, dtype: str = "bf16") -> dict:
+def dataset_flops(shape: Shape | Seq2SeqShape, lengths: list[tuple[int, int]], num_gist: int, dtype: str = "bf16") -> dict:
     """Aggregate over real (prompt tokens, tail tokens) pairs: mean FLOPs, reduction, KV bytes."""
     if not lengths:
         raise ValueError("no examples to count FLOPs over")
@@ -146,14 +280,14 @@ def dataset_flops(shape: Shape, lengths: list[tuple[int, int]], num_gist: int, d
     mean_prompt = sum(p for p, _ in lengths) / n
     kv = shape.kv_bytes_per_token(dtype)
     return {
-        "model": asdict(shape), "params": shape.params(), "num_gist": num_gist, "examples": n, "dtype": dtype,
+        "model": asdict(shape), "shape": shape.describe(), "params": shape.params(), "num_gist": num_gist, "examples": n, "dtype": dtype,
         "mean_prompt_tokens": mean_prompt, "mean_tail_tokens": sum(t for _, t in lengths) / n,
         "compression": mean_prompt / num_gist,
-        "gflops_per_example": {s: mean[s] / 1e9 for s in STRATEGIES},
-        "gflops_build_cache": {"instruction": mean["build_instruction_cache"] / 1e9,
-                               "gist": mean["build_gist_cache"] / 1e9},
-        "reduction_vs_none": {s: 1 - totals[s] / totals["none"] for s in STRATEGIES},
-        "kv_bytes_per_prompt": {"none": 0, "instruction": mean_prompt * kv, "gist": num_gist * kv},
+        "gflops_per_example": {s: mean[s] / 1e9 for s in shape.strategies},
+        "gflops_next_token": {s: mean[f"next/{s}"] / 1e9 for s in shape.strategies},
+        "gflops_build_cache": {k.split("/")[1]: v / 1e9 for k, v in mean.items() if k.startswith("build/")},
+        "reduction_vs_none": {s: 1 - totals[s] / totals["none"] for s in shape.strategies},
+        "kv_bytes_per_prompt": {s: mean[f"cached/{s}"] * kv for s in shape.strategies},
     }
 
 
@@ -168,17 +302,18 @@ def format_table(result: dict) -> str:
     g, r, kv = result["gflops_per_example"], result["reduction_vs_none"], result["kv_bytes_per_prompt"]
     m = result["model"]
     lines = [
-        f"model {m['name']}: {result['params'] / 1e9:.3f} B params, L={m['layers']} h={m['hidden']} "
-        f"heads={m['heads']}/{m['kv_heads']} I={m['intermediate']} V={m['vocab']} tied={m['tied']}",
+        f"model {m['name']}: {result['params'] / 1e9:.3f} B params, {result['shape']}",
         f"{result['examples']} example(s), mean instruction {result['mean_prompt_tokens']:.1f} tokens, "
         f"mean tail {result['mean_tail_tokens']:.1f} tokens, k={result['num_gist']} "
         f"(compression {result['compression']:.1f}x)" + (f", tokenizer {result['tokenizer']}" if "tokenizer" in result else ""),
         f"{'strategy':<12} {'GFLOPs/example':>15} {'vs none':>9} {'KV bytes/prompt (' + result['dtype'] + ')':>26}",
     ]
-    for s in STRATEGIES:
+    for s in g:
         lines.append(f"{s:<12} {g[s]:>15.3f} {-r[s]:>+9.1%} {kv[s]:>26,.0f}")
-    b = result["gflops_build_cache"]
-    lines.append(f"one-off cache build per prompt: instruction {b['instruction']:.3f} GFLOPs, gist {b['gist']:.3f} GFLOPs")
+    lines.append("each further output token: " + ", ".join(f"{s} {v:.3f}" for s, v in result["gflops_next_token"].items())
+                 + " GFLOPs")
+    lines.append("one-off cache build per prompt: " + ", ".join(
+        f"{s} {v:.3f} GFLOPs" for s, v in result["gflops_build_cache"].items()))
     return "\n".join(lines)
 
 
@@ -232,15 +367,65 @@ def flops_for(model: str, num_gist: int, *, data: str = "", prompt_tokens: int =
 def load_eager(model: str, meta: bool = False, dtype=None):
     """The model with eager attention (counted matmuls). meta=True: no weights, for shapes of any size."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
     path = model_shape_path(model)
     dtype = dtype or torch.float32
+    config = hf_config(model)
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     if is_shape_file(path) or meta:
-        config = hf_config(model)
         torch.manual_seed(0)
         with torch.device("meta") if meta else torch.device("cpu"):
-            return AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=dtype).eval()
-    return AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=dtype).eval()
+            net = auto.from_config(config, attn_implementation="eager", dtype=dtype).eval()
+        return untie_lm_head(net) if isinstance(shape_of(model, config), Seq2SeqShape) else net
+    return auto.from_pretrained(path, attn_implementation="eager", dtype=dtype).eval()
+
+
+def untie_lm_head(net):
+    """transformers 5 builds every T5 with lm_head tied to the embedding; a T5 v1.1 / FLAN-T5
+    checkpoint has its own head (google/flan-t5-xxl: 11.135 B, not 11.004 B): give it one."""
+    import torch
+    if not shape_of("t5", net.config).tied and net.lm_head.weight is net.shared.weight:
+        weight = torch.empty_like(net.shared.weight)
+        net.lm_head.weight = torch.nn.Parameter(weight if weight.is_meta else weight.normal_(std=net.config.d_model ** -0.5))
+    return net
+
+
+def measured_seq2seq_flops(model, new: int, cached: int, seen: int) -> int:
+    """FlopCounterMode's count of one T5 request up to its first output token (lengths only; ids zero).
+
+    cached == 0: HF's own forward (encoder over `new` tokens, one decoder step from the start token).
+    cached > 0 (gist cache): the encoder blocks run over the `new` input tokens with a DynamicCache
+    holding `cached` positions' keys/values in every layer, so each self-attention reads them as extra
+    keys (T5's relative bias sees their positions); the decoder then cross-attends the `cached`
+    final states (kept with the cache) + the new ones. Building the cache is not counted."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import DynamicCache
+    c, device, dtype = model.config, model.device, model.dtype
+    ids = torch.zeros(1, new, dtype=torch.long, device=device)
+    start = torch.zeros(1, 1, dtype=torch.long, device=device)
+    cache = DynamicCache()
+    for i in range(len(model.encoder.block)):
+        kv = torch.zeros(1, c.num_heads, cached, c.d_kv, device=device, dtype=dtype)
+        cache.update(kv, kv.clone(), i)
+    kept = torch.zeros(1, cached, c.d_model, device=device, dtype=dtype)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        if cached == 0:
+            model(input_ids=ids, decoder_input_ids=start, use_cache=False)
+        else:
+            states = encode_after(model.encoder, ids, cache)
+            model(encoder_outputs=(torch.cat([kept, states], 1),), decoder_input_ids=start, use_cache=False)
+    return counter.get_total_flops()
+
+
+def encode_after(encoder, ids, cache):
+    """A T5 encoder over `ids` whose self-attention also reads the positions already in `cache` (a
+    DynamicCache; T5Stack drops one in the encoder, so its blocks run here). Relative positions
+    continue after the cached ones. An empty cache collects every layer's keys/values."""
+    states, bias = encoder.embed_tokens(ids), None
+    for block in encoder.block:
+        states, bias, _ = block(states, None, bias, cache=cache)
+    return encoder.final_layer_norm(states)
 
 
 def check_against_counter(model: str, lengths: list[tuple[int, int]], num_gist: int, meta: bool = False) -> dict:
@@ -249,15 +434,17 @@ def check_against_counter(model: str, lengths: list[tuple[int, int]], num_gist: 
     net = load_eager(model, meta=meta)
     shape = shape_of(model, net.config)
     gist_ids = list(range(shape.vocab - num_gist, shape.vocab))
-    out = {s: {"analytic": 0, "measured": 0} for s in STRATEGIES}
+    out = {s: {"analytic": 0, "measured": 0} for s in shape.strategies}
     for prompt, tail in lengths:
         p_ids, t_ids = list(range(10, 10 + prompt)), list(range(20, 20 + tail))
-        for s, (new, past) in strategy_inputs(prompt, tail, num_gist).items():
-            out[s]["analytic"] += forward_flops(shape, new, past)
-            out[s]["measured"] += measured_flops(net, p_ids, t_ids, gist_ids, s)
-    for s in STRATEGIES:
+        for s, inputs in shape.strategy_inputs(prompt, tail, num_gist).items():
+            out[s]["analytic"] += shape.first_token_flops(*inputs)
+            out[s]["measured"] += (measured_seq2seq_flops(net, *inputs) if isinstance(shape, Seq2SeqShape)
+                                   else measured_flops(net, p_ids, t_ids, gist_ids, s))
+    for s in shape.strategies:
         out[s]["rel_error"] = out[s]["analytic"] / out[s]["measured"] - 1
-    return {"model": model, "weights": "meta (none)" if meta else "real", "examples": len(lengths), **out}
+    return {"model": model, "weights": "meta (none)" if meta else "real", "examples": len(lengths),
+            "strategies": list(shape.strategies), **out}
 
 
 def is_shape(model: str) -> bool:
@@ -271,7 +458,7 @@ def load_records_for(data: str, n: int) -> list[dict]:
 
 def format_check(check: dict) -> str:
     lines = [f"FlopCounterMode check ({check['model']}, {check['weights']} weights, {check['examples']} example(s)):"]
-    for s in STRATEGIES:
+    for s in check["strategies"]:
         c = check[s]
         lines.append(f"  {s:<12} analytic {c['analytic'] / 1e9:.4f} GFLOPs, measured {c['measured'] / 1e9:.4f} "
                      f"GFLOPs, error {c['rel_error']:+.3%}")

@@ -185,13 +185,12 @@ def _num(x, digits: int = 4) -> str:
 def _flops_lines(f: dict | None) -> list[str]:
     if not f or "gflops_per_example" not in f:
         return [f"No FLOPs table ({(f or {}).get('error', 'nothing to compute it from')}).", ""]
-    from .flops import STRATEGIES
     lat = f.get("latency") or {}
     lines = [f"Inference per example ({f['examples']} prompts, mean instruction {f['mean_prompt_tokens']:.1f} "
              f"tokens, k={f['num_gist']}, KV in {f['dtype']}" + (f", tokenizer {f['tokenizer']}" if "tokenizer" in f else "")
              + "):", "", "| strategy | GFLOPs to first token | vs none | KV bytes/prompt | TTFT ms | decode ms/token |",
              "|---|---:|---:|---:|---:|---:|"]
-    for s in STRATEGIES:
+    for s in f["gflops_per_example"]:  # the family's strategies (decoder-only or T5)
         ls = lat.get(s) or {}
         lines.append(f"| {s} | {f['gflops_per_example'][s]:.4f} | {-f['reduction_vs_none'][s]:+.1%} | "
                      f"{f['kv_bytes_per_prompt'][s]:,.0f} | {_num(ls.get('ttft_ms'), 2)} | "
