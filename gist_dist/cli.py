@@ -133,6 +133,7 @@ def cmd_plan(args) -> int:
     from .analysis.plan import Setup, format_plan, plan, to_json
     setup = Setup(nodes=args.nodes, gpus_per_node=args.gpus_per_node, mode=args.mode, dtype=args.dtype,
                   offload=args.offload, num_gist=args.num_gist, micro_batch=args.micro_batch, seq_len=args.seq_len,
+                  target_len=args.target_len,
                   checkpointing=args.checkpointing, gpu_mem_gb=args.gpu_mem_gb)
     result = plan(args.model, setup)
     print(to_json(result) if args.json else format_plan(result))
@@ -182,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*")
     r.set_defaults(func=cmd_resolve_output)
     f = sub.add_parser("flops", help="inference FLOPs, KV bytes (and measured latency) per caching strategy")
-    f.add_argument("--model", default="smollm2", help="llama-7b|llama-13b|llama-70b|tiny|smollm2, a shape YAML, "
+    f.add_argument("--model", default="smollm2", help="llama-7b|llama-13b|llama-70b|flan-t5-xxl|tiny|t5-tiny|smollm2, a shape YAML, "
                    "an HF folder or config.json")
     f.add_argument("--num-gist", type=int, default=1)
     f.add_argument("--data", default="", help="Alpaca JSON/JSONL (or 'generated'): real prompt lengths")
@@ -200,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", default="", help="also write the JSON here (e.g. RUN_DIR/flops.json)")
     f.set_defaults(func=cmd_flops)
     pl = sub.add_parser("plan", help="ZeRO-3 memory per GPU (and comm volume) for a model shape, no weights")
-    pl.add_argument("--model", default="llama-7b", help="llama-7b|llama-13b|llama-70b, a shape YAML or HF config")
+    pl.add_argument("--model", default="llama-7b", help="llama-7b|llama-13b|llama-70b|flan-t5-xxl, a shape YAML or HF config")
     pl.add_argument("--nodes", type=int, default=1)
     pl.add_argument("--gpus-per-node", type=int, default=8)
     pl.add_argument("--mode", default="gist", help="gist (whole model trains) or distill (gist embeddings only)")
@@ -209,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--num-gist", type=int, default=1)
     pl.add_argument("--micro-batch", type=int, default=1)
     pl.add_argument("--seq-len", type=int, default=512)
+    pl.add_argument("--target-len", type=int, default=128, help="decoder tokens per example (T5 shapes)")
     pl.add_argument("--checkpointing", action="store_true", help="activation checkpointing per layer")
     pl.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory of one GPU in GiB")
     pl.add_argument("--json", action="store_true")

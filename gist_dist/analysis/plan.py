@@ -23,6 +23,20 @@ With activation checkpointing each layer keeps only its input (p*b*s*h) and one 
 at a time. Not counted: DeepSpeed's prefetch/reduce buckets, the CUDA context and allocator
 fragmentation; "fits" therefore keeps 10% of the GPU free. tests/test_plan.py measures the saved
 tensors of a real forward (sdpa, causal): 1.02 x this count; a 4D float mask 1.07 x, eager 1.24 x.
+
+Encoder-decoder (T5 / FLAN-T5, flops.Seq2SeqShape: E encoder and D decoder layers, n = heads*d_kv,
+F = d_ff): model states and communication are the formulas above over all encoder and decoder
+parameters (cross-attention included). Activations for s encoder and t decoder tokens per example
+(`target_len`), counted from the tensors autograd saves per T5 layer and token (tests/test_plan.py):
+each T5LayerNorm 3h (input, x*rsqrt, output), attention q, k, v and output 4n, the gated-GELU FFN 7F
+(wi_0, wi_1, the four intermediates of gelu_new's tanh formula, their product; ReLU FFN: F):
+    encoder layer  p * b * s * (6h + 4n + 7F)
+    decoder layer  p * b * t * (9h + 6n + 7F) + p * b * s * 2n   (3 norms, self + cross q/out; the
+                                                                cross keys/values of the s encoder states)
+    final norms    p * b * (s + t) * 3h,  logits 8 * b * t * V
+with a memory-efficient sdpa kernel on GPU (no s x s probabilities). On CPU T5's self-attention (a
+float relative-position bias) takes sdpa's math path, which also keeps b*heads*s^2 per layer.
+Checkpointing keeps each layer's input (p*b*s*h per encoder, p*b*t*h per decoder layer) plus one layer.
 """
 from __future__ import annotations
 
@@ -30,7 +44,7 @@ import json
 from dataclasses import dataclass
 
 from ..config import ConfigError
-from .flops import DTYPE_BYTES, Shape, shape_of
+from .flops import DTYPE_BYTES, Seq2SeqShape, Shape, shape_of
 
 GiB = 2**30
 RESERVE = 0.10  # share of GPU memory kept for the CUDA context, buckets and fragmentation
@@ -46,6 +60,7 @@ class Setup:
     num_gist: int = 1
     micro_batch: int = 1
     seq_len: int = 512
+    target_len: int = 128  # decoder tokens per example (encoder-decoder shapes only)
     checkpointing: bool = False
     gpu_mem_gb: float = 80.0
 
@@ -59,8 +74,8 @@ class Setup:
             (self.mode in ("gist", "distill"), f"--mode must be gist or distill, got {self.mode!r}"),
             (self.dtype in DTYPE_BYTES, f"--dtype must be one of {', '.join(DTYPE_BYTES)}"),
             (self.offload in ("none", "cpu"), f"--offload must be none or cpu, got {self.offload!r}"),
-            (self.num_gist >= 1 and self.micro_batch >= 1 and self.seq_len >= 1,
-             "--num-gist, --micro-batch and --seq-len must be >= 1"),
+            (self.num_gist >= 1 and self.micro_batch >= 1 and self.seq_len >= 1 and self.target_len >= 1,
+             "--num-gist, --micro-batch, --seq-len and --target-len must be >= 1"),
             (self.gpu_mem_gb > 0, "--gpu-mem-gb must be > 0"),
         ]
         for ok, message in checks:
@@ -69,11 +84,11 @@ class Setup:
         return self
 
 
-def trainable_params(shape: Shape, mode: str, num_gist: int) -> int:
+def trainable_params(shape: Shape | Seq2SeqShape, mode: str, num_gist: int) -> int:
     return shape.params() if mode == "gist" else num_gist * shape.hidden
 
 
-def model_states(shape: Shape, setup: Setup) -> dict:
+def model_states(shape: Shape | Seq2SeqShape, setup: Setup) -> dict:
     """Bytes of parameters, gradients, optimizer states and the gathered working set (see above)."""
     p, w = DTYPE_BYTES[setup.dtype], setup.world
     n, t = shape.params(), trainable_params(shape, setup.mode, setup.num_gist)
@@ -93,7 +108,26 @@ def layer_activations(shape: Shape, setup: Setup) -> float:
     return p * tokens * (4 * h + 2 * a * d + 2 * g * d + 4 * i)
 
 
-def activations(shape: Shape, setup: Setup) -> float:
+def seq2seq_layer_activations(shape: Seq2SeqShape, setup: Setup) -> tuple[float, float]:
+    """Bytes one encoder layer and one decoder layer save for backward (see the module docstring)."""
+    p, b, s, t = DTYPE_BYTES[setup.dtype], setup.micro_batch, setup.seq_len, setup.target_len
+    h, n, ffn = shape.hidden, shape.inner, (7 if shape.gated else 1) * shape.ff
+    return p * b * s * (6 * h + 4 * n + ffn), p * b * t * (9 * h + 6 * n + ffn) + p * b * s * 2 * n
+
+
+def seq2seq_activations(shape: Seq2SeqShape, setup: Setup) -> float:
+    p, b, s, t, h = DTYPE_BYTES[setup.dtype], setup.micro_batch, setup.seq_len, setup.target_len, shape.hidden
+    encoder, decoder = seq2seq_layer_activations(shape, setup)
+    rest = p * b * (s + t) * 3 * h + 8 * b * t * shape.vocab  # final norms (the encoder output among them), logits
+    if setup.checkpointing:
+        inputs = p * b * h * (shape.encoder_layers * s + shape.decoder_layers * t)
+        return inputs + max(encoder, decoder) + rest
+    return shape.encoder_layers * encoder + shape.decoder_layers * decoder + rest
+
+
+def activations(shape: Shape | Seq2SeqShape, setup: Setup) -> float:
+    if isinstance(shape, Seq2SeqShape):
+        return seq2seq_activations(shape, setup)
     p, tokens = DTYPE_BYTES[setup.dtype], setup.micro_batch * setup.seq_len
     h = shape.hidden
     per_layer = layer_activations(shape, setup)
@@ -103,7 +137,7 @@ def activations(shape: Shape, setup: Setup) -> float:
     return shape.layers * per_layer + logits
 
 
-def comm_bytes_per_step(shape: Shape, mode: str, world: int, dtype: str = "bf16", micro_batches: int = 1,
+def comm_bytes_per_step(shape: Shape | Seq2SeqShape, mode: str, world: int, dtype: str = "bf16", micro_batches: int = 1,
                         num_gist: int = 1) -> dict:
     """Bytes each rank sends (and receives) per optimizer step under ZeRO-3, ring collectives.
 
@@ -129,7 +163,9 @@ def plan(model: str, setup: Setup) -> dict:
     act = activations(shape, setup)
     total = states["gpu_total"] + act
     return {
-        "model": model, "params": shape.params(), "largest_module_params": shape.largest_module_params(),
+        "model": model, "shape": shape.describe(), "params": shape.params(),
+        "tokens": f"{setup.seq_len} encoder + {setup.target_len} decoder tokens" if isinstance(shape, Seq2SeqShape)
+        else f"{setup.seq_len} tokens", "largest_module_params": shape.largest_module_params(),
         "trainable_params": trainable_params(shape, setup.mode, setup.num_gist), "setup": setup.__dict__,
         "world": setup.world, "gpu_bytes": {**states["gpu"], "activations": act}, "gpu_model_states": states["gpu_total"],
         "gpu_total": total, "cpu_bytes_per_node": states["cpu_per_node"],
@@ -146,7 +182,7 @@ def format_plan(r: dict) -> str:
         f"per GPU (GiB): parameters {g['parameters'] / GiB:.2f}, gradients {g['gradients'] / GiB:.2f}, "
         f"optimizer {g['optimizer'] / GiB:.2f}, gathered working set {g['working'] / GiB:.2f}",
         f"  model states {r['gpu_model_states'] / GiB:.2f} GiB + activations {g['activations'] / GiB:.2f} GiB "
-        f"(micro batch {s['micro_batch']} x {s['seq_len']} tokens, checkpointing {'on' if s['checkpointing'] else 'off'})"
+        f"(micro batch {s['micro_batch']} x {r['tokens']}, checkpointing {'on' if s['checkpointing'] else 'off'})"
         f" = {r['gpu_total'] / GiB:.2f} GiB",
     ]
     if s["offload"] == "cpu":
