@@ -22,7 +22,9 @@ class ArtifactError(ValueError):
 
 
 FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "intermediate_size", "vocab_size", "rope_theta")
+                    "num_key_value_heads", "intermediate_size", "vocab_size", "rope_theta",
+                    # T5 names its sizes otherwise (absent from LLaMA configs: their hashes are unchanged)
+                    "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads")
 SAMPLE_ROWS, SAMPLE_COLS = 32, 8  # embedding entries recorded to recognise the base model
 
 

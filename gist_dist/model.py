@@ -1,5 +1,7 @@
-"""Load a causal LM + tokenizer: the embedded SmolLM2, a local HF folder, a GGUF file, a hub id,
-or a LLaMA shape file (configs/models/*.yaml) with random weights.
+"""Load a model + tokenizer: the embedded SmolLM2, a local HF folder, a GGUF file, a hub id,
+or a shape file (configs/models/*.yaml: LLaMA or T5) with random weights. Two families:
+decoder-only ("causal", AutoModelForCausalLM) and encoder-decoder ("seq2seq", AutoModelForSeq2SeqLM,
+any config with is_encoder_decoder: T5, FLAN-T5).
 
 Under ZeRO-3 the caller keeps a `transformers.integrations.HfDeepSpeedConfig` alive first, so
 `from_pretrained` / `from_config` build the model inside `deepspeed.zero.Init` and no rank ever
@@ -151,11 +153,40 @@ def _without_zero3():
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
+def model_family(config) -> str:
+    """"seq2seq" for encoder-decoder configs (T5), else "causal"."""
+    return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
+
+
+def auto_class(config):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    return AutoModelForSeq2SeqLM if model_family(config) == "seq2seq" else AutoModelForCausalLM
+
+
+def model_config(cfg_model, vocab_min: int = 0):
+    """The HF config `model.name` resolves to: a shape file's, else the checkpoint's own."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(cfg_model.name)
+    return config_from_shape(path, vocab_min) if is_shape_file(path) else AutoConfig.from_pretrained(path)
+
+
+def set_seq2seq_token_ids(config, tokenizer, from_shape: bool):
+    """T5 takes pad / eos / decoder-start ids from its config. Rule: a shape file's random T5 takes
+    pad and eos from its tokenizer (SmolLM2's: pad = eos = <|im_end|>) and starts the decoder with pad,
+    T5's own convention; a real checkpoint (FLAN-T5) keeps the ids its config has (they belong to its
+    tokenizer), and any it lacks are filled by the same rule."""
+    for key, value in (("pad_token_id", tokenizer.pad_token_id), ("eos_token_id", tokenizer.eos_token_id)):
+        if from_shape or getattr(config, key, None) is None:
+            setattr(config, key, value)
+    if from_shape or getattr(config, "decoder_start_token_id", None) is None:
+        config.decoder_start_token_id = config.pad_token_id
+
+
 def materialize_shape(config, seed: int) -> Path:
     """Random weights for a small shape, written once, so every process and world size (and
     later inference) loads the very same base model."""
     import hashlib
-    from transformers import AutoModelForCausalLM
 
     key = hashlib.sha256((config.to_json_string(use_diff=False) + str(seed)).encode()).hexdigest()[:16]
     target = cache_dir() / f"shape-{key}"
@@ -163,7 +194,7 @@ def materialize_shape(config, seed: int) -> Path:
         if not (target / "config.json").exists():
             torch.manual_seed(seed)
             with _without_zero3():
-                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+                model = auto_class(config).from_config(config, dtype=torch.float32)
             tmp = target.with_name(target.name + f".tmp{os.getpid()}")
             model.save_pretrained(tmp)
             tmp.rename(target)
@@ -201,16 +232,18 @@ def load_model(cfg_model, vocab_min: int = 0):
 
 
 def _load_backbone(cfg_model, vocab_min: int):
-    from transformers import AutoModelForCausalLM
-
     dtype = resolve_dtype(cfg_model.dtype)
     path = resolve_model_path(cfg_model.name)
+    kw = {"dtype": dtype, "attn_implementation": cfg_model.attn_implementation}
+    config = model_config(cfg_model, vocab_min)
+    if model_family(config) == "seq2seq":
+        set_seq2seq_token_ids(config, load_tokenizer(cfg_model), from_shape=is_shape_file(path))
     if is_shape_file(path):
-        config = llama_config_from_shape(path, vocab_min)
         if approx_params(config) > MATERIALIZE_MAX_PARAMS:
             # Too big to write out: random weights built directly inside zero.Init (not reproducible
             # across world sizes, which is fine for scale tests that never reload them).
             torch.manual_seed(cfg_model.seed)
-            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg_model.attn_implementation)
+            return auto_class(config).from_config(config, **kw)
         path = str(materialize_shape(config, cfg_model.seed))
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=cfg_model.attn_implementation)
+        return auto_class(config).from_pretrained(path, **kw)
+    return auto_class(config).from_pretrained(path, config=config, **kw)

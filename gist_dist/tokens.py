@@ -31,8 +31,12 @@ def init_gist_embeddings(model, gist_ids: list[int], num_old: int, new_size: int
     """Resize embeddings to cover gist ids and set their rows to the mean of the old rows.
 
     `gather(params)` makes (partitioned) params whole and writable, e.g. zero.gather under ZeRO-3.
+    Never shrinks: checkpoints such as FLAN-T5 have more rows than their tokenizer (32128 vs 32100),
+    and the gist ids then reuse spare rows.
     """
-    model.resize_token_embeddings(new_size, mean_resizing=False)
+    w = model.get_input_embeddings().weight
+    rows = getattr(w, "ds_shape", w.shape)[0]  # ZeRO-3 leaves an empty tensor and the full shape
+    model.resize_token_embeddings(max(new_size, rows), mean_resizing=False)
     mats = [model.get_input_embeddings().weight]
     out = model.get_output_embeddings()
     if out is not None and out.weight is not mats[0]:

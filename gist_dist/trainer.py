@@ -30,7 +30,7 @@ from .batches import ShardedBatches
 from .checkpoint import Checkpointer
 from .config import ConfigError, RunConfig, to_dict
 from .data import DataError, DataStats, GistTemplate, load_records
-from .methods import METHODS, Tokens
+from .methods import Tokens, method_for
 from .metrics_log import MetricsLog, Progress, check_backends
 from .model import load_model, load_tokenizer, resolve_dtype
 from .tokens import add_gist_tokens
@@ -42,10 +42,11 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def attention_backend(choice: str) -> str:
-    """auto: FlexAttention's BlockMask on CUDA, the dense 4D mask elsewhere (flex has no CPU backward)."""
+def attention_backend(choice: str, flex_ok: bool = True) -> str:
+    """auto: FlexAttention's BlockMask on CUDA (where the method can take one), the dense 4D mask
+    elsewhere (flex has no CPU backward)."""
     if choice == "auto":
-        return "flex" if torch.cuda.is_available() else "dense"
+        return "flex" if torch.cuda.is_available() and flex_ok else "dense"
     if choice == "flex" and not torch.cuda.is_available():
         raise ConfigError("model.attention=flex trains only on CUDA (FlexAttention has no CPU backward here); "
                           "use dense or auto")
@@ -74,8 +75,9 @@ class Trainer:
         num_old = len(tok)
         self.tokens = Tokens(tok, add_gist_tokens(tok, cfg.num_gist), num_old, tok.pad_token_id)
         self.dtype = resolve_dtype(cfg.model.dtype)
-        self.attention = attention_backend(cfg.model.attention)
-        self.method = METHODS[cfg.objective](cfg, self.tokens, self.dtype, self.attention)
+        method = method_for(cfg)  # by (model family, objective): checked before anything is built
+        self.attention = attention_backend(cfg.model.attention, method.flex_attention)
+        self.method = method(cfg, self.tokens, self.dtype, self.attention)
         ds_config = zero.deepspeed_config(cfg, zero.hidden_size_of(cfg), self.dtype)
 
         self._load_data()  # bad input fails before the model is built or anything is written

@@ -13,6 +13,7 @@ import torch
 from ..batches import ShardedBatches
 from ..config import RunConfig
 from ..data import IGNORE, pad_batch
+from ..masks import model_inputs
 from ..packing import join, pack
 
 
@@ -56,6 +57,11 @@ class Method:
     loss and its gradient do not depend on how examples were grouped into micro-batches or rows."""
     name = ""
     trains_backbone = True  # False: checkpoints leave the (frozen) backbone's shards out
+    flex_attention = True  # can take the mask as a FlexAttention BlockMask (model.attention=auto picks it on CUDA)
+
+    @classmethod
+    def check(cls, cfg: RunConfig):
+        """Refuse settings this method cannot honour (ConfigError), before anything is built."""
 
     def __init__(self, cfg: RunConfig, tokens: Tokens, dtype: torch.dtype, attention: str = "dense"):
         self.cfg, self.tokens, self.dtype = cfg, tokens, dtype
@@ -79,6 +85,12 @@ class Method:
     def collate(self, examples: list, device: torch.device) -> tuple[dict, int]:
         """(kwargs for the module's forward, tokens in the batch counted on the host: no device sync)."""
         raise NotImplementedError
+
+    def model_batch(self, examples: list, mask: str, device: torch.device) -> tuple[dict, torch.Tensor]:
+        """(the model's inputs under `mask`, the labels) on `device`: for a causal LM the ids, the gist
+        mask (dense 4D or a BlockMask) and positions; the encoder-decoder family has its own."""
+        b = to_device(examples, self.tokens.pad_id, device)
+        return model_inputs(b, self.tokens.gist_ids, mask, self.dtype, self.attention), b["labels"]
 
     def wrap(self, model) -> tuple[torch.nn.Module, list]:
         """(the module the engine trains, the parameters the optimizer updates)."""

@@ -17,10 +17,9 @@ from torch import nn
 from .. import artifact, dist, zero
 from ..batches import ShardedBatches
 from ..data import IGNORE
-from ..masks import model_inputs
 from ..tokens import GistEmbedding, mean_embedding
 from ..packing import join, pack
-from .base import Method, label_tokens, to_device
+from .base import Method, label_tokens
 from .finetune import label_targets, labelled_rows, lm_head_rows
 
 
@@ -118,6 +117,7 @@ def parameter_digest(named_params) -> str:
 class Distill(Method):
     name = "distill"
     trains_backbone = False  # the frozen backbone is rebuilt from the base model on resume
+    loss_module = DistillLoss  # what wraps the frozen model (the encoder-decoder family swaps it)
 
     def encode(self, template, records, stats, split):
         out = []
@@ -150,19 +150,16 @@ class Distill(Method):
         return ShardedBatches(examples, batch_size, rank, world, seed, pinned=self.cfg.distill.cache_teacher)
 
     def collate(self, examples, device):
-        pad, gist = self.tokens.pad_id, self.tokens.gist_ids
-        t = to_device([e["teacher"] for e in examples], pad, device)
-        s = to_device([e["student"] for e in examples], pad, device)
-        return {"teacher": model_inputs(t, gist, "pos_control", self.dtype, self.attention),
-                "student": model_inputs(s, gist, "gist", self.dtype, self.attention),
-                "labels_t": t["labels"], "labels_s": s["labels"],
+        teacher, labels_t = self.model_batch([e["teacher"] for e in examples], "pos_control", device)
+        student, labels_s = self.model_batch([e["student"] for e in examples], "gist", device)
+        return {"teacher": teacher, "student": student, "labels_t": labels_t, "labels_s": labels_s,
                 "keys": [e["key"] for e in examples] if self.cfg.distill.cache_teacher else None}, \
             sum(len(e["student"]["input_ids"]) for e in examples)
 
     def wrap(self, model):
         d = self.cfg.distill
         init = mean_embedding(model, zero.gather).expand(self.cfg.num_gist, -1)
-        module = DistillLoss(model, self.tokens.gist_ids, init, d.temperature, d.lm_weight, d.cache_teacher)
+        module = self.loss_module(model, self.tokens.gist_ids, init, d.temperature, d.lm_weight, d.cache_teacher)
         return module, [module.gist_rows.gist]
 
     def start(self, module):

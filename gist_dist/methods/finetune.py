@@ -11,9 +11,8 @@ from torch import nn
 from .. import dist, zero
 from ..atomic import atomic_dir
 from ..data import IGNORE
-from ..masks import model_inputs
 from ..tokens import init_gist_embeddings
-from .base import Method, to_device
+from .base import Method
 
 FINAL_META = "gist_model.json"  # final/: which gist tokens and mask (the distill artifact has gist_config.json)
 
@@ -50,21 +49,20 @@ class CausalLMLoss(nn.Module):
 
 class Finetune(Method):
     name = "finetune"
+    loss_module = CausalLMLoss  # what wraps the model (the encoder-decoder family swaps it)
 
     def encode(self, template, records, stats, split):
         return template.encode_all(records, stats)
 
     def collate(self, examples, device):
-        b = to_device(examples, self.tokens.pad_id, device)
-        return {**model_inputs(b, self.tokens.gist_ids, self.cfg.mask, self.dtype, self.attention),
-                "labels": b["labels"]}, \
-            sum(len(e["input_ids"]) for e in examples)
+        inputs, labels = self.model_batch(examples, self.cfg.mask, device)
+        return {**inputs, "labels": labels}, sum(len(e["input_ids"]) for e in examples)
 
     def wrap(self, model):
         tok = self.tokens.tokenizer
         init_gist_embeddings(model, self.tokens.gist_ids, self.tokens.num_old, len(tok), zero.gather)
         model.config.use_cache = False
-        return CausalLMLoss(model), [p for p in model.parameters() if p.requires_grad]
+        return self.loss_module(model), [p for p in model.parameters() if p.requires_grad]
 
     def export(self, engine, module, out, meta, last_loss):
         """OUTPUT_DIR/final/: a plain HF folder (safetensors + tokenizer + gist_model.json + model card)."""
@@ -78,7 +76,11 @@ class Finetune(Method):
             tok.save_pretrained(tmp)
             (tmp / FINAL_META).write_text(json.dumps(
                 {"mask": cfg.mask, "mode": cfg.mask, "num_gist": cfg.num_gist, "gist_tokens": gist_tokens}, indent=2))
-            (tmp / "README.md").write_text(model_card(cfg, gist_tokens))
+            (tmp / "README.md").write_text(self.model_card(cfg, gist_tokens))
+
+    @staticmethod
+    def model_card(cfg, gist_tokens: list[str]) -> str:
+        return model_card(cfg, gist_tokens)
 
 
 def model_card(cfg, gist_tokens: list[str]) -> str:
