@@ -95,10 +95,11 @@ def test_packing_and_flex_are_refused_for_t5_in_one_line(override):
     assert override.split("=")[0] in str(e.value) and "\n" not in str(e.value)
 
 
-def test_logit_light_loss_equals_hf_loss():
+@pytest.mark.parametrize("mask", ["gist", "pos_control", "neg_control"])
+def test_logit_light_loss_equals_hf_loss(mask):
     """The summed loss (LM head on answer rows only) equals HF's full-logit loss x its token count,
     HF shifting the answer right with the config's decoder start: the same decoder inputs."""
-    cfg = load_config(T5)
+    cfg = load_config(T5, [f"mask={mask}"])
     tok = load_tokenizer(cfg.model)
     tokens = Tokens(tok, add_gist_tokens(tok, 1), len(tok) - 1, tok.pad_token_id)
     method = method_for(cfg)(cfg, tokens, torch.float32)
