@@ -12,7 +12,8 @@ example via the same rouge module, exact match), and the 2.5 / 97.5 percentiles 
 
 The run's model is DIR/final/ (objective=finetune) or the base model + DIR/gist.safetensors (distill),
 loaded by inference.load_run, replicated on every rank or partitioned with ZeRO-3 (`--zero3`,
-generate with synced_gpus).
+generate with synced_gpus). Encoder-decoder runs (T5) answer through seq2seq_inference's gist cache;
+their kv_bytes count the cached encoder states (per layer + final output at the kept positions).
 Records are sorted by prompt length and cut into batches once, globally; rank r takes batches
 r, r + world, ... so every batch (and so every answer) is the same at any world size; rank 0
 gathers the answers back into the original order, scores them and writes DIR/eval.json,
@@ -36,7 +37,7 @@ from . import dist, zero
 from .atomic import write_text
 from .config import MASKS, RunConfig
 from .data import DataError, DataStats, GistTemplate, load_records
-from .inference import RunModel, greedy, load_run
+from .inference import RunModel, load_run
 from .model import resolve_dtype
 
 ROUGE_MODULE = Path(__file__).resolve().parent / "metrics" / "rouge.py"
@@ -76,9 +77,7 @@ def generate_answers(em: RunModel, examples: list[dict], batch_size: int, max_ne
     results = {}
     for n, batch in enumerate(mine):
         prompts = [examples[i]["prompt"] for i in batch]
-        answers, cache = greedy(em.model, prompts, [examples[i]["tail"] for i in batch], em.gist_ids, em.mask,
-                                max_new_tokens, em.tok.eos_token_id, em.tok.pad_token_id, embed=em.embed,
-                                synced_gpus=synced)
+        answers, cache = em.answer(prompts, [examples[i]["tail"] for i in batch], max_new_tokens, synced)
         if n >= len(batches[rank::world]):
             continue
         for i, ids, kv, full in zip(batch, answers, cache.nbytes(), cache.full_prompt_nbytes()):

@@ -1,6 +1,7 @@
 """Inference, written once: the gist KV cache, the batched greedy decoder, and the run loader.
 
 Eval, generate, compress (teacher answers), fidelity, latency and the FLOPs check all use these.
+Encoder-decoder models (T5) have their own cache in seq2seq_inference; `RunModel.answer` picks by family.
 
 Gist KV caching: run prompt + gist once, keep only the gist tokens' keys/values, answer from them.
 
@@ -38,7 +39,7 @@ from . import artifact, zero
 from .config import ModelConfig
 from .data import GistTemplate, pad_batch
 from .masks import make_attention_mask, model_inputs
-from .model import load_model, load_tokenizer
+from .model import load_model, load_tokenizer, model_family
 from .tokens import GistEmbedding, add_gist_tokens
 
 FINAL_META = "gist_model.json"  # final/ of a fine-tuned run; runs before 2026-12-03 named it gist_config.json
@@ -138,6 +139,15 @@ def empty_layers(model, batch: int) -> list[torch.Tensor]:
     return [torch.zeros(batch, heads, 0, head_dim, dtype=dtype, device=device)] * cfg.num_hidden_layers
 
 
+def padded_prompts(prompts: list[list[int]], gist_ids: list[int]) -> dict:
+    """Left-padded prompt + gist rows (the gist ids last in every row, so at the same columns)."""
+    k = len(gist_ids)
+    for p in prompts:
+        if k and list(p[-k:]) != list(gist_ids):
+            raise ValueError("every prompt must end with the gist tokens")
+    return pad_batch([{"input_ids": list(p)} for p in prompts], pad_id=0, left=True)
+
+
 @torch.no_grad()
 def build_cache(model, prompts: list[list[int]], gist_ids: list[int], mask: str = "gist",
                 embed=None) -> GistKVCache:
@@ -146,10 +156,7 @@ def build_cache(model, prompts: list[list[int]], gist_ids: list[int], mask: str 
     `embed(input_ids) -> inputs_embeds` splices trained gist rows in (distill artifacts)."""
     device, dtype = _device_dtype(model)
     k = len(gist_ids)
-    for p in prompts:
-        if k and list(p[-k:]) != list(gist_ids):
-            raise ValueError("every prompt must end with the gist tokens")
-    batch = pad_batch([{"input_ids": list(p)} for p in prompts], pad_id=0, left=True)
+    batch = padded_prompts(prompts, gist_ids)
     lengths = batch["attention_mask"].sum(-1)
     L = batch["input_ids"].shape[1]
     keep = kept_entries(mask, k, L)
@@ -281,6 +288,15 @@ class RunModel:
     meta: dict = dataclasses.field(default_factory=dict)
     gist: torch.Tensor | None = None  # distill: the trained [k, hidden] rows
     template: str | None = None  # data.template the run trained with (None: not recorded, alpaca)
+    family: str = "causal"  # "seq2seq" for encoder-decoder models (T5): seq2seq_inference answers
+
+    def answer(self, prompts: list[list[int]], tails: list[list[int]], max_new_tokens: int, synced_gpus: bool = False):
+        """Batched greedy answers by this run's family and mask: (answers, cache with nbytes / full_prompt_nbytes)."""
+        decode = greedy
+        if self.family == "seq2seq":
+            from .seq2seq_inference import greedy_seq2seq as decode  # that module imports this one
+        return decode(self.model, prompts, tails, self.gist_ids, self.mask, max_new_tokens, self.tok.eos_token_id,
+                      self.tok.pad_token_id, embed=self.embed, synced_gpus=synced_gpus)
 
 
 def load_inference_model(model_cfg: ModelConfig, ds_config: dict | None = None, vocab_min: int = 0):
@@ -316,9 +332,10 @@ def load_run(run_dir, model_cfg: ModelConfig | None = None, ds_config: dict | No
         meta = json.loads(meta_file.read_text())
         tok = AutoTokenizer.from_pretrained(final)
         cfg = dataclasses.replace(model_cfg, name=str(final), tokenizer="")
-        return RunModel(load_inference_model(cfg, ds_config), tok, tok.convert_tokens_to_ids(meta["gist_tokens"]),
+        model = load_inference_model(cfg, ds_config)  # load_model picks the seq2seq class from the saved config
+        return RunModel(model, tok, tok.convert_tokens_to_ids(meta["gist_tokens"]),
                         meta.get("mask", meta.get("mode")), source=str(final), meta=meta,
-                        template=run_template(out, meta))
+                        template=run_template(out, meta), family=model_family(model.config))
     if not (out / artifact.WEIGHTS).is_file():
         raise FileNotFoundError(f"{out}: no trained model here (neither final/ nor {artifact.WEIGHTS}); train into it first")
     meta = artifact.load(out)[1]
@@ -334,7 +351,7 @@ def load_run(run_dir, model_cfg: ModelConfig | None = None, ds_config: dict | No
     rows = GistEmbedding(gist_ids, gist.to(embedding.weight.device, embedding.weight.dtype)).eval()
     return RunModel(model, tok, gist_ids, "gist", embed=lambda ids: rows(ids, embedding),
                     source=f"{cfg.name} + {out / artifact.WEIGHTS}", meta=meta, gist=rows.gist.detach(),
-                    template=run_template(out, meta))
+                    template=run_template(out, meta), family=model_family(model.config))
 
 
 class GistModel:
