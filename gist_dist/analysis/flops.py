@@ -35,6 +35,7 @@ a heads of d = d_kv (n = a*d), F = d_ff, m = 3 FFN matrices when gated (gated-ge
 convention (matmuls only; T5's relative position bias is an embedding lookup, not counted):
     encoder layer, per token   q, k, v, o 8*h*n + FFN 2*m*h*F
     encoder self-attention     4*n*q*c   (q new tokens against c = cached + new keys, bidirectional)
+    cached keys, values        4*h*n*C per encoder layer: projected per request from the C kept states
     decoder layer, per token   self q, k, v, o 8*h*n + cross q, o 4*h*n + FFN 2*m*h*F
     decoder attention          self 4*n*q*(past+q) + cross 4*n*q*S over the S encoder positions it sees
     cross k, v                 4*h*n*S per decoder layer, computed at the first decoder step, then cached
@@ -44,13 +45,16 @@ T5 strategies for instruction P, k gist tokens and input X, counting the request
 output token (encoder + one decoder step from the start token):
     none       (P+k+X, 0, P+k+X)  the masked full prompt encoded every time, cross-attention over all
     gist       (X,     k, k+X)    prompt + gist encoded once (build_gist_cache = encoder(P+k, 0)); per
-                                  request only X is encoded, each layer's self-attention reading the k
-                                  cached gist positions' keys/values as extra keys; the decoder
-                                  cross-attends the k cached gist outputs + X (their k, v projected
-                                  per request, as HF's T5 does from encoder_hidden_states)
+                                  request only X is encoded (seq2seq_inference.encode_after_cache):
+                                  each layer's self-attention reads the k gist positions as extra
+                                  keys, their keys/values projected from the layer's kept gist states;
+                                  the decoder cross-attends the k kept gist outputs + X (cross k, v of
+                                  all k+X projected per request, as HF's T5 does)
     no_prompt  (X,     0, X)      the input alone (the floor: no instruction at all)
 There is no exact T5 "instruction" cache: the bidirectional encoder's prompt states depend on the input.
-Kept per prompt with the gist cache: k * (2*E*n + h) values (encoder keys/values + final states).
+Kept per prompt with the gist cache: k * (E + 1) * h values (the gist states entering every encoder
+layer, and the final ones); caching keys/values instead would save the 4*h*n*k per layer for 2*n/h
+times the bytes.
 """
 from __future__ import annotations
 
@@ -173,14 +177,16 @@ class Seq2SeqShape:
         return max(self.vocab * self.hidden, self.hidden * self.ff, self.hidden * self.inner)
 
     def kv_bytes_per_token(self, dtype: str) -> int:
-        """Kept per cached gist position: every encoder layer's key and value, and the final state."""
-        return (2 * self.encoder_layers * self.inner + self.hidden) * DTYPE_BYTES[dtype]
+        """Kept per cached gist position: its state entering every encoder layer, and the final one."""
+        return (self.encoder_layers + 1) * self.hidden * DTYPE_BYTES[dtype]
 
 
 def encoder_flops(shape: Seq2SeqShape, new: int, cached: int = 0) -> int:
-    """T5 encoder over `new` tokens whose self-attention also reads `cached` positions' keys/values."""
+    """T5 encoder over `new` tokens whose self-attention also reads `cached` kept positions (their
+    keys/values projected from the kept states)."""
     linear = 8 * shape.hidden * shape.inner + 2 * shape.ffn_matrices * shape.hidden * shape.ff
-    return shape.encoder_layers * (new * linear + 4 * shape.inner * new * (cached + new))
+    cached_kv = 4 * shape.hidden * shape.inner * cached
+    return shape.encoder_layers * (new * linear + cached_kv + 4 * shape.inner * new * (cached + new))
 
 
 def decoder_flops(shape: Seq2SeqShape, seen: int, new: int = 1, past: int = 0, logits: int = 1) -> int:
@@ -394,38 +400,25 @@ def measured_seq2seq_flops(model, new: int, cached: int, seen: int) -> int:
     """FlopCounterMode's count of one T5 request up to its first output token (lengths only; ids zero).
 
     cached == 0: HF's own forward (encoder over `new` tokens, one decoder step from the start token).
-    cached > 0 (gist cache): the encoder blocks run over the `new` input tokens with a DynamicCache
-    holding `cached` positions' keys/values in every layer, so each self-attention reads them as extra
-    keys (T5's relative bias sees their positions); the decoder then cross-attends the `cached`
-    final states (kept with the cache) + the new ones. Building the cache is not counted."""
+    cached > 0 (gist cache): inference's own request path, seq2seq_inference.encode_after_cache, over a
+    cache of `cached` kept gist positions (zeros: FLOPs depend on lengths only), then one decoder step
+    over the `cached` + `new` encoder states. Building the cache is not counted."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
-    from transformers import DynamicCache
+    from ..seq2seq_inference import Seq2SeqGistCache, encode_after_cache
     c, device, dtype = model.config, model.device, model.dtype
     ids = torch.zeros(1, new, dtype=torch.long, device=device)
     start = torch.zeros(1, 1, dtype=torch.long, device=device)
-    cache = DynamicCache()
-    for i in range(len(model.encoder.block)):
-        kv = torch.zeros(1, c.num_heads, cached, c.d_kv, device=device, dtype=dtype)
-        cache.update(kv, kv.clone(), i)
-    kept = torch.zeros(1, cached, c.d_model, device=device, dtype=dtype)
+    kept = [torch.zeros(1, cached, c.d_model, device=device, dtype=dtype) for _ in range(c.num_layers + 1)]
+    cache = Seq2SeqGistCache(kept[:-1], kept[-1], torch.zeros(1, dtype=torch.long), torch.full((1,), cached))
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         if cached == 0:
             model(input_ids=ids, decoder_input_ids=start, use_cache=False)
         else:
-            states = encode_after(model.encoder, ids, cache)
-            model(encoder_outputs=(torch.cat([kept, states], 1),), decoder_input_ids=start, use_cache=False)
+            states, _ = encode_after_cache(model, cache, [[0] * new])
+            # no cross mask: HF builds it with .item(), which meta tensors refuse; it changes no matmul
+            model(encoder_outputs=(states,), decoder_input_ids=start, use_cache=False)
     return counter.get_total_flops()
-
-
-def encode_after(encoder, ids, cache):
-    """A T5 encoder over `ids` whose self-attention also reads the positions already in `cache` (a
-    DynamicCache; T5Stack drops one in the encoder, so its blocks run here). Relative positions
-    continue after the cached ones. An empty cache collects every layer's keys/values."""
-    states, bias = encoder.embed_tokens(ids), None
-    for block in encoder.block:
-        states, bias, _ = block(states, None, bias, cache=cache)
-    return encoder.final_layer_norm(states)
 
 
 def check_against_counter(model: str, lengths: list[tuple[int, int]], num_gist: int, meta: bool = False) -> dict:
