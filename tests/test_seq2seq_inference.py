@@ -20,6 +20,7 @@ from gist_dist.tokens import add_gist_tokens
 from conftest import TINY, torchrun
 
 T5_SHAPE = str(ROOT / "configs" / "models" / "t5-tiny.yaml")
+T5_CONFIG = str(ROOT / "configs" / "t5-tiny.yaml")  # the training engineer's run config
 MAX_NEW = 8
 
 
@@ -143,6 +144,21 @@ def test_prompt_reaches_decoder_only_through_gist(t5):
     assert (cached - a).abs().max() <= 1e-5 * a.abs().max()
 
 
+def read_eval(run):
+    result = json.loads((run / "eval.json").read_text())
+    return result, [json.loads(line) for line in (run / "eval_outputs.jsonl").read_text().splitlines()]
+
+
+def uncached_predictions(cfg, records) -> list[str]:
+    """The run's answers to these records (instruction, input) by the reference path: full masked encoder, no cache."""
+    em = load_run_model(cfg)
+    template = GistTemplate(em.tok, em.gist_ids, 1 << 30, template=em.template or cfg.data.template)
+    pieces = [template.pieces({**r, "output": ""}) for r in records]
+    answers = generate_uncached_seq2seq(em.model, [p + em.gist_ids for p, _, _ in pieces], [t for _, t, _ in pieces],
+                                        em.gist_ids, em.mask, MAX_NEW, em.tok.eos_token_id, embed=em.embed)
+    return [em.tok.decode(a, skip_special_tokens=True).strip() for a in answers]
+
+
 @pytest.fixture(scope="module")
 def t5_run(tmp_path_factory):
     """A final/-style T5 run folder (save_pretrained + gist_model.json, what finetune exports) and eval
@@ -153,16 +169,12 @@ def t5_run(tmp_path_factory):
     tok.save_pretrained(run / "final")
     (run / "final" / "gist_model.json").write_text(json.dumps(
         {"mask": "gist", "num_gist": 1, "gist_tokens": tok.convert_ids_to_tokens(gist_ids)}))
-    em = load_run_model(load_config(TINY, [f"output_dir={run}"]))
-    assert em.family == "seq2seq"
-    template = GistTemplate(em.tok, em.gist_ids, 1 << 30)
+    cfg = load_config(TINY, [f"output_dir={run}"])
+    assert load_run_model(cfg).family == "seq2seq"
     splits = {}
     for split in ("seen", "unseen"):
         records = load_records(f"generated:{split}", n=10, seed=7)
-        pieces = [template.pieces(r) for r in records]
-        answers = generate_uncached_seq2seq(em.model, [p + em.gist_ids for p, _, _ in pieces], [t for _, t, _ in pieces],
-                                            em.gist_ids, em.mask, MAX_NEW, em.tok.eos_token_id)
-        references = [em.tok.decode(a, skip_special_tokens=True).strip() for a in answers]
+        references = uncached_predictions(cfg, records)
         assert all(references) and len(set(references)) > 1
         path = run / f"{split}.jsonl"
         path.write_text("".join(json.dumps({**r, "output": ref}) + "\n" for r, ref in zip(records, references)))
@@ -170,24 +182,39 @@ def t5_run(tmp_path_factory):
     return run, splits
 
 
-def test_eval_of_a_t5_run_one_and_two_ranks(t5_run):
-    """gist-dist eval of a T5 run: the cached answers are the uncached reference on 1 rank and on 2 ranks."""
+def test_eval_of_a_t5_run_gives_its_uncached_answers(t5_run):
+    """gist-dist eval of a T5 folder: the cached answers are the uncached reference, exactly."""
     run, splits = t5_run
-    args = [f"output_dir={run}", "data.eval_splits=" + ",".join(f"{k}:{v}" for k, v in splits.items()),
-            f"eval_max_new_tokens={MAX_NEW}", "eval_batch_size=4"]  # 3 batches a split: uneven over 2 ranks
-    results = {}
-    for world in (1, 2):
-        if world == 1:
-            run_eval(load_config(TINY, args))
-        else:
-            torchrun(["eval", TINY, *args])
-        result = json.loads((run / "eval.json").read_text())
-        outputs = [json.loads(line) for line in (run / "eval_outputs.jsonl").read_text().splitlines()]
-        assert result["world_size"] == world and result["mode"] == "gist"
-        assert [o["prediction"] for o in outputs] == [o["reference"] for o in outputs]
-        for s in result["splits"].values():
-            assert s["n"] == 10 and s["exact_match"] == 1.0 and s["rougeL"] == pytest.approx(1.0)
-            assert s["kv_bytes_per_prompt"]["cached"] < s["kv_bytes_per_prompt"]["full_prompt"]
-        results[world] = (result["splits"], outputs)
-    strip = lambda splits: {n: {k: v for k, v in s.items() if k != "generate_s"} for n, s in splits.items()}
-    assert strip(results[1][0]) == strip(results[2][0]) and results[1][1] == results[2][1]
+    result = run_eval(load_config(TINY, [f"output_dir={run}", f"eval_max_new_tokens={MAX_NEW}", "eval_batch_size=4",
+                                         "data.eval_splits=" + ",".join(f"{k}:{v}" for k, v in splits.items())]))
+    _, outputs = read_eval(run)
+    assert result["mode"] == "gist" and [o["prediction"] for o in outputs] == [o["reference"] for o in outputs]
+    for s in result["splits"].values():
+        assert s["n"] == 10 and s["exact_match"] == 1.0 and s["rougeL"] == pytest.approx(1.0)
+        assert s["kv_bytes_per_prompt"]["cached"] < s["kv_bytes_per_prompt"]["full_prompt"]
+
+
+def test_eval_of_trained_t5_runs(tmp_path):
+    """Real runs of configs/t5-tiny.yaml: a 2-rank ZeRO-3 gist fine-tune evaluated on 1 rank and on 2 ZeRO-3
+    ranks gives the same results, and a distill artifact (base + gist.safetensors) evaluates too; both
+    answer as the uncached reference does."""
+    args = ["data.num_eval=10", f"eval_max_new_tokens={MAX_NEW}", "eval_batch_size=4"]  # 3 batches: uneven over 2 ranks
+    gist, distill = tmp_path / "gist", tmp_path / "distill"
+    torchrun(["train", T5_CONFIG, f"output_dir={gist}", "train.max_steps=4"])
+    cfg = load_config(T5_CONFIG, [f"output_dir={gist}", *args])
+    one = run_eval(cfg)
+    _, one_outputs = read_eval(gist)
+    torchrun(["eval", T5_CONFIG, f"output_dir={gist}", *args, "--zero3"])
+    two, two_outputs = read_eval(gist)
+    assert (one["world_size"], two["world_size"], two["zero3"]) == (1, 2, True) and two["model"].endswith("final")
+    same = lambda splits: {n: {k: v for k, v in s.items() if k != "generate_s"} for n, s in splits.items()}
+    assert same(one["splits"]) == same(two["splits"]) and one_outputs == two_outputs
+    assert [o["prediction"] for o in one_outputs] == uncached_predictions(cfg, one_outputs)
+    assert any(o["prediction"] for o in one_outputs)  # 4 steps in, some answers are still more than eos
+
+    torchrun(["train", T5_CONFIG, "objective=distill", f"output_dir={distill}", "train.max_steps=2"], nproc=1)
+    cfg = load_config(T5_CONFIG, ["objective=distill", f"output_dir={distill}", *args])
+    result = run_eval(cfg)
+    _, outputs = read_eval(distill)
+    assert result["model"].endswith("gist.safetensors") and result["splits"]["seen"]["n"] == 10
+    assert [o["prediction"] for o in outputs] == uncached_predictions(cfg, outputs) and any(o["prediction"] for o in outputs)
