@@ -48,6 +48,20 @@ def _smollm2_gguf() -> Path:
     return files[0]
 
 
+def save_model_folder(model, folder: Path) -> None:
+    """config.json, generation_config.json and model.safetensors, written by this process whatever its rank:
+    save_pretrained writes nothing on torch.distributed ranks other than 0, but a cache folder is filled by
+    whichever rank takes its lock first (and on every node, when the cache is node-local)."""
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True)
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
+    if model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})  # tied tensors once
+
+
 @contextlib.contextmanager
 def _file_lock(path: Path):
     with open(path, "w") as fh:
@@ -69,7 +83,7 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
         model.hf_quantizer = None  # save_pretrained refuses a "quantized" model otherwise
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.save_pretrained(tmp)
+        save_model_folder(model, tmp)
         tok.save_pretrained(tmp)
         tmp.rename(target)
     return target
@@ -196,7 +210,8 @@ def materialize_shape(config, seed: int) -> Path:
             with _without_zero3():
                 model = auto_class(config).from_config(config, dtype=torch.float32)
             tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-            model.save_pretrained(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_model_folder(model, tmp)
             tmp.rename(target)
     return target
 
