@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 
+import matplotlib.image
 import pytest
 import torch
 from transformers import T5ForConditionalGeneration
 
+from gist_dist.analysis.report import write_report
 from gist_dist.config import ModelConfig, load_config
 from gist_dist.data import GistTemplate, load_records
 from gist_dist.evaluation import load_run_model, run_eval
@@ -211,6 +213,11 @@ def test_eval_of_trained_t5_runs(tmp_path):
     assert same(one["splits"]) == same(two["splits"]) and one_outputs == two_outputs
     assert [o["prediction"] for o in one_outputs] == uncached_predictions(cfg, one_outputs)
     assert any(o["prediction"] for o in one_outputs)  # 4 steps in, some answers are still more than eos
+    write_report([str(gist)], peak_gflops=50.0)  # the report follows the T5 family (strategies, no LLaMA MFU)
+    report = json.loads((gist / "report.json").read_text())["runs"][0]
+    assert list(report["flops"]["gflops_per_example"]) == ["none", "gist", "no_prompt"]
+    assert report["mfu"]["mfu"] is None and "encoder-decoder" in (gist / "report.md").read_text()
+    assert matplotlib.image.imread(gist / "strategies.png").shape[0] > 100
 
     torchrun(["train", T5_CONFIG, "objective=distill", f"output_dir={distill}", "train.max_steps=2"], nproc=1)
     cfg = load_config(T5_CONFIG, ["objective=distill", f"output_dir={distill}", *args])

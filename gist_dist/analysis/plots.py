@@ -8,8 +8,6 @@ import matplotlib
 matplotlib.use("Agg")  # headless: cluster nodes have no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .flops import STRATEGIES  # noqa: E402
-
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
@@ -46,15 +44,17 @@ def throughput(report: dict, path: Path) -> Path:
 
 
 def strategies(flops: dict, path: Path) -> Path:
-    """GFLOPs to first token, KV bytes per prompt and (when measured) TTFT, per caching strategy."""
+    """GFLOPs to first token, KV bytes per prompt and (when measured) TTFT, per caching strategy
+    (the table's own strategies: decoder-only and T5 shapes have different ones)."""
+    names = list(flops["gflops_per_example"])
     latency = flops.get("latency") or {}
-    panels = [("GFLOPs to first token", [flops["gflops_per_example"][s] for s in STRATEGIES]),
-              ("KV bytes per prompt", [flops["kv_bytes_per_prompt"][s] for s in STRATEGIES])]
-    if all(s in latency for s in STRATEGIES):
-        panels.append(("TTFT ms (measured)", [latency[s]["ttft_ms"] for s in STRATEGIES]))
+    panels = [("GFLOPs to first token", [flops["gflops_per_example"][s] for s in names]),
+              ("KV bytes per prompt", [flops["kv_bytes_per_prompt"][s] for s in names])]
+    if all(s in latency for s in names):
+        panels.append(("TTFT ms (measured)", [latency[s]["ttft_ms"] for s in names]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5))
     for ax, (title, values) in zip(axes, panels):
-        ax.bar(STRATEGIES, values, color=["tab:gray", "tab:blue", "tab:green"])
+        ax.bar(names, values, color=["tab:gray", "tab:blue", "tab:green"][:len(names)])
         ax.set_title(title, fontsize=10)
     fig.suptitle(f"{flops['model']['name']}, k={flops['num_gist']}, {flops['examples']} prompts", fontsize=10)
     return _save(fig, path)

@@ -82,9 +82,12 @@ def training_stats(rows: list[dict]) -> dict:
 
 
 def mfu(train: dict, cfg: dict, peak_gflops: float) -> dict:
-    from .flops import forward_flops, shape_of
+    from .flops import Shape, forward_flops, shape_of
     model = (cfg.get("model") or {}).get("name", "smollm2")
     shape = shape_of(model)
+    if not isinstance(shape, Shape):  # metrics count encoder and decoder tokens together: no per-token split
+        return {"model": model, "mfu": None, "why": "not computed for encoder-decoder runs (the step's tokens "
+                "are not split into encoder and decoder tokens)"}
     t = cfg.get("train") or {}
     sequences = t.get("micro_batch_size", 1) * t.get("grad_accum", 1) * train["world_size"]
     seq = max(1, round(train["tokens_per_step"] / sequences))
@@ -161,9 +164,7 @@ def format_markdown(report: dict, plots: list[str]) -> str:
                   for i, (tps, mem) in enumerate(zip(t["rank_tokens_per_s"], t["rank_peak_mem_gb"]))]
         lines += [f"| total | {t['tokens_per_s']:.1f} | max {t['peak_mem_gb']:.2f} |", "",
                   f"Step time {t['step_time_s_mean']:.3f} s mean, {t['step_time_s_median']:.3f} s median "
-                  f"(after step 1). MFU {m['mfu']:.2%}: {m['achieved_gflops']:.2f} GFLOP/s achieved = "
-                  f"{t['tokens_per_s']:.1f} tokens/s x {m['train_gflops_per_token']:.4f} GFLOPs/token "
-                  f"(3 x forward of {m['model']} at {m['mean_seq_tokens']} tokens/sequence).", ""]
+                  f"(after step 1). " + _mfu_line(t, m), ""]
         if run["eval"]:
             lines += ["| split | n | ROUGE-L | exact match | prompt tokens (mean) | compression (mean) |",
                       "|---|---:|---:|---:|---:|---:|"]
@@ -176,6 +177,14 @@ def format_markdown(report: dict, plots: list[str]) -> str:
         lines += _flops_lines(run["flops"])
     lines += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _mfu_line(t: dict, m: dict) -> str:
+    if m["mfu"] is None:
+        return f"MFU {m['why']}."
+    return (f"MFU {m['mfu']:.2%}: {m['achieved_gflops']:.2f} GFLOP/s achieved = {t['tokens_per_s']:.1f} tokens/s x "
+            f"{m['train_gflops_per_token']:.4f} GFLOPs/token (3 x forward of {m['model']} at "
+            f"{m['mean_seq_tokens']} tokens/sequence).")
 
 
 def _num(x, digits: int = 4) -> str:
