@@ -7,7 +7,8 @@ One ZeRO-3 engine (gist mask, fine-tune). Each round runs `Trainer.train_step()`
 micro-batches (train.micro_batch_size examples, each padded to the longest) and once on packed
 rows (rows of up to data.max_length tokens), in alternating order. The packed micro-batch holds
 as many rows as give about the same real tokens per step as the padded one. Prints real tokens/s
-of both (median over rounds) and the ratio packed / padded (targets: >= 1.5x Alpaca, >= 2x generated).
+of both (median over rounds), the real tokens per step of both (set train.micro_batch_size so
+they match: the packed side rounds to whole rows) and the ratio packed / padded (targets: >= 1.5x Alpaca, >= 2x generated).
 """
 import statistics
 import sys
@@ -39,6 +40,7 @@ def main():
     loaders = {"padded": trainer.train_batches,
                "packed": ShardedBatches(packed, rows_per_batch, rank, world, cfg.train.seed)}
     tps = {name: [] for name in loaders}
+    step_tokens = {name: [] for name in loaders}
     for i in range(WARMUP + ROUNDS):
         for name in (("padded", "packed") if i % 2 == 0 else ("packed", "padded")):
             trainer.train_batches = loaders[name]
@@ -48,12 +50,14 @@ def main():
             dist.barrier()
             if i >= WARMUP:
                 tps[name].append(record["tokens"] / (time.perf_counter() - t0))  # tokens = real ids, all ranks
+                step_tokens[name].append(record["tokens"])
     med = {k: statistics.median(v) for k, v in tps.items()}
     dist.log(f"packing world={world}: {len(examples)} examples ({per_example:.1f} tokens each) -> {len(packed)} rows "
              f"({per_row:.1f} tokens each, capacity {cfg.data.max_length}); micro-batch {cfg.train.micro_batch_size} "
              f"examples vs {rows_per_batch} rows, {ROUNDS} steps each")
     for k, v in tps.items():
-        dist.log(f"  {k:6s} real tokens/s median {med[k]:.1f}  (min {min(v):.1f}, max {max(v):.1f})")
+        dist.log(f"  {k:6s} real tokens/s median {med[k]:.1f}  (min {min(v):.1f}, max {max(v):.1f}); "
+                 f"real tokens per step (all ranks) median {statistics.median(step_tokens[k]):.0f}")
     dist.log(f"  ratio packed / padded = {med['packed'] / med['padded']:.2f}")
 
 
