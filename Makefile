@@ -14,10 +14,11 @@ setup:
 setup-test:
 	@WITH_TEST_SYSTEM_PACKAGES=1 ./scripts/bootstrap.sh
 
-## make demo: train SmolLM2-135M-Instruct with 1 gist token on 2 CPU ranks (ZeRO-3), then summarise.
+## make demo: train SmolLM2-135M-Instruct with 1 gist token on 2 CPU ranks (ZeRO-3, packed rows), evaluate
+## on held-out generated tasks, then summarise.
 demo: setup
 	@rm -rf runs/demo  # the demo always starts fresh (a kept output_dir would resume)
-	@./launchers/local.sh 2 configs/smollm2.yaml output_dir=runs/demo $(ARGS)
+	@EVAL=1 ./launchers/local.sh 2 configs/smollm2.yaml output_dir=runs/demo $(ARGS)
 
 ## make test: the whole test suite (unit, 2-rank ZeRO-3, launchers, real Slurm); runs on after a failure.
 test: setup-test

@@ -19,7 +19,7 @@ BIN=.venv/bin
 export GIST_DIST_CACHE=${GIST_DIST_CACHE:-$PWD/.cache} HF_HOME=${HF_HOME:-$PWD/.cache/hf}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions} HF_HUB_OFFLINE=1
 COMMON=(configs/smollm2.yaml "data.train=$DATA/alpaca_train.json" "data.eval=$DATA/alpaca_dev.json"
-        data.num_train=0 data.max_length=256 train.max_steps=$STEPS train.lr=1e-4 train.warmup_steps=2
+        data.num_train=0 data.max_length=256 data.packing=false train.max_steps=$STEPS train.lr=1e-4 train.warmup_steps=2
         "data.eval_splits=dev:$DATA/alpaca_dev.json" data.num_eval=$NUM_DEV eval_max_new_tokens=32 eval_batch_size=8)
 for mode in $MODES; do
   dir=$OUT/$mode

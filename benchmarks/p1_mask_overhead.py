@@ -22,8 +22,8 @@ REPEATS, WARMUP = 8, 2
 
 def main():
     args = sys.argv[1:] or ["configs/smollm2.yaml"]
-    cfg = load_config(args[0], ["data.max_length=128", "output_dir=runs/p1", "objective=finetune", "mask=gist",
-                                "data.num_train=400", *args[1:]])
+    cfg = load_config(args[0], ["data.max_length=128", "data.packing=false", "train.micro_batch_size=4",  # as recorded
+                                "output_dir=runs/p1", "objective=finetune", "mask=gist", "data.num_train=400", *args[1:]])
     trainer = Trainer(cfg)
     gist_collate = trainer.method.collate
 

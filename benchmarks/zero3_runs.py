@@ -33,7 +33,7 @@ RUNS = {
 def launch(name, nproc, extra, args, out):
     cmd = [BIN / "torchrun", "--standalone", "--nproc_per_node", str(nproc), BIN / "gist-dist", "train",
            "configs/smollm2.yaml", f"output_dir={out}", f"data.train={args.data}", f"data.eval={args.data}",
-           "data.max_length=128", "train.micro_batch_size=4", f"train.max_steps={args.steps}",
+           "data.max_length=128", "data.packing=false", "train.micro_batch_size=4", f"train.max_steps={args.steps}",
            "train.eval_batches=1", "data.num_train=400", "data.num_eval=16", "train.verify_frozen=false", *extra]
     print(f"[{name}] {' '.join(map(str, cmd))}", flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": str(max(1, 2 // nproc))},

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import TINY, gist_dist
 from gist_dist.analysis.flops import forward_flops, shape_of
-from gist_dist.analysis.summary import read_metrics
+from gist_dist.analysis.summary import read_metrics, summarize
 
 PEAK = 50.0  # GFLOP/s handed to the report, so MFU can be recomputed here exactly
 
@@ -63,6 +63,13 @@ def test_report_of_several_runs_with_eval(tiny_gist_run, tmp_path):
         assert r["flops"]["num_gist"] == r["train"]["num_gist"]
     assert (out / "rouge_vs_gist.png").is_file()
     assert "ROUGE-L" in (out / "report.md").read_text()
+    # the summary `make demo` ends with: one line per held-out split, from eval.json's own figures
+    held_out = [line for line in summarize(k2).splitlines() if line.startswith("held-out")]
+    ev = json.loads((k2 / "eval.json").read_text())["splits"]
+    assert [line.split(":")[0] for line in held_out] == [f"held-out {name}" for name in ev]
+    for line, s in zip(held_out, ev.values()):
+        assert f"exact match {s['exact_match']:.2f}, ROUGE-L {s['rougeL']:.2f} on {s['n']} tasks" in line
+        assert f"in 2 gist token(s): {s['compression_ratio']['mean']:.1f}x compression" in line
 
 
 def test_report_bad_input(tmp_path):

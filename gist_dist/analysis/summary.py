@@ -33,4 +33,15 @@ def summarize(run_dir: str | Path) -> str:
         f"outputs:      {out / 'metrics.jsonl'}, {out / 'checkpoints'}, "
         + (f"{out / 'final'}" if (out / "final").exists() else f"{out / 'gist.safetensors'}"),
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + eval_lines(out))
+
+
+def eval_lines(run_dir: Path) -> list[str]:
+    """One line per held-out split of RUN/eval.json (written by `gist-dist eval`), none without it."""
+    path = run_dir / "eval.json"
+    if not path.is_file():
+        return []
+    result = json.loads(path.read_text())
+    return [f"held-out {name}: exact match {s['exact_match']:.2f}, ROUGE-L {s['rougeL']:.2f} on {s['n']} tasks, "
+            f"prompt of {s['prompt_tokens']['mean']:.1f} tokens (mean) in {result['num_gist']} gist token(s): "
+            f"{s['compression_ratio']['mean']:.1f}x compression" for name, s in result["splits"].items()]
