@@ -111,6 +111,9 @@ class RunConfig:
     objective: str = "finetune"  # finetune: the whole model with the LM loss | distill: only gist embeddings, by KL
     mask: str = "gist"  # gist | pos_control | neg_control (distill: the student's mask, gist)
     mode: str = ""  # alias of the first interface: gist | pos_control | neg_control | distill
+    # visible: the template's fixed leading tokens (BOS, "Instruction:", a chat header) stay visible to
+    # every query under gist and neg_control too (an attention sink that carries no prompt); masks.py
+    mask_prefix: str = "hidden"
     num_gist: int = 1
     output_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -146,6 +149,9 @@ class RunConfig:
             (self.mask in MASKS, f"mask must be one of {', '.join(MASKS)}, got {self.mask!r}"),
             (self.objective != "distill" or self.mask == "gist",
              f"objective=distill trains a student under the gist mask; mask={self.mask} is for objective=finetune"),
+            (self.mask_prefix in ("hidden", "visible"), f"mask_prefix must be hidden or visible, got {self.mask_prefix!r}"),
+            (self.mask_prefix == "hidden" or self.objective == "finetune",
+             "mask_prefix=visible is implemented for objective=finetune only; set mask_prefix=hidden"),
             (1 <= self.num_gist <= 64, f"num_gist must be between 1 and 64, got {self.num_gist}"),
             (self.train.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
             (self.train.grad_accum >= 1, "train.grad_accum must be >= 1"),

@@ -411,6 +411,9 @@ class GistTemplate:
         self.chat = chat_segments(tokenizer, template) if template != "alpaca" else None
         # what stays before the gist when the prompt is left out: the BOS, or the chat header
         self.prefix = self.chat[0] if self.chat else self.bos
+        # the prompt's leading tokens that are the same for every record (mask_prefix=visible keeps them
+        # visible); the instruction is tokenized after them (the same ids as the joined text on SmolLM2)
+        self.fixed_head = self.chat[0] if self.chat else self.bos + self.text_ids("Instruction:")
 
     def text_ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
@@ -422,7 +425,7 @@ class GistTemplate:
             sep = "\n" if self.template == "chat" and rec.get("input") else ""
             tail = between + self.text_ids(sep + (rec.get("input") or "")) + before_answer
             return head + self.text_ids(rec["instruction"]), tail, self.text_ids(rec["output"]) + end
-        prompt = self.bos + self.text_ids(f"Instruction: {rec['instruction']}\n")
+        prompt = self.fixed_head + self.text_ids(f" {rec['instruction']}\n")
         tail = f"\nInput: {rec['input']}\nOutput:" if rec.get("input") else "\nOutput:"
         return prompt, self.text_ids(tail), self.text_ids(" " + rec["output"]) + [self.eos]
 

@@ -149,7 +149,8 @@ def run_eval(cfg: RunConfig, zero3: bool = False) -> dict | None:
                 continue
             prompt, tail, _ = template.pieces(rec)
             kept.append(rec)
-            examples.append({"prompt": prompt + em.gist_ids, "tail": tail, "prompt_tokens": len(prompt)})
+            # compression counts what the gist replaces: a visible prefix is kept, once per model
+            examples.append({"prompt": prompt + em.gist_ids, "tail": tail, "prompt_tokens": len(prompt) - em.prefix})
         if not examples:
             raise DataError(f"{splits[name]}: every prompt is longer than data.max_length={cfg.data.max_length}")
         t0 = time.time()

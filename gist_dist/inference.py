@@ -15,6 +15,10 @@ What is kept per mask (the same code serves the controls):
     gist         the k gist entries
     pos_control  every prompt + gist entry (nothing is masked, so nothing can be dropped)
     neg_control  nothing (later tokens see neither prompt nor gist); positions still resume
+With mask_prefix=visible (`prefix` = n) the first n entries of every row (template text identical for
+every prompt, so identical keys/values) are kept too, in front: `shared` = n columns that are the same
+for every prompt, counted once per model in the bytes report (nbytes leaves them out) although each
+row of a batch holds its own copy (HF's cache wants [B, ...]).
 
     cache = build_cache(model, [prompt + gist_ids, ...], gist_ids, "gist")
     answers = generate_from_cache(model, cache, [tail_ids, ...], max_new_tokens=32, eos_id=tok.eos_token_id)
@@ -33,6 +37,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import artifact, zero
@@ -53,6 +58,7 @@ class GistKVCache:
     attention_mask: torch.Tensor  # [B, C], 0 on padding columns
     next_position: torch.Tensor  # [B], position of the first token after prompt + gist
     prompt_tokens: torch.Tensor  # [B], instruction tokens the cache replaces (for the bytes report)
+    shared: int = 0  # leading columns identical for every prompt (the visible prefix)
 
     @property
     def batch_size(self) -> int:
@@ -68,8 +74,13 @@ class GistKVCache:
                    for k, v in zip(self.keys, self.values))
 
     def nbytes(self) -> list[int]:
-        """Per row: bytes of the entries this cache really keeps (padding not counted)."""
-        return [int(n) * self.bytes_per_token() for n in self.attention_mask.sum(-1)]
+        """Per row: bytes of the entries this cache keeps for that prompt (padding and the shared prefix
+        not counted)."""
+        return [(int(n) - self.shared) * self.bytes_per_token() for n in self.attention_mask.sum(-1)]
+
+    def shared_nbytes(self) -> int:
+        """Bytes of the prefix entries every prompt shares: kept once per model."""
+        return self.shared * self.bytes_per_token()
 
     def full_prompt_nbytes(self) -> list[int]:
         """Per row: bytes a plain prompt cache (every instruction token) would take instead."""
@@ -86,12 +97,14 @@ class GistKVCache:
         return GistKVCache([k[i:i + 1, :, start:].clone() for k in self.keys],
                            [v[i:i + 1, :, start:].clone() for v in self.values],
                            self.attention_mask[i:i + 1, start:].clone(), self.next_position[i:i + 1].clone(),
-                           self.prompt_tokens[i:i + 1].clone())
+                           self.prompt_tokens[i:i + 1].clone(), self.shared)
 
     @staticmethod
     def stack(caches: list["GistKVCache"]) -> "GistKVCache":
         """Batch several caches (e.g. loaded one per prompt), left-padding shorter ones."""
         C = max(c.length for c in caches)
+        if len({c.shared for c in caches}) > 1:
+            raise ValueError("caches with different shared prefixes cannot be stacked")
 
         def lpad(t, dim):  # zeros in front along `dim` up to C
             shape = list(t.shape)
@@ -102,7 +115,8 @@ class GistKVCache:
         return GistKVCache([torch.cat([lpad(c.keys[l], 2) for c in caches]) for l in layers],
                            [torch.cat([lpad(c.values[l], 2) for c in caches]) for l in layers],
                            torch.cat([lpad(c.attention_mask, 1) for c in caches]),
-                           torch.cat([c.next_position for c in caches]), torch.cat([c.prompt_tokens for c in caches]))
+                           torch.cat([c.next_position for c in caches]), torch.cat([c.prompt_tokens for c in caches]),
+                           caches[0].shared)
 
     def save(self, path, meta: dict | None = None):
         tensors = {"attention_mask": self.attention_mask, "next_position": self.next_position,
@@ -110,14 +124,16 @@ class GistKVCache:
         for layer, (k, v) in enumerate(zip(self.keys, self.values)):
             tensors[f"keys.{layer}"], tensors[f"values.{layer}"] = k.contiguous(), v.contiguous()
         save_file(tensors, str(path), metadata={"format": "gist-kv", "num_layers": str(len(self.keys)),
-                                                "meta": json.dumps(meta or {})})
+                                                "shared": str(self.shared), "meta": json.dumps(meta or {})})
 
     @classmethod
     def load(cls, path) -> "GistKVCache":
         t = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            shared = int((f.metadata() or {}).get("shared", 0))  # files before mask_prefix: none
         n = sum(1 for name in t if name.startswith("keys."))
         return cls([t[f"keys.{i}"] for i in range(n)], [t[f"values.{i}"] for i in range(n)],
-                   t["attention_mask"], t["next_position"], t["prompt_tokens"])
+                   t["attention_mask"], t["next_position"], t["prompt_tokens"], shared)
 
 
 def kept_entries(mask: str, num_gist: int, padded_length: int) -> int:
@@ -150,31 +166,39 @@ def padded_prompts(prompts: list[list[int]], gist_ids: list[int]) -> dict:
 
 @torch.no_grad()
 def build_cache(model, prompts: list[list[int]], gist_ids: list[int], mask: str = "gist",
-                embed=None) -> GistKVCache:
+                embed=None, prefix: int = 0) -> GistKVCache:
     """One forward over left-padded prompt+gist rows (each ending in the gist ids) under `mask`.
 
-    `embed(input_ids) -> inputs_embeds` splices trained gist rows in (distill artifacts)."""
+    `embed(input_ids) -> inputs_embeds` splices trained gist rows in (distill artifacts); `prefix`:
+    the rows' first tokens that stay visible (mask_prefix=visible), kept in front of the gist entries."""
     device, dtype = _device_dtype(model)
     k = len(gist_ids)
     batch = padded_prompts(prompts, gist_ids)
     lengths = batch["attention_mask"].sum(-1)
     L = batch["input_ids"].shape[1]
     keep = kept_entries(mask, k, L)
+    shared = prefix if mask != "pos_control" else 0  # pos_control keeps every entry anyway
+    if shared and int(lengths.min()) < shared + k:
+        raise ValueError(f"a prompt is shorter than its {shared} visible prefix tokens + {k} gist tokens")
     keys, values = [], []
-    if keep:  # neg_control keeps nothing: skipped on every rank alike, so ZeRO-3 collectives still match
+    if keep or shared:  # neg_control without a prefix keeps nothing: skipped on every rank alike (ZeRO-3)
         on_device = {name: t.to(device) for name, t in batch.items()}  # the 4D mask is built there
-        inputs = model_inputs(on_device, gist_ids, mask, dtype)
+        inputs = model_inputs(on_device, gist_ids, mask, dtype, prefix=prefix)
         if embed is not None:
             inputs["inputs_embeds"] = embed(inputs.pop("input_ids"))
         out = model(**inputs, use_cache=True, logits_to_keep=1)
+        # the prefix's columns: each row's first real tokens (rows are left-padded)
+        cols = (L - lengths.to(device))[:, None] + torch.arange(shared, device=device)
         for layer in out.past_key_values.layers:
-            keys.append(layer.keys[:, :, L - keep:].clone())
-            values.append(layer.values[:, :, L - keep:].clone())
+            at = cols[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+            keys.append(torch.cat([layer.keys.gather(2, at), layer.keys[:, :, L - keep:]], 2))
+            values.append(torch.cat([layer.values.gather(2, at), layer.values[:, :, L - keep:]], 2))
     else:
         keys = values = empty_layers(model, len(prompts))
     book = device if device.type != "meta" else "cpu"  # weightless FLOP counts still need real positions
-    return GistKVCache(keys, values, batch["attention_mask"][:, L - keep:].to(book), lengths.to(book),
-                       (lengths - k).to(book))
+    kept_mask = torch.cat([torch.ones(len(prompts), shared, dtype=batch["attention_mask"].dtype),
+                           batch["attention_mask"][:, L - keep:]], 1)
+    return GistKVCache(keys, values, kept_mask.to(book), lengths.to(book), (lengths - k - shared).to(book), shared)
 
 
 @torch.no_grad()
@@ -202,16 +226,16 @@ def _cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
 
 
 def greedy(model, prompts: list[list[int]], tails: list[list[int]], gist_ids: list[int], mask: str,
-           max_new_tokens: int, eos_id: int, pad_id: int = 0, embed=None, synced_gpus: bool = False):
+           max_new_tokens: int, eos_id: int, pad_id: int = 0, embed=None, synced_gpus: bool = False, prefix: int = 0):
     """The batched greedy decoder: cache each prompt (ending in the gist ids; none for a plain prompt
     cache, mask pos_control) under `mask`, then answer after each tail. Returns (answers, cache)."""
-    cache = build_cache(model, prompts, gist_ids, mask, embed=embed)
+    cache = build_cache(model, prompts, gist_ids, mask, embed=embed, prefix=prefix)
     return generate_from_cache(model, cache, tails, max_new_tokens, eos_id, pad_id, synced_gpus), cache
 
 
 @torch.no_grad()
 def generate_uncached(model, prompts: list[list[int]], tails: list[list[int]], gist_ids: list[int], mask: str,
-                      max_new_tokens: int, eos_id: int, embed=None) -> list[list[int]]:
+                      max_new_tokens: int, eos_id: int, embed=None, prefix: int = 0) -> list[list[int]]:
     """Reference: greedy decoding that reruns the whole prompt + gist + tail + answer under the mask
     every step (no cache at all). Slow; for checking the cached path."""
     device, dtype = _device_dtype(model)
@@ -220,7 +244,7 @@ def generate_uncached(model, prompts: list[list[int]], tails: list[list[int]], g
     done = [False] * len(seqs)
     for _ in range(max_new_tokens):
         batch = pad_batch([{"input_ids": s + a} for s, a in zip(seqs, answers)], pad_id=0, left=True)
-        inputs = model_inputs({name: t.to(device) for name, t in batch.items()}, gist_ids, mask, dtype)
+        inputs = model_inputs({name: t.to(device) for name, t in batch.items()}, gist_ids, mask, dtype, prefix=prefix)
         if embed is not None:
             inputs["inputs_embeds"] = embed(inputs.pop("input_ids"))
         nxt = model(**inputs, use_cache=False).logits[:, -1].argmax(-1).tolist()
@@ -289,14 +313,16 @@ class RunModel:
     gist: torch.Tensor | None = None  # distill: the trained [k, hidden] rows
     template: str | None = None  # data.template the run trained with (None: not recorded, alpaca)
     family: str = "causal"  # "seq2seq" for encoder-decoder models (T5): seq2seq_inference answers
+    prefix: int = 0  # leading template tokens the run kept visible (mask_prefix=visible); 0: hidden
 
     def answer(self, prompts: list[list[int]], tails: list[list[int]], max_new_tokens: int, synced_gpus: bool = False):
         """Batched greedy answers by this run's family and mask: (answers, cache with nbytes / full_prompt_nbytes)."""
-        decode = greedy
         if self.family == "seq2seq":
-            from .seq2seq_inference import greedy_seq2seq as decode  # that module imports this one
-        return decode(self.model, prompts, tails, self.gist_ids, self.mask, max_new_tokens, self.tok.eos_token_id,
-                      self.tok.pad_token_id, embed=self.embed, synced_gpus=synced_gpus)
+            from .seq2seq_inference import greedy_seq2seq  # that module imports this one
+            return greedy_seq2seq(self.model, prompts, tails, self.gist_ids, self.mask, max_new_tokens,
+                                  self.tok.eos_token_id, self.tok.pad_token_id, embed=self.embed, synced_gpus=synced_gpus)
+        return greedy(self.model, prompts, tails, self.gist_ids, self.mask, max_new_tokens, self.tok.eos_token_id,
+                      self.tok.pad_token_id, embed=self.embed, synced_gpus=synced_gpus, prefix=self.prefix)
 
 
 def load_inference_model(model_cfg: ModelConfig, ds_config: dict | None = None, vocab_min: int = 0):
@@ -335,7 +361,8 @@ def load_run(run_dir, model_cfg: ModelConfig | None = None, ds_config: dict | No
         model = load_inference_model(cfg, ds_config)  # load_model picks the seq2seq class from the saved config
         return RunModel(model, tok, tok.convert_tokens_to_ids(meta["gist_tokens"]),
                         meta.get("mask", meta.get("mode")), source=str(final), meta=meta,
-                        template=run_template(out, meta), family=model_family(model.config))
+                        template=run_template(out, meta), family=model_family(model.config),
+                        prefix=meta.get("mask_prefix_tokens", 0))
     if not (out / artifact.WEIGHTS).is_file():
         raise FileNotFoundError(f"{out}: no trained model here (neither final/ nor {artifact.WEIGHTS}); train into it first")
     meta = artifact.load(out)[1]

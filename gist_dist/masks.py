@@ -6,6 +6,10 @@ k distinct gist tokens <GIST_0> ... <GIST_{k-1}> follow the prompt of each examp
                queries up to the last gist token see everything up to the last gist (causally).
 - pos_control: gist tokens present, plain causal attention (the ceiling).
 - neg_control: queries after the last gist token see neither the prompt nor the gist (the floor).
+With `prefix` = n > 0 (config mask_prefix=visible) the first n tokens of every example, template
+text identical for every example (BOS, "Instruction:", a chat header), stay visible to every later
+query of that example under gist and neg_control too: small LMs use the first positions as an
+attention sink, and those keys/values depend on no prompt (causal: they see only each other).
 A row may hold several examples (packing): `segments` gives each token its example (-1 = padding);
 a token attends only within its own example, where the rule is exactly that example's alone, and
 positions restart at 0 per example. Padding keys are blocked everywhere; a padded query attends only
@@ -38,7 +42,7 @@ def _per_segment(segments: torch.Tensor, values: torch.Tensor, fill: int, reduce
     return table.gather(1, index)
 
 
-def mask_mod(input_ids, segments, gist_ids, mask: str):
+def mask_mod(input_ids, segments, gist_ids, mask: str, prefix: int = 0):
     """The predicate `allowed(b, h, q, k)` (FlexAttention's mask_mod signature) for this batch."""
     if mask not in MASKS:
         raise ValueError(f"unknown mask {mask!r}")
@@ -49,6 +53,8 @@ def mask_mod(input_ids, segments, gist_ids, mask: str):
     first = _per_segment(segments, torch.where(is_gist, t, T), T, "amin")
     has_gist, up_to_last, from_first = last >= 0, t <= last, t >= first
     after_ok = from_first if mask == "gist" else ~up_to_last  # keys a post-gist query may see
+    if prefix:
+        after_ok = after_ok | (positions_in_segments(segments) < prefix)
 
     def allowed(b, h, q, k):
         ok = (segments[b, q] == segments[b, k]) & (segments[b, k] >= 0) & (k <= q)
@@ -60,29 +66,31 @@ def mask_mod(input_ids, segments, gist_ids, mask: str):
     return allowed
 
 
-def allowed_attention(input_ids, attention_mask, gist_ids, mask: str, segments=None) -> torch.Tensor:
+def allowed_attention(input_ids, attention_mask, gist_ids, mask: str, segments=None, prefix: int = 0) -> torch.Tensor:
     """Boolean [B, 1, T, T]: True where query t may attend to key s (the dense rendering)."""
     segments = segments_from(attention_mask) if segments is None else segments
     B, T = input_ids.shape
     i = torch.arange(T, device=input_ids.device)
     b = torch.arange(B, device=input_ids.device)
-    return mask_mod(input_ids, segments, gist_ids, mask)(b[:, None, None], None, i[None, :, None], i[None, None, :])[:, None]
+    allowed = mask_mod(input_ids, segments, gist_ids, mask, prefix)
+    return allowed(b[:, None, None], None, i[None, :, None], i[None, None, :])[:, None]
 
 
-def make_attention_mask(input_ids, attention_mask, gist_ids, mask: str, dtype=torch.float32, segments=None):
+def make_attention_mask(input_ids, attention_mask, gist_ids, mask: str, dtype=torch.float32, segments=None,
+                        prefix: int = 0):
     """Float 4D mask for HF models: 0 where allowed, dtype-min where blocked (safe for eager and sdpa)."""
-    allowed = allowed_attention(input_ids, attention_mask, gist_ids, mask, segments)
+    allowed = allowed_attention(input_ids, attention_mask, gist_ids, mask, segments, prefix)
     out = torch.zeros(allowed.shape, dtype=dtype, device=input_ids.device)
     return out.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
-def make_block_mask(input_ids, attention_mask, gist_ids, mask: str, segments=None):
+def make_block_mask(input_ids, attention_mask, gist_ids, mask: str, segments=None, prefix: int = 0):
     """FlexAttention BlockMask of the same predicate: fully masked blocks (the prompt for every
     post-gist query, other examples of a packed row) are skipped by the kernel."""
     from torch.nn.attention.flex_attention import create_block_mask
     segments = segments_from(attention_mask) if segments is None else segments
     B, T = input_ids.shape
-    return create_block_mask(mask_mod(input_ids, segments, gist_ids, mask), B, None, T, T,
+    return create_block_mask(mask_mod(input_ids, segments, gist_ids, mask, prefix), B, None, T, T,
                              device=input_ids.device)
 
 
@@ -99,10 +107,11 @@ def positions_in_segments(segments: torch.Tensor) -> torch.Tensor:
     return torch.where(segments >= 0, t - start, 0)
 
 
-def model_inputs(batch: dict, gist_ids, mask: str, dtype=torch.float32, attention: str = "dense") -> dict:
+def model_inputs(batch: dict, gist_ids, mask: str, dtype=torch.float32, attention: str = "dense",
+                 prefix: int = 0) -> dict:
     """2D batch (+ "segments" for packed rows) -> kwargs for an HF causal LM: the mask (dense 4D
     with padding folded in, or a BlockMask for attention="flex"), built on the batch's device, and
-    positions restarting per example."""
+    positions restarting per example. `prefix`: leading tokens per example kept visible (see above)."""
     segments = batch.get("segments")
     if segments is None:
         segments = segments_from(batch["attention_mask"])
@@ -110,6 +119,7 @@ def model_inputs(batch: dict, gist_ids, mask: str, dtype=torch.float32, attentio
     kwargs = {} if attention == "flex" else {"dtype": dtype}
     return {
         "input_ids": batch["input_ids"],
-        "attention_mask": render(batch["input_ids"], batch["attention_mask"], gist_ids, mask, segments=segments, **kwargs),
+        "attention_mask": render(batch["input_ids"], batch["attention_mask"], gist_ids, mask, segments=segments,
+                                 prefix=prefix, **kwargs),
         "position_ids": positions_in_segments(segments),
     }

@@ -87,3 +87,31 @@ def test_prompts_must_end_with_the_gist(tiny):
     model, _, gist_ids, prompts, _ = tiny
     with pytest.raises(ValueError):
         build_cache(model, [prompts[0][:-1]], gist_ids, "gist")
+
+
+@pytest.mark.parametrize("mode", ["gist", "neg_control"])
+def test_visible_prefix_is_kept_once_and_cached_equals_uncached(tiny, mode, tmp_path):
+    """mask_prefix=visible: the template's fixed head ("Instruction:") stays visible after the gist; its
+    keys/values are the same whatever the prompt, cached answers equal the uncached masked reference,
+    and the bytes report counts the prefix once (shared_nbytes), not per prompt."""
+    model, tok, gist_ids, prompts, tails = tiny
+    n = len(GistTemplate(tok, gist_ids, max_length=1 << 20).fixed_head)
+    assert n == 2 and all(p[:n] == prompts[0][:n] for p in prompts)
+    cache = build_cache(model, prompts, gist_ids, mode, prefix=n)
+    assert cache.shared == n
+    for layer_keys, layer_values in zip(cache.keys, cache.values):
+        for row in range(1, len(prompts)):  # rows are left-padded by different amounts: same entries anyway
+            assert torch.allclose(layer_keys[row, :, :n], layer_keys[0, :, :n], atol=1e-6)
+            assert torch.allclose(layer_values[row, :, :n], layer_values[0, :, :n], atol=1e-6)
+    cached = generate_from_cache(model, cache, tails, NEW_TOKENS, tok.eos_token_id, tok.pad_token_id)
+    uncached = generate_uncached(model, prompts, tails, gist_ids, mode, NEW_TOKENS, tok.eos_token_id, prefix=n)
+    assert cached == uncached
+    assert cached != generate_uncached(model, prompts, tails, gist_ids, mode, NEW_TOKENS, tok.eos_token_id)
+    per_token = cache.bytes_per_token()
+    kept = len(gist_ids) if mode == "gist" else 0
+    assert cache.nbytes() == [kept * per_token] * len(prompts) and cache.shared_nbytes() == n * per_token
+    assert cache.full_prompt_nbytes() == [(len(p) - len(gist_ids) - n) * per_token for p in prompts]
+    cache.row(2).save(tmp_path / "row.safetensors")  # a saved row keeps its prefix and says so
+    loaded = GistKVCache.load(tmp_path / "row.safetensors")
+    assert loaded.shared == n
+    assert generate_from_cache(model, loaded, [tails[2]], NEW_TOKENS, tok.eos_token_id) == [cached[2]]

@@ -11,19 +11,21 @@ from gist_dist.masks import allowed_attention, make_attention_mask, position_ids
 GIST = [1000, 1001, 1002]
 
 
-def reference_allowed(ids, att, gist_ids, mode):
-    """Straight from the definition, one (query, key) pair at a time."""
+def reference_allowed(ids, att, gist_ids, mode, prefix=0):
+    """Straight from the definition, one (query, key) pair at a time; `prefix`: the first real
+    tokens of the row stay visible to every query (mask_prefix=visible)."""
     B, T = ids.shape
     out = torch.zeros(B, 1, T, T, dtype=torch.bool)
     for b in range(B):
         g = [t for t in range(T) if int(ids[b, t]) in gist_ids]
+        real = [t for t in range(T) if att[b, t]]
         for q in range(T):
             for k in range(T):
                 if q == k:
                     ok = True  # every row attends to itself (padded rows: only that)
                 elif k > q or not att[b, k] or not att[b, q]:
                     ok = False
-                elif not g or mode == "pos_control" or q <= g[-1]:
+                elif not g or mode == "pos_control" or q <= g[-1] or k in real[:prefix]:
                     ok = True
                 elif mode == "gist":
                     ok = k >= g[0]  # after the gist: nothing before the first gist token
@@ -53,12 +55,13 @@ def random_batch(rng, B=5, T=14, k=2, left_pad=False):
 @pytest.mark.parametrize("mode", ["gist", "pos_control", "neg_control"])
 @pytest.mark.parametrize("left_pad", [False, True])
 @pytest.mark.parametrize("k", [1, 3])
-def test_masks_match_definition(mode, left_pad, k):
-    rng = random.Random(f"{mode}{left_pad}{k}")
+@pytest.mark.parametrize("prefix", [0, 1, 2])
+def test_masks_match_definition(mode, left_pad, k, prefix):
+    rng = random.Random(f"{mode}{left_pad}{k}{prefix}")
     for _ in range(5):
         ids, att = random_batch(rng, k=k, left_pad=left_pad)
-        got = allowed_attention(ids, att, GIST[:k], mode)
-        want = reference_allowed(ids, att, GIST[:k], mode)
+        got = allowed_attention(ids, att, GIST[:k], mode, prefix=prefix)
+        want = reference_allowed(ids, att, GIST[:k], mode, prefix)
         # padded query rows are never read; compare real rows exactly
         real = att.bool()[:, None, :, None].expand_as(got)
         assert torch.equal(got[real], want[real])

@@ -66,6 +66,7 @@ class Method:
     def __init__(self, cfg: RunConfig, tokens: Tokens, dtype: torch.dtype, attention: str = "dense"):
         self.cfg, self.tokens, self.dtype = cfg, tokens, dtype
         self.attention = attention  # dense (4D float mask) | flex (BlockMask)
+        self.prefix = 0  # leading template tokens every query sees (mask_prefix=visible; set by encode)
 
     def encode(self, template, records, stats, split: str) -> list:
         """Records -> examples (`stats` counts truncation/drops; None for eval)."""
@@ -90,7 +91,7 @@ class Method:
         """(the model's inputs under `mask`, the labels) on `device`: for a causal LM the ids, the gist
         mask (dense 4D or a BlockMask) and positions; the encoder-decoder family has its own."""
         b = to_device(examples, self.tokens.pad_id, device)
-        return model_inputs(b, self.tokens.gist_ids, mask, self.dtype, self.attention), b["labels"]
+        return model_inputs(b, self.tokens.gist_ids, mask, self.dtype, self.attention, self.prefix), b["labels"]
 
     def wrap(self, model) -> tuple[torch.nn.Module, list]:
         """(the module the engine trains, the parameters the optimizer updates)."""

@@ -52,6 +52,7 @@ class Finetune(Method):
     loss_module = CausalLMLoss  # what wraps the model (the encoder-decoder family swaps it)
 
     def encode(self, template, records, stats, split):
+        self.prefix = len(template.fixed_head) if self.cfg.mask_prefix == "visible" else 0
         return template.encode_all(records, stats)
 
     def collate(self, examples, device):
@@ -75,7 +76,8 @@ class Finetune(Method):
             module.model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             tok.save_pretrained(tmp)
             (tmp / FINAL_META).write_text(json.dumps(
-                {"mask": cfg.mask, "mode": cfg.mask, "num_gist": cfg.num_gist, "gist_tokens": gist_tokens}, indent=2))
+                {"mask": cfg.mask, "mode": cfg.mask, "num_gist": cfg.num_gist, "gist_tokens": gist_tokens,
+                 "mask_prefix_tokens": self.prefix}, indent=2))
             (tmp / "README.md").write_text(self.model_card(cfg, gist_tokens))
 
     @staticmethod

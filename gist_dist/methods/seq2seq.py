@@ -78,6 +78,9 @@ class Seq2Seq:
         if cfg.data.packing:
             raise ConfigError("data.packing is not supported for encoder-decoder (T5) models: their relative "
                               "position bias is dense over the whole row; set data.packing=false")
+        if cfg.mask_prefix != "hidden":
+            raise ConfigError("mask_prefix=visible is not implemented for encoder-decoder (T5) models; "
+                              "set mask_prefix=hidden")
         if cfg.model.attention == "flex":
             raise ConfigError("model.attention=flex is not supported for encoder-decoder (T5) models: their "
                               "relative position bias needs the dense mask; use model.attention=dense or auto")
