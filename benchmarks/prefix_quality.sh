@@ -34,5 +34,4 @@ for prefix in hidden visible; do
   echo "== mask_prefix=$prefix"
   $BIN/gist-dist eval --compare "$OUT/gist-$prefix" "$OUT/pos_control" "$OUT/neg_control-$prefix" \
     --out "$OUT/compare-$prefix.md"
-  cat "$OUT/compare-$prefix.md"
 done

@@ -91,6 +91,9 @@ def model_card(cfg, gist_tokens: list[str]) -> str:
     keep = {"gist": f"Keep only the last {cfg.num_gist} entries of every layer's keys/values (the gist tokens)",
             "pos_control": "Keep every entry (pos_control masks nothing: the control, not a compressed model)",
             "neg_control": "Keep no entry (neg_control hides the prompt and the gist: the floor control)"}[cfg.mask]
+    if cfg.mask_prefix == "visible" and cfg.mask != "pos_control":  # trained with the fixed head visible
+        keep += (", and in front of them the first `mask_prefix_tokens` entries (gist_model.json: the fixed "
+                 "template head, the same for every instruction)")
     return f"""# Gist model ({cfg.mask}, {cfg.num_gist} gist token(s))
 
 Trained by gist-dist from `{cfg.model.name}`. The tokenizer has the gist tokens `{gist}` as special tokens.
