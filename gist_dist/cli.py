@@ -248,7 +248,10 @@ def main(argv=None) -> int:
     from .data import DataError
     from .dist import LaunchError
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        from .dist import shutdown
+        shutdown()
+        return code
     except ConfigError as e:
         print(f"gist-dist: config error: {e}", file=sys.stderr)
         return 2

@@ -28,6 +28,8 @@ SCRIPT = textwrap.dedent("""
         dist.all_gather(both, digest)
         assert torch.equal(both[0], both[1])
     print("ok", rank)
+    dist.barrier()
+    dist.destroy_process_group()  # see gist_dist.dist.shutdown: exiting with a live gloo group can abort
 """)
 
 
