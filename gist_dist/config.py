@@ -150,8 +150,6 @@ class RunConfig:
             (self.objective != "distill" or self.mask == "gist",
              f"objective=distill trains a student under the gist mask; mask={self.mask} is for objective=finetune"),
             (self.mask_prefix in ("hidden", "visible"), f"mask_prefix must be hidden or visible, got {self.mask_prefix!r}"),
-            (self.mask_prefix == "hidden" or self.objective == "finetune",
-             "mask_prefix=visible is implemented for objective=finetune only; set mask_prefix=hidden"),
             (1 <= self.num_gist <= 64, f"num_gist must be between 1 and 64, got {self.num_gist}"),
             (self.train.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
             (self.train.grad_accum >= 1, "train.grad_accum must be >= 1"),

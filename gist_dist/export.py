@@ -37,10 +37,13 @@ def _no_prompt_artifact(run_dir: str | Path) -> tuple[torch.Tensor, dict]:
                             f"(distill.student={student}); only no-prompt artifacts (compress, "
                             f"distill.student=no_prompt) stand alone as a prompt-tuning adapter")
     before, _ = _text_around_gist(meta)
-    if before:  # the gist mask hid that text from every later token; plain causal attention would not
+    if before:
+        why = ("which every later token saw (mask_prefix=visible), but PEFT prompt tuning and prompt_embeds put the "
+               "gist rows first" if meta.get("mask_prefix_tokens") else
+               "which the student saw only from the gist tokens; PEFT prompt tuning and prompt_embeds attend "
+               "causally, so they would not reproduce it")
         raise ArtifactError(f"{run_dir}: its template ({meta.get('template')}) puts {before!r} before the gist rows, "
-                            f"which the student saw only from the gist tokens; PEFT prompt tuning and prompt_embeds "
-                            f"attend causally, so they would not reproduce it")
+                            f"{why}")
     return gist, meta
 
 

@@ -61,7 +61,8 @@ def free_answers(gm: GistModel, records: list[dict], max_new_tokens: int, batch_
         student = [gm.prompt_and_tail(r["input"]) for r in batch]
         plain = [gm.template.encode(r, with_gist=False, with_prompt=False, with_output=False)["input_ids"] for r in batch]
         out["student"] += greedy(gm.model, [p for p, _ in student], [t for _, t in student], run.gist_ids, "gist",
-                                 max_new_tokens, tok.eos_token_id, tok.pad_token_id, embed=run.embed)[0]
+                                 max_new_tokens, tok.eos_token_id, tok.pad_token_id, embed=run.embed,
+                                 prefix=run.prefix)[0]
         out["baseline"] += greedy(gm.model, [ids[:-1] for ids in plain], [ids[-1:] for ids in plain], [], "pos_control",
                                   max_new_tokens, tok.eos_token_id, tok.pad_token_id)[0]
     return {who: [tok.decode(a, skip_special_tokens=True).strip() for a in answers] for who, answers in out.items()}

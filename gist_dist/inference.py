@@ -378,7 +378,8 @@ def load_run(run_dir, model_cfg: ModelConfig | None = None, ds_config: dict | No
     rows = GistEmbedding(gist_ids, gist.to(embedding.weight.device, embedding.weight.dtype)).eval()
     return RunModel(model, tok, gist_ids, "gist", embed=lambda ids: rows(ids, embedding),
                     source=f"{cfg.name} + {out / artifact.WEIGHTS}", meta=meta, gist=rows.gist.detach(),
-                    template=run_template(out, meta), family=model_family(model.config))
+                    template=run_template(out, meta), family=model_family(model.config),
+                    prefix=meta.get("mask_prefix_tokens", 0))
 
 
 class GistModel:
@@ -407,7 +408,8 @@ class GistModel:
         """[T, vocab] logits of one sequence under the gist mask (teacher-forced scoring)."""
         device = _device_dtype(self.model)[0]
         input_ids = torch.tensor([ids], device=device)
-        mask = make_attention_mask(input_ids, torch.ones_like(input_ids), self.run.gist_ids, "gist", self.model.dtype)
+        mask = make_attention_mask(input_ids, torch.ones_like(input_ids), self.run.gist_ids, "gist", self.model.dtype,
+                                   prefix=self.run.prefix)
         return self.model(inputs_embeds=self.run.embed(input_ids), attention_mask=mask,
                           position_ids=torch.arange(len(ids), device=device)[None]).logits[0]
 
@@ -415,5 +417,5 @@ class GistModel:
         """Greedy answer. Without an instruction the gist embeddings stand in for the prompt."""
         prompt, tail = self.prompt_and_tail(query, instruction)
         answers, _ = greedy(self.model, [prompt], [tail], self.run.gist_ids, "gist", max_new_tokens,
-                            self.tok.eos_token_id, self.tok.pad_token_id, embed=self.run.embed)
+                            self.tok.eos_token_id, self.tok.pad_token_id, embed=self.run.embed, prefix=self.run.prefix)
         return self.tok.decode(answers[0], skip_special_tokens=True).strip()

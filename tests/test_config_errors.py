@@ -34,7 +34,6 @@ BAD_OVERRIDES = [
     (["timeout_s=0"], "timeout_s must be > 0"),
     (["mode=gisty"], "mode must be one of"),
     (["mask_prefix=shown"], "mask_prefix must be hidden or visible"),
-    (["mode=distill", "mask_prefix=visible"], "mask_prefix=visible is implemented for objective=finetune only"),
     (["data.overlong=clip"], "data.overlong must be truncate or drop"),
     (["zero.stage=2", "zero.offload_param=cpu"], "zero.offload_param needs zero.stage=3"),
     (["zero.stage=5"], "zero.stage must be 0-3"),

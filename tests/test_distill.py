@@ -64,14 +64,21 @@ def test_wrong_base_model_fails_clearly(distill_run, tmp_path):
     assert "trained for base model" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_compress_one_prompt_end_to_end(tmp_path):
+@pytest.mark.parametrize("mask_prefix", ["hidden", "visible"])
+def test_compress_one_prompt_end_to_end(tmp_path, mask_prefix):
+    """visible: the chat header before the gist (SmolLM2's tokenizer: its system turn's opening)
+    stays visible to the queries in training, and the artifact tells inference so."""
     prompt = tmp_path / "system.txt"
     task = generate(1, "seen", seed=5)[0]
     prompt.write_text("You are a helpful assistant. " * 12 + task["instruction"])
     out = tmp_path / "run"
     torchrun(["compress", "--prompt-file", prompt, "--num-gist", "2", "--num-queries", "16", "--answer-tokens", "6",
-              "--config", TINY, f"output_dir={out}", "train.max_steps=8", "train.lr=0.05"])
+              "--config", TINY, f"output_dir={out}", "train.max_steps=8", "train.lr=0.05", f"mask_prefix={mask_prefix}"])
     meta = json.loads((out / artifact.CONFIG).read_text())
+    gm = GistModel.load(out)
+    header = gm.template.prefix
+    assert meta["template"] != "alpaca" and header  # the chat template: a header precedes the gist
+    assert meta["mask_prefix_tokens"] == gm.run.prefix == (len(header) if mask_prefix == "visible" else 0)
     assert meta["prompt_tokens"] > 60 and meta["compression_ratio"] == meta["prompt_tokens"] / 2
     assert len(meta["prompt_sha256"]) == 64
     held = (out / "compress_data" / "heldout.jsonl").read_text().splitlines()
@@ -155,3 +162,36 @@ def test_artifacts_of_the_first_fingerprint_format_still_load(tmp_path):
     weight = base.get_input_embeddings().weight
     artifact.save(tmp_path, torch.zeros(1, 64), {"num_gist": 1, "base_fingerprint": artifact._legacy_fingerprint(base.config, weight)})
     assert artifact.load(tmp_path, expected_fingerprint=artifact.BaseModel(base.config, weight))[0].shape == (1, 64)
+
+@pytest.mark.parametrize("template", ["alpaca", "chat_system"])
+@pytest.mark.parametrize("student", ["gist_mask", "no_prompt"])
+def test_visible_prefix_of_the_student_is_the_template_text_every_record_shares(template, student):
+    """mask_prefix=visible for distill: the student keeps visible what precedes the instruction (the
+    fixed head) or, with no prompt, what precedes the gist (BOS / the chat header): the same tokens
+    for every record, and the collated student mask lets every post-gist query see exactly those."""
+    from gist_dist.config import RunConfig
+    from gist_dist.data import GistTemplate
+    from gist_dist.methods import Tokens
+    from gist_dist.methods.distill import Distill
+    from gist_dist.model import load_tokenizer
+    from gist_dist.tokens import add_gist_tokens
+
+    tok = load_tokenizer(ModelConfig(name="smollm2"))
+    gist_ids = add_gist_tokens(tok, 1)
+    records = [{"instruction": "Name a colour.", "input": "", "output": "Red."},
+               {"instruction": "Spell cat backwards, please.", "input": "cat", "output": "tac"}]
+    t = GistTemplate(tok, gist_ids, 256, template=template)
+    cfg = RunConfig(objective="distill", mask_prefix="visible")
+    cfg.distill.student = student
+    method = Distill(cfg, Tokens(tok, gist_ids, len(tok) - 1, tok.pad_token_id), torch.float32)
+    examples = method.encode(t, records, None, "train")
+    shared = t.fixed_head if student == "gist_mask" else t.prefix
+    assert method.prefix == len(shared) and (student == "gist_mask" or template != "alpaca" or not shared)
+    for ex in examples:
+        assert ex["student"]["input_ids"][:method.prefix] == shared
+    batch, _ = method.collate(examples, torch.device("cpu"))
+    ids, mask = batch["student"]["input_ids"], batch["student"]["attention_mask"][:, 0]  # right-padded rows
+    for row in range(len(examples)):
+        g = max(i for i in range(ids.shape[1]) if int(ids[row, i]) == gist_ids[-1])
+        seen = {k for k in range(ids.shape[1]) if mask[row, g + 1, k] == 0}  # the first query after the gist
+        assert seen == set(range(method.prefix)) | {g, g + 1}

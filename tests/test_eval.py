@@ -140,17 +140,22 @@ def test_eval_of_a_distill_run(tmp_path):
     assert [o["prediction"] for o in outputs] == expected and all(expected)
 
 
-def test_eval_of_a_visible_prefix_run(tmp_path):
-    """mask_prefix=visible end to end: a 2-rank ZeRO-3 fine-tune records the prefix (2 tokens:
-    "Instruction:"), and eval's cached answers equal the uncached reference under the same rule;
-    compression counts only what the gist replaces."""
+@pytest.mark.parametrize("mode", ["gist", "distill"])
+def test_eval_of_a_visible_prefix_run(tmp_path, mode):
+    """mask_prefix=visible end to end: a 2-rank ZeRO-3 fine-tune (final/gist_model.json) or distill
+    (the artifact's metadata) records the prefix (2 tokens: "Instruction:"), and eval's cached answers
+    equal the uncached reference under the same rule; compression counts only what the gist replaces."""
+    from gist_dist import artifact
     from gist_dist.evaluation import run_eval
 
-    run = tmp_path / "prefix"
+    run = tmp_path / mode
     # a tiny lr keeps the tiny model near its prompt-sensitive init, so answers are not all eos
-    torchrun(["train", TINY, f"output_dir={run}", "mask_prefix=visible", "train.max_steps=2", "train.lr=1e-6"])
-    assert json.loads((run / "final" / "gist_model.json").read_text())["mask_prefix_tokens"] == 2
-    cfg = load_config(TINY, [f"output_dir={run}", "data.num_eval=6", f"eval_max_new_tokens={MAX_NEW}"])
+    torchrun(["train", TINY, f"output_dir={run}", f"mode={mode}", "mask_prefix=visible", "train.max_steps=2",
+              "train.lr=1e-6"])
+    meta = (json.loads((run / "final" / "gist_model.json").read_text()) if mode == "gist"
+            else artifact.load(run)[1])
+    assert meta["mask_prefix_tokens"] == 2
+    cfg = load_config(TINY, [f"output_dir={run}", f"mode={mode}", "data.num_eval=6", f"eval_max_new_tokens={MAX_NEW}"])
     result = run_eval(cfg)
     _, outputs = read_eval(run)
     em = load_run_model(cfg)
@@ -158,9 +163,12 @@ def test_eval_of_a_visible_prefix_run(tmp_path):
     template = GistTemplate(em.tok, em.gist_ids, cfg.data.max_length)
     pieces = [template.pieces({**o, "output": ""}) for o in outputs]
     reference = generate_uncached(em.model, [p + em.gist_ids for p, _, _ in pieces], [t for _, t, _ in pieces],
-                                  em.gist_ids, em.mask, MAX_NEW, em.tok.eos_token_id, prefix=2)
+                                  em.gist_ids, em.mask, MAX_NEW, em.tok.eos_token_id, embed=em.embed, prefix=2)
     assert [o["prediction"] for o in outputs] == [em.tok.decode(a, skip_special_tokens=True).strip() for a in reference]
     assert any(o["prediction"] for o in outputs)
+    hidden = generate_uncached(em.model, [p + em.gist_ids for p, _, _ in pieces], [t for _, t, _ in pieces],
+                               em.gist_ids, em.mask, MAX_NEW, em.tok.eos_token_id, embed=em.embed, prefix=0)
+    assert hidden != reference  # the rule reaches inference: the same weights answer otherwise without it
     for name, s in result["splits"].items():
         lengths = [len(p) - 2 for (p, _, _), o in zip(pieces, outputs) if o["split"] == name]
         assert s["prompt_tokens"]["max"] == max(lengths)

@@ -61,6 +61,30 @@ def test_kv_bytes_and_latency_per_strategy_on_a_real_model():
         assert r["decode_ms_per_token"] > 0
 
 
+def test_visible_prefix_is_read_by_every_query_and_stored_once():
+    """mask_prefix=visible: the gist strategy's first token reads k + n cached entries (the formula
+    FlopCounterMode checks above, with that past), the n are stored once per model, and compression
+    counts only what the gist replaces; the report takes n from the run's config."""
+    from gist_dist.analysis.report import visible_prefix
+    from gist_dist.config import ModelConfig
+    from gist_dist.model import load_tokenizer
+
+    shape, k, n = flops.shape_of("smollm2"), 2, 2
+    hidden, visible = (flops.dataset_flops(shape, [(30, 7)], k, "bf16", prefix=p) for p in (0, n))
+    per_token = shape.kv_bytes_per_token("bf16")
+    assert visible["gflops_per_example"]["gist"] * 1e9 == flops.forward_flops(shape, 7, k + n)
+    assert visible["gflops_per_example"]["gist"] > hidden["gflops_per_example"]["gist"]
+    for s in ("none", "instruction"):
+        assert visible["gflops_per_example"][s] == hidden["gflops_per_example"][s]
+    assert visible["kv_bytes_per_prompt"] == hidden["kv_bytes_per_prompt"]
+    assert visible["kv_bytes_shared"] == n * per_token and hidden["kv_bytes_shared"] == 0
+    assert visible["compression"] == (30 - n) / k and "fixed head" in flops.format_table(visible)
+    tok = load_tokenizer(ModelConfig(name="smollm2"))
+    assert visible_prefix({"mask": "gist", "mask_prefix": "visible"}, tok) == 2  # "Instruction:"
+    assert visible_prefix({"mask": "pos_control", "mask_prefix": "visible"}, tok) == 0
+    assert visible_prefix({"mask": "gist"}, tok) == 0
+
+
 def test_cli_contract_single_prompt_length_without_weights():
     out = gist_dist(["flops", "--model", "llama-7b", "--num-gist", "1", "--prompt-tokens", "26", "--json"], timeout=600)
     result = json.loads(out.stdout)

@@ -88,8 +88,8 @@ def test_t5_loads_as_seq2seq_and_takes_token_ids_by_the_rule(tmp_path):
     assert method_for(load_config(str(ROOT / "configs" / "tiny.yaml"))).__name__ == "Finetune"
 
 
-@pytest.mark.parametrize("override", ["data.packing=true", "model.attention=flex"])
-def test_packing_and_flex_are_refused_for_t5_in_one_line(override):
+@pytest.mark.parametrize("override", ["data.packing=true", "model.attention=flex", "mask_prefix=visible"])
+def test_packing_flex_and_visible_prefix_are_refused_for_t5_in_one_line(override):
     with pytest.raises(ConfigError) as e:
         method_for(load_config(T5, [override]))
     assert override.split("=")[0] in str(e.value) and "\n" not in str(e.value)

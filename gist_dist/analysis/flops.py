@@ -89,8 +89,8 @@ class Shape:
         return (f"L={self.layers} h={self.hidden} heads={self.heads}/{self.kv_heads} I={self.intermediate} "
                 f"V={self.vocab} tied={self.tied}")
 
-    def strategy_inputs(self, prompt: int, tail: int, num_gist: int) -> dict:
-        return strategy_inputs(prompt, tail, num_gist)
+    def strategy_inputs(self, prompt: int, tail: int, num_gist: int, prefix: int = 0) -> dict:
+        return strategy_inputs(prompt, tail, num_gist, prefix)
 
     def first_token_flops(self, new: int, past: int) -> int:
         return forward_flops(self, new, past)
@@ -152,8 +152,9 @@ class Seq2SeqShape:
         return (f"encoder-decoder E={self.encoder_layers} D={self.decoder_layers} h={self.hidden} "
                 f"heads={self.heads}x{self.head_dim} F={self.ff} gated={self.gated} V={self.vocab} tied={self.tied}")
 
-    def strategy_inputs(self, prompt: int, tail: int, num_gist: int) -> dict:
+    def strategy_inputs(self, prompt: int, tail: int, num_gist: int, prefix: int = 0) -> dict:
         """(encoder new tokens, encoder cached tokens, encoder positions the decoder sees) per strategy."""
+        assert prefix == 0, "mask_prefix=visible is refused for encoder-decoder models"
         full = prompt + num_gist + tail
         return {"none": (full, 0, full), "gist": (tail, num_gist, num_gist + tail), "no_prompt": (tail, 0, tail)}
 
@@ -257,30 +258,33 @@ def forward_flops(shape: Shape, new: int, past: int = 0, logits: int = 1) -> int
     return new * shape.linear_per_token + attention + logits * 2 * shape.hidden * shape.vocab
 
 
-def strategy_inputs(prompt: int, tail: int, num_gist: int) -> dict:
-    """(new tokens, cached tokens) of the first-token forward per strategy."""
-    return {"none": (prompt + tail, 0), "instruction": (tail, prompt), "gist": (tail, num_gist)}
+def strategy_inputs(prompt: int, tail: int, num_gist: int, prefix: int = 0) -> dict:
+    """(new tokens, cached tokens) of the first-token forward per strategy. `prefix`: the template's
+    fixed head kept visible (mask_prefix=visible), read by the gist strategy beside its k entries."""
+    return {"none": (prompt + tail, 0), "instruction": (tail, prompt), "gist": (tail, num_gist + prefix)}
 
 
-def example_flops(shape: Shape | Seq2SeqShape, prompt: int, tail: int, num_gist: int) -> dict:
-    """Per strategy: first-token FLOPs, `next/` one further output token, `cached/` tokens kept;
-    `build/` the one-off cache builds."""
+def example_flops(shape: Shape | Seq2SeqShape, prompt: int, tail: int, num_gist: int, prefix: int = 0) -> dict:
+    """Per strategy: first-token FLOPs, `next/` one further output token, `cached/` tokens kept per
+    prompt (a visible prefix is kept once per model, not per prompt); `build/` the one-off cache builds."""
     per = {}
-    for s, inputs in shape.strategy_inputs(prompt, tail, num_gist).items():
+    for s, inputs in shape.strategy_inputs(prompt, tail, num_gist, prefix).items():
         per[s], per[f"next/{s}"], per[f"cached/{s}"] = \
-            shape.first_token_flops(*inputs), shape.next_token_flops(*inputs), inputs[1]
+            shape.first_token_flops(*inputs), shape.next_token_flops(*inputs), inputs[1] - (prefix if s == "gist" else 0)
     per.update({f"build/{s}": f for s, f in shape.cache_build_flops(prompt, num_gist).items()})
     return per
 
 
-def dataset_flops(shape: Shape | Seq2SeqShape, lengths: list[tuple[int, int]], num_gist: int, dtype: str = "bf16") -> dict:
-    """Aggregate over real (prompt tokens, tail tokens) pairs: mean FLOPs, reduction, KV bytes."""
+def dataset_flops(shape: Shape | Seq2SeqShape, lengths: list[tuple[int, int]], num_gist: int, dtype: str = "bf16",
+                  prefix: int = 0) -> dict:
+    """Aggregate over real (prompt tokens, tail tokens) pairs: mean FLOPs, reduction, KV bytes.
+    `prefix` > 0 (mask_prefix=visible): its entries are read by every query and stored once."""
     if not lengths:
         raise ValueError("no examples to count FLOPs over")
     n = len(lengths)
     totals: dict = {}
     for prompt, tail in lengths:
-        for key, value in example_flops(shape, prompt, tail, num_gist).items():
+        for key, value in example_flops(shape, prompt, tail, num_gist, prefix).items():
             totals[key] = totals.get(key, 0) + value
     mean = {k: v / n for k, v in totals.items()}
     mean_prompt = sum(p for p, _ in lengths) / n
@@ -288,7 +292,8 @@ def dataset_flops(shape: Shape | Seq2SeqShape, lengths: list[tuple[int, int]], n
     return {
         "model": asdict(shape), "shape": shape.describe(), "params": shape.params(), "num_gist": num_gist, "examples": n, "dtype": dtype,
         "mean_prompt_tokens": mean_prompt, "mean_tail_tokens": sum(t for _, t in lengths) / n,
-        "compression": mean_prompt / num_gist,
+        "compression": (mean_prompt - prefix) / num_gist, "prefix_tokens": prefix,
+        "kv_bytes_shared": prefix * kv,
         "gflops_per_example": {s: mean[s] / 1e9 for s in shape.strategies},
         "gflops_next_token": {s: mean[f"next/{s}"] / 1e9 for s in shape.strategies},
         "gflops_build_cache": {k.split("/")[1]: v / 1e9 for k, v in mean.items() if k.startswith("build/")},
@@ -320,6 +325,9 @@ def format_table(result: dict) -> str:
                  + " GFLOPs")
     lines.append("one-off cache build per prompt: " + ", ".join(
         f"{s} {v:.3f} GFLOPs" for s, v in result["gflops_build_cache"].items()))
+    if result.get("prefix_tokens"):
+        lines.append(f"mask_prefix=visible: the gist strategy also reads the {result['prefix_tokens']} fixed head "
+                     f"entries, kept once per model ({result['kv_bytes_shared']:,.0f} bytes), not per prompt")
     return "\n".join(lines)
 
 

@@ -97,6 +97,14 @@ def mfu(train: dict, cfg: dict, peak_gflops: float) -> dict:
             "achieved_gflops": achieved, "peak_gflops": peak_gflops, "mfu": achieved / peak_gflops}
 
 
+def visible_prefix(cfg: dict, tok) -> int:
+    """Tokens of the fixed template head a mask_prefix=visible run kept visible (0: hidden)."""
+    if cfg.get("mask_prefix", "hidden") != "visible" or cfg.get("mask", "gist") == "pos_control":
+        return 0
+    from ..data import GistTemplate
+    return len(GistTemplate(tok, [], 1 << 30, template=(cfg.get("data") or {}).get("template", "alpaca")).fixed_head)
+
+
 def analytic_flops(cfg: dict, run_dir: Path) -> dict | None:
     """flops.json from the run dir, else the analytic table on the run's eval prompts (tokenizer only)."""
     saved = _read_json(run_dir / "flops.json")
@@ -110,7 +118,8 @@ def analytic_flops(cfg: dict, run_dir: Path) -> dict | None:
         tok, tok_name = tokenizer_for(m.get("name", "smollm2"), m.get("tokenizer", ""))
         records = load_records(d.get("eval", "generated"), n=d.get("num_eval", 0), role="eval", seed=d.get("seed", 0) + 1)
         dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[str(resolve_dtype(m.get("dtype", "auto"))).split(".")[-1]]
-        result = dataset_flops(shape_of(m.get("name", "smollm2")), prompt_lengths(records, tok), cfg.get("num_gist", 1), dtype)
+        result = dataset_flops(shape_of(m.get("name", "smollm2")), prompt_lengths(records, tok), cfg.get("num_gist", 1), dtype,
+                               prefix=visible_prefix(cfg, tok))
         result.update(tokenizer=tok_name, data=d.get("eval", "generated"))
         return result
     except (OSError, ValueError, KeyError) as e:  # a report without the table beats no report

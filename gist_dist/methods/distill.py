@@ -120,10 +120,15 @@ class Distill(Method):
     loss_module = DistillLoss  # what wraps the frozen model (the encoder-decoder family swaps it)
 
     def encode(self, template, records, stats, split):
+        # mask_prefix=visible: the student's leading template tokens (the fixed head before the
+        # instruction, or with no_prompt what stays before the gist: BOS / chat header) stay visible.
+        with_prompt = self.cfg.distill.student == "gist_mask"
+        head = template.fixed_head if with_prompt else template.prefix
+        self.prefix = len(head) if self.cfg.mask_prefix == "visible" else 0
         out = []
         for rec in records:
             teacher = template.encode(rec, stats, with_gist=False)
-            student = template.encode(rec, stats, with_prompt=self.cfg.distill.student == "gist_mask")
+            student = template.encode(rec, stats, with_prompt=with_prompt)
             if teacher is not None and student is not None:
                 # Truncation can leave the two with different answer lengths (the teacher's head holds
                 # the prompt, a gist_mask student's holds prompt + gist): the KL compares the same
@@ -193,4 +198,4 @@ class Distill(Method):
                 "num_gist": cfg.num_gist, "gist_tokens": tok.convert_ids_to_tokens(self.tokens.gist_ids),
                 "hidden_size": gist.shape[1], "tokenizer": cfg.model.tokenizer or cfg.model.name,
                 "mode": "distill", "final_loss": last_loss, "temperature": cfg.distill.temperature,
-                "student": cfg.distill.student, "template": cfg.data.template})
+                "student": cfg.distill.student, "template": cfg.data.template, "mask_prefix_tokens": self.prefix})
