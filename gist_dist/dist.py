@@ -202,6 +202,17 @@ def exported(d: DistEnv, gpu: int | None) -> dict[str, str]:
             "MASTER_PORT": str(d.master_port)}
 
 
+def skip_shm_op():
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op when its process group
+    starts (30-50 s with a C++ compiler on a machine's first run; an error without one). The op
+    serves only `inference_all_reduce` (tensor-parallel inference), which gist-dist never calls:
+    training's collectives go through gloo either way."""
+    import importlib
+    ds_comm = importlib.import_module("deepspeed.comm.torch")  # the module: deepspeed.comm.torch is torch
+    if hasattr(ds_comm, "build_shm_op"):
+        ds_comm.build_shm_op = lambda: None
+
+
 def init(timeout_s: int = 600) -> DistEnv:
     """Export the discovered env (DeepSpeed and torch read it) and start the process group."""
     import deepspeed
@@ -213,6 +224,8 @@ def init(timeout_s: int = 600) -> DistEnv:
         backend = "nccl" if gpu is not None else "gloo"
         if gpu is not None:
             torch.cuda.set_device(gpu)
+        else:
+            skip_shm_op()
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
         log(f"gist-dist: {d.world_size} ranks from {d.source}, master {d.master_addr}:{d.master_port}, "
