@@ -26,6 +26,12 @@ def test_loss_falls_and_metrics_are_complete(tiny_gist_run):
     assert len(steps[-1]["rank_peak_mem_gb"]) == len(steps[-1]["rank_tokens_per_s"]) == 2
 
 
+def test_cpu_ranks_compile_no_deepspeed_op(tiny_gist_run):
+    """gloo does every collective; DeepSpeed's shm all-reduce op (inference only) is not JIT-built."""
+    built = tiny_gist_run.with_name(tiny_gist_run.name + "_ext")
+    assert not built.exists() or not any(built.iterdir()), sorted(built.iterdir())
+
+
 def test_parameters_are_partitioned_across_ranks(tiny_gist_run):
     """Each rank's optimizer shard holds about half of the states, not a full copy."""
     ckpt = tiny_gist_run / "checkpoints"
