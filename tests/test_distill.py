@@ -163,6 +163,7 @@ def test_artifacts_of_the_first_fingerprint_format_still_load(tmp_path):
     artifact.save(tmp_path, torch.zeros(1, 64), {"num_gist": 1, "base_fingerprint": artifact._legacy_fingerprint(base.config, weight)})
     assert artifact.load(tmp_path, expected_fingerprint=artifact.BaseModel(base.config, weight))[0].shape == (1, 64)
 
+
 @pytest.mark.parametrize("template", ["alpaca", "chat_system"])
 @pytest.mark.parametrize("student", ["gist_mask", "no_prompt"])
 def test_visible_prefix_of_the_student_is_the_template_text_every_record_shares(template, student):
