@@ -107,8 +107,9 @@ def cmd_eval(args) -> int:
 
 def cmd_flops(args) -> int:
     from .analysis import flops, latency
+    prefix = flops.visible_prefix_tokens(args.model, args.tokenizer) if args.mask_prefix == "visible" else 0
     result = flops.flops_for(args.model, args.num_gist, data=args.data, prompt_tokens=args.prompt_tokens,
-                             tail_tokens=args.tail_tokens, n=args.n, dtype=args.dtype, tokenizer=args.tokenizer)
+                             tail_tokens=args.tail_tokens, n=args.n, dtype=args.dtype, tokenizer=args.tokenizer, prefix=prefix)
     text = [flops.format_table(result)]
     if args.measure:  # FlopCounterMode on forward passes; shape files run on the meta device (no weights)
         if args.data:  # the first 3 records: real forward passes are slow on big models
@@ -116,12 +117,13 @@ def cmd_flops(args) -> int:
         else:
             lengths = [(args.prompt_tokens, args.tail_tokens)]
         result["measured_check"] = flops.check_against_counter(args.model, lengths, args.num_gist,
-                                                               meta=flops.is_shape(args.model) or result["params"] > 1e9)
+                                                               meta=flops.is_shape(args.model) or result["params"] > 1e9,
+                                                               prefix=prefix)
         text.append(flops.format_check(result["measured_check"]))
     if args.latency:
         result["latency"] = latency.latency_for(args.model, args.num_gist, data=args.data, n=args.latency_examples,
                                                 prompt_tokens=args.prompt_tokens, tail_tokens=args.tail_tokens,
-                                                repeats=args.repeats)
+                                                repeats=args.repeats, prefix=prefix)
         text.append(latency.format_latency(result["latency"]))
     if args.out:
         flops.write_json(result, args.out)
@@ -193,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input + '\\nOutput:' tokens with --prompt-tokens (3: no input, SmolLM2 tokenizer)")
     f.add_argument("--tokenizer", default="", help="tokenizer for --data (default: the model's, else SmolLM2's)")
     f.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype of stored KV")
+    f.add_argument("--mask-prefix", default="hidden", choices=["hidden", "visible"],
+                   help="visible: the gist strategy also reads the template's fixed head, stored once (mask_prefix=visible runs)")
     f.add_argument("--measure", action="store_true", help="check against torch FlopCounterMode forward passes")
     f.add_argument("--latency", action="store_true", help="time TTFT/decode per strategy on this machine")
     f.add_argument("--latency-examples", type=int, default=4)

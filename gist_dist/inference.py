@@ -264,13 +264,15 @@ def generate_uncached(model, prompts: list[list[int]], tails: list[list[int]], g
 STRATEGIES = ("none", "instruction", "gist")
 
 
-def strategy_cache(model, prompt: list[int], gist_ids: list[int], strategy: str) -> GistKVCache:
+def strategy_cache(model, prompt: list[int], gist_ids: list[int], strategy: str, prefix: int = 0) -> GistKVCache:
+    """One prompt's cache under a caching strategy; `prefix`: the prompt's first tokens the gist strategy
+    also keeps (mask_prefix=visible; shared by every prompt, so not counted in its bytes)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown caching strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
     if strategy == "instruction":
         return build_cache(model, [prompt], [], "pos_control")
     if strategy == "gist":
-        return build_cache(model, [list(prompt) + list(gist_ids)], gist_ids, "gist")
+        return build_cache(model, [list(prompt) + list(gist_ids)], gist_ids, "gist", prefix=prefix)
     zeros = torch.zeros(1, dtype=torch.long)
     return GistKVCache(empty_layers(model, 1), empty_layers(model, 1), torch.zeros(1, 0, dtype=torch.long), zeros, zeros)
 

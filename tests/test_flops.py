@@ -122,12 +122,29 @@ def test_cli_bad_input_is_one_line_and_nonzero(args, code):
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == ""
 
 
-def test_cli_latency_writes_json_for_the_report(tmp_path):
+def test_visible_prefix_is_measured_as_the_formula_counts(tmp_path):
+    """--mask-prefix visible: the measured first-token FLOPs and the timed cache follow the formula
+    (the gist strategy reads k + n entries), and the n prefix entries are stored once, not per prompt;
+    the JSON the report reads carries the latency table."""
     out = tmp_path / "flops.json"
-    proc = gist_dist(["flops", "--model", "tiny", "--prompt-tokens", "12", "--tail-tokens", "4", "--latency",
-                      "--repeats", "2", "--dtype", "fp32", "--out", str(out)], timeout=600)
-    assert "TTFT ms" in proc.stdout
+    proc = gist_dist(["flops", "--model", "tiny", "--num-gist", "2", "--prompt-tokens", "12", "--tail-tokens", "4",
+                      "--mask-prefix", "visible", "--measure", "--latency", "--repeats", "2", "--dtype", "fp32",
+                      "--out", str(out)], timeout=600)
+    n = flops.visible_prefix_tokens("tiny")
+    assert "TTFT ms" in proc.stdout and n == 2 and f"{n}-token visible prefix" in proc.stdout  # "Instruction:" in SmolLM2's tokenizer
     result = json.loads(out.read_text())
     per_token = flops.shape_of("tiny").kv_bytes_per_token("fp32")
-    assert result["latency"]["gist"]["kv_bytes_per_prompt"] == per_token == result["kv_bytes_per_prompt"]["gist"]
+    assert result["prefix_tokens"] == n and result["compression"] == (12 - n) / 2
+    for s in flops.STRATEGIES:
+        assert abs(result["measured_check"][s]["rel_error"]) < 0.02, (s, result["measured_check"][s])
+    gist = result["latency"]["gist"]
+    assert gist["examples"][0]["cached_tokens"] == 2 + n
+    assert gist["kv_bytes_per_prompt"] == 2 * per_token == result["kv_bytes_per_prompt"]["gist"]
+    assert gist["kv_bytes_shared"] == n * per_token == result["kv_bytes_shared"]
     assert result["latency"]["instruction"]["kv_bytes_per_prompt"] == 12 * per_token
+    hidden = flops.check_against_counter("tiny", [(12, 4)], num_gist=2)
+    assert result["measured_check"]["gist"]["measured"] > hidden["gist"]["measured"]
+    assert result["measured_check"]["none"]["measured"] == hidden["none"]["measured"]
+    bad = gist_dist(["flops", "--model", "t5-tiny", "--prompt-tokens", "12", "--mask-prefix", "visible"],
+                    check=False, timeout=600)
+    assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "decoder-only" in bad.stderr

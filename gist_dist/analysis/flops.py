@@ -335,7 +335,7 @@ def write_json(result: dict, path: str | Path) -> None:
     write_text(path, json.dumps(result, indent=2))
 
 
-def measured_flops(model, prompt: list[int], tail: list[int], gist_ids: list[int], strategy: str) -> int:
+def measured_flops(model, prompt: list[int], tail: list[int], gist_ids: list[int], strategy: str, prefix: int = 0) -> int:
     """FlopCounterMode's count of the first-token forward of one strategy on a real model.
 
     Load the model with attn_implementation="eager": its attention is two counted matmuls, while
@@ -344,9 +344,9 @@ def measured_flops(model, prompt: list[int], tail: list[int], gist_ids: list[int
     from torch.utils.flop_counter import FlopCounterMode
     from ..inference import first_token_input, forward_after, strategy_cache
 
-    prefix = strategy_cache(model, prompt, gist_ids, strategy)
+    cache = strategy_cache(model, prompt, gist_ids, strategy, prefix)
     with FlopCounterMode(display=False) as counter:
-        forward_after(model, first_token_input(prompt, tail, strategy), prefix)
+        forward_after(model, first_token_input(prompt, tail, strategy), cache)
     return counter.get_total_flops()
 
 
@@ -360,9 +360,19 @@ def tokenizer_for(model: str, tokenizer: str = ""):
     return AutoTokenizer.from_pretrained(path), name
 
 
+def visible_prefix_tokens(model: str, tokenizer: str = "") -> int:
+    """mask_prefix=visible: tokens of the Alpaca template's fixed head (BOS when the tokenizer adds one,
+    "Instruction:") that every query of the gist strategy reads, in the model's tokenizer."""
+    from ..data import GistTemplate
+    if isinstance(shape_of(model), Seq2SeqShape):
+        raise ConfigError("--mask-prefix visible is for decoder-only models (encoder-decoder runs refuse mask_prefix=visible)")
+    return len(GistTemplate(tokenizer_for(model, tokenizer)[0], [], max_length=1 << 30).fixed_head)
+
+
 def flops_for(model: str, num_gist: int, *, data: str = "", prompt_tokens: int = 0, tail_tokens: int = 4,
-              n: int = 0, dtype: str = "bf16", tokenizer: str = "") -> dict:
-    """`gist-dist flops`: one prompt length, or the real lengths of a data file's records."""
+              n: int = 0, dtype: str = "bf16", tokenizer: str = "", prefix: int = 0) -> dict:
+    """`gist-dist flops`: one prompt length, or the real lengths of a data file's records. `prefix`: the
+    instruction's first tokens kept visible (mask_prefix=visible), counted inside its length."""
     if num_gist < 1:
         raise ConfigError(f"--num-gist must be >= 1, got {num_gist}")
     shape = shape_of(model)
@@ -370,12 +380,12 @@ def flops_for(model: str, num_gist: int, *, data: str = "", prompt_tokens: int =
         records = load_records_for(data, n)  # bad data fails before the tokenizer loads
         tok, tok_name = tokenizer_for(model, tokenizer)
         lengths = prompt_lengths(records, tok)
-        result = dataset_flops(shape, lengths, num_gist, dtype)
+        result = dataset_flops(shape, lengths, num_gist, dtype, prefix=prefix)
         result.update(tokenizer=tok_name, data=data)
         return result
-    if prompt_tokens < 1 or tail_tokens < 1:
-        raise ConfigError("give --data FILE, or --prompt-tokens N (>= 1) with --tail-tokens M (>= 1)")
-    return dataset_flops(shape, [(prompt_tokens, tail_tokens)], num_gist, dtype)
+    if prompt_tokens <= prefix or tail_tokens < 1:
+        raise ConfigError(f"give --data FILE, or --prompt-tokens N (> {prefix}, the visible prefix) with --tail-tokens M (>= 1)")
+    return dataset_flops(shape, [(prompt_tokens, tail_tokens)], num_gist, dtype, prefix=prefix)
 
 
 def load_eager(model: str, meta: bool = False, dtype=None):
@@ -429,19 +439,21 @@ def measured_seq2seq_flops(model, new: int, cached: int, seen: int) -> int:
     return counter.get_total_flops()
 
 
-def check_against_counter(model: str, lengths: list[tuple[int, int]], num_gist: int, meta: bool = False) -> dict:
+def check_against_counter(model: str, lengths: list[tuple[int, int]], num_gist: int, meta: bool = False,
+                          prefix: int = 0) -> dict:
     """Analytic vs FlopCounterMode per strategy on forward passes of the model (token ids arbitrary:
-    FLOPs depend on lengths only). Returns per strategy the summed analytic and measured FLOPs."""
+    FLOPs depend on lengths only). Returns per strategy the summed analytic and measured FLOPs.
+    `prefix`: the prompts' first tokens the gist strategy keeps visible (mask_prefix=visible)."""
     net = load_eager(model, meta=meta)
     shape = shape_of(model, net.config)
     gist_ids = list(range(shape.vocab - num_gist, shape.vocab))
     out = {s: {"analytic": 0, "measured": 0} for s in shape.strategies}
     for prompt, tail in lengths:
         p_ids, t_ids = list(range(10, 10 + prompt)), list(range(20, 20 + tail))
-        for s, inputs in shape.strategy_inputs(prompt, tail, num_gist).items():
+        for s, inputs in shape.strategy_inputs(prompt, tail, num_gist, prefix).items():
             out[s]["analytic"] += shape.first_token_flops(*inputs)
             out[s]["measured"] += (measured_seq2seq_flops(net, *inputs) if isinstance(shape, Seq2SeqShape)
-                                   else measured_flops(net, p_ids, t_ids, gist_ids, s))
+                                   else measured_flops(net, p_ids, t_ids, gist_ids, s, prefix))
     for s in shape.strategies:
         out[s]["rel_error"] = out[s]["analytic"] / out[s]["measured"] - 1
     return {"model": model, "weights": "meta (none)" if meta else "real", "examples": len(lengths),

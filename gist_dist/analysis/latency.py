@@ -33,9 +33,11 @@ def _stats(seconds: list[float]) -> dict:
 
 
 @torch.no_grad()
-def measure_strategy(model, prompt, tail, gist_ids, strategy, repeats=10, warmup=2, decode_tokens=8) -> dict:
-    """TTFT (the first-token forward given the strategy's prefix) and greedy per-token decode time."""
-    prefix = strategy_cache(model, prompt, gist_ids, strategy)
+def measure_strategy(model, prompt, tail, gist_ids, strategy, repeats=10, warmup=2, decode_tokens=8,
+                     visible_prefix=0) -> dict:
+    """TTFT (the first-token forward given the strategy's prefix) and greedy per-token decode time.
+    `visible_prefix`: the prompt's first tokens the gist strategy keeps too (mask_prefix=visible)."""
+    prefix = strategy_cache(model, prompt, gist_ids, strategy, visible_prefix)
     first = first_token_input(prompt, tail, strategy)
     ttft = [_timed(lambda: forward_after(model, first, prefix)) for _ in range(warmup + repeats)][warmup:]
     out = forward_after(model, first, prefix)
@@ -47,21 +49,24 @@ def measure_strategy(model, prompt, tail, gist_ids, strategy, repeats=10, warmup
         decode.append(time.perf_counter() - t0)
         token = int(out.logits[0, -1].argmax())
     return {"ttft": _stats(ttft), "decode_per_token": _stats(decode[warmup:]),
-            "first_forward_tokens": len(first), "cached_tokens": prefix.length, "kv_bytes": prefix.nbytes()[0]}
+            "first_forward_tokens": len(first), "cached_tokens": prefix.length, "kv_bytes": prefix.nbytes()[0],
+            "kv_bytes_shared": prefix.shared_nbytes()}
 
 
 def measure_strategies(model, examples: list[tuple[list[int], list[int]]], gist_ids, repeats=10, warmup=2,
-                       decode_tokens=8) -> dict:
-    """Per strategy: medians over examples of each example's median TTFT/decode, mean KV bytes."""
+                       decode_tokens=8, prefix=0) -> dict:
+    """Per strategy: medians over examples of each example's median TTFT/decode, mean KV bytes (a
+    visible prefix's entries, kept once per model, under kv_bytes_shared)."""
     result = {}
     for strategy in STRATEGIES:
-        runs = [measure_strategy(model, p, t, gist_ids, strategy, repeats, warmup, decode_tokens) for p, t in examples]
+        runs = [measure_strategy(model, p, t, gist_ids, strategy, repeats, warmup, decode_tokens, prefix) for p, t in examples]
         result[strategy] = {
             "ttft_ms": statistics.median(r["ttft"]["median_ms"] for r in runs),
             "ttft_p25_ms": statistics.median(r["ttft"]["p25_ms"] for r in runs),
             "ttft_p75_ms": statistics.median(r["ttft"]["p75_ms"] for r in runs),
             "decode_ms_per_token": statistics.median(r["decode_per_token"]["median_ms"] for r in runs),
             "kv_bytes_per_prompt": sum(r["kv_bytes"] for r in runs) / len(runs),
+            "kv_bytes_shared": runs[0]["kv_bytes_shared"],
             "examples": runs,
         }
     result["settings"] = {"repeats": repeats, "warmup": warmup, "decode_tokens": decode_tokens,
@@ -70,9 +75,10 @@ def measure_strategies(model, examples: list[tuple[list[int], list[int]]], gist_
 
 
 def latency_for(model: str, num_gist: int, *, data: str = "", n: int = 4, prompt_tokens: int = 0,
-                tail_tokens: int = 3, repeats: int = 10, warmup: int = 2, decode_tokens: int = 8) -> dict:
+                tail_tokens: int = 3, repeats: int = 10, warmup: int = 2, decode_tokens: int = 8, prefix: int = 0) -> dict:
     """`gist-dist flops --latency`: load the model (sdpa attention, fp32 on CPU) and time each strategy
-    on the first `n` records of `data`, or on one synthetic prompt of the given lengths."""
+    on the first `n` records of `data`, or on one synthetic prompt of the given lengths; `prefix`: the
+    prompts' first tokens the gist strategy keeps visible (mask_prefix=visible)."""
     from transformers import AutoModelForCausalLM
 
     from ..config import ConfigError
@@ -100,8 +106,8 @@ def latency_for(model: str, num_gist: int, *, data: str = "", n: int = 4, prompt
         examples = [template.pieces(r)[:2] for r in load_records(data, n=n)]
     else:
         examples = [(list(range(100, 100 + prompt_tokens)), list(range(200, 200 + tail_tokens)))]
-    result = measure_strategies(net, examples, gist, repeats, warmup, decode_tokens)
-    result["settings"].update(model=model, tokenizer=tok_name, data=data or "synthetic", num_gist=num_gist,
+    result = measure_strategies(net, examples, gist, repeats, warmup, decode_tokens, prefix)
+    result["settings"].update(model=model, tokenizer=tok_name, data=data or "synthetic", num_gist=num_gist, prefix_tokens=prefix,
                               mean_prompt_tokens=sum(len(p) for p, _ in examples) / len(examples))
     return result
 
@@ -115,4 +121,7 @@ def format_latency(result: dict) -> str:
         r = result[name]
         ttft = f"{r['ttft_ms']:.2f} [{r['ttft_p25_ms']:.2f}-{r['ttft_p75_ms']:.2f}]"
         lines.append(f"{name:<12} {ttft:>22} {r['decode_ms_per_token']:>16.2f} {r['kv_bytes_per_prompt']:>16,.0f}")
+    if s.get("prefix_tokens"):
+        lines.append(f"gist also reads the {s['prefix_tokens']}-token visible prefix, "
+                     f"{result['gist']['kv_bytes_shared']:,} bytes kept once for every prompt")
     return "\n".join(lines)
