@@ -8,6 +8,6 @@ cd "$(dirname "$0")/.."
 OUT=${1:-runs/compress-fidelity}; shift || true
 .venv/bin/torchrun --standalone --nproc_per_node 2 .venv/bin/gist-dist compress \
   --prompt-file benchmarks/data/system_prompt.txt --queries benchmarks/data/support_queries.txt \
-  --num-gist 8 --answer-tokens 32 --heldout 0.2 --config configs/smollm2.yaml \
+  --num-gist 8 --answer-tokens 32 --heldout 0.25 --config configs/smollm2.yaml \
   output_dir="$OUT" data.packing=false train.micro_batch_size=4 train.max_steps=200 train.lr=0.02 train.warmup_steps=10 train.eval_batches=2 "$@"
 cat "$OUT/fidelity.json"
