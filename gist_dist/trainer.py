@@ -92,8 +92,7 @@ class Trainer:
             model = load_model(model_cfg, vocab_min=num_old)
             self.module, trainable = self.method.wrap(model)
         if cfg.train.activation_checkpointing:
-            model.config.use_cache = False  # a KV cache under recompute is wasted memory
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         self.build_s = time.time() - t_build
         held, self.model_param_bytes = zero.param_bytes(model)  # before deepspeed.initialize: zero.Init's doing
         self.rank_param_bytes = dist.all_gather_object(held)
@@ -237,6 +236,13 @@ class Trainer:
         dist.log(f"gist-dist: stop signal received, checkpoint saved at step {self.step}; exiting for requeue")
         self.metrics.close()
         raise SystemExit(preempt.REQUEUE_EXIT_CODE)
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer in backward: non-reentrant, so it works for distill too, where the
+    only tensor that needs a gradient enters at the input."""
+    model.config.use_cache = False  # a KV cache under recompute is wasted memory
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def run(cfg: RunConfig) -> dict:
