@@ -143,6 +143,14 @@ def test_gist_model_folder_is_plain_hf_with_a_model_card(tiny_gist_run):
     assert "keep only the last 1 entries" in card.lower()
 
 
+@pytest.mark.parametrize("template, layout", [("chat", "one user turn `{instruction}<GIST_0>\\n{input}`"),
+                                              ("chat_system", "the system message `{instruction}<GIST_0>`")])
+def test_model_card_follows_the_chat_templates(template, layout):
+    from gist_dist.methods.finetune import model_card
+    card = model_card(load_config(TINY, [f"data.template={template}"]), ["<GIST_0>"])
+    assert f"data.template={template}" in card and layout in card and "Instruction: {instruction}" not in card
+
+
 def test_column_mapping_for_files_and_a_saved_dataset_folder(tmp_path):
     import datasets
     rows = [{"question": f"Say {i}.", "context": "", "answer": str(i)} for i in range(5)]

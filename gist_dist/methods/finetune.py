@@ -85,6 +85,21 @@ class Finetune(Method):
         return model_card(cfg, gist_tokens)
 
 
+TEMPLATE_TEXT = {  # data.template -> (the layout, the part run once into the cache, the rest), given the gist text
+    "alpaca": lambda gist: (f"    Instruction: {{instruction}}\\n{gist}\\nInput: {{input}}\\nOutput: {{output}}<eos>\n\n"
+                            "(`\\nInput: {input}` is left out when there is no input.)",
+                            f"`Instruction: ...\\n{gist}`", "`\\nInput: ...\\nOutput:`"),
+    "chat": lambda gist: ("The tokenizer's own chat template: one user turn `{instruction}" + gist + "\\n{input}` (no `\\n` "
+                          "without an input), the assistant turn `{output}` with its end-of-turn tokens.",
+                          f"the chat template up to the user turn's `{{instruction}}{gist}`",
+                          "the rest of the user turn and the assistant header"),
+    "chat_system": lambda gist: ("The tokenizer's own chat template: the system message `{instruction}" + gist + "`, the "
+                                 "user turn `{input}`, the assistant turn `{output}` with its end-of-turn tokens.",
+                                 f"the chat template up to the system message's `{{instruction}}{gist}`",
+                                 "the rest: the user turn and the assistant header"),
+}
+
+
 def model_card(cfg, gist_tokens: list[str]) -> str:
     """final/README.md: what the gist tokens are and how to use the cached path with transformers alone."""
     gist = "".join(gist_tokens)
@@ -94,21 +109,22 @@ def model_card(cfg, gist_tokens: list[str]) -> str:
     if cfg.mask_prefix == "visible" and cfg.mask != "pos_control":  # trained with the fixed head visible
         keep += (", and in front of them the first `mask_prefix_tokens` entries (gist_model.json: the fixed "
                  "template head, the same for every instruction)")
+    template, prompt_part, rest = TEMPLATE_TEXT[cfg.data.template](gist)
     return f"""# Gist model ({cfg.mask}, {cfg.num_gist} gist token(s))
 
 Trained by gist-dist from `{cfg.model.name}`. The tokenizer has the gist tokens `{gist}` as special tokens.
 
-Template (labels only on the output):
+Template (`data.template={cfg.data.template}`, labels only on the output):
 
-    Instruction: {{instruction}}\\n{gist}\\nInput: {{input}}\\nOutput: {{output}}<eos>
+{template}
 
-(`\\nInput: {{input}}` is left out when there is no input.) Under the `{cfg.mask}` mask, tokens after the
-gist cannot see the instruction, so only the gist tokens' keys/values need to be kept.
+Under the `{cfg.mask}` mask, tokens after the gist cannot see the instruction, so only the gist
+tokens' keys/values need to be kept.
 
 Cached path with transformers alone:
-1. Run `Instruction: ...\\n{gist}` once with `use_cache=True`, positions 0..n-1.
+1. Run {prompt_part} once with `use_cache=True`, positions 0..n-1.
 2. {keep}; put them in a `DynamicCache`.
-3. Generate from `\\nInput: ...\\nOutput:` with that cache, `attention_mask` of ones over
+3. Generate from {rest} with that cache, `attention_mask` of ones over
    gist + new tokens, and `position_ids` starting at n (where the instruction + gist ended).
 The answers equal those of the full sequence under the gist mask (`gist-dist eval` checks this path).
 """
