@@ -57,6 +57,58 @@ def test_missing_logger_package_fails_before_anything_is_written(tmp_path):
     assert not out.exists()
 
 
+def test_wandb_sink_is_offline_and_gets_the_scalars_of_metrics_jsonl(tmp_path, monkeypatch):
+    """wandb is not installed here: a stand-in module records what the sink calls (init, log, finish)."""
+    import os
+    import sys
+    import types
+
+    from gist_dist.metrics_log import MetricsLog, scalars
+    calls = {"log": []}
+
+    class Run:
+        def log(self, values, step):
+            calls["log"].append((step, values))
+
+        def finish(self):
+            calls["finished"] = True
+
+    def init(**kwargs):
+        calls["init"], calls["mode"] = kwargs, os.environ.get("WANDB_MODE")
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = load_config(TINY, ["log.backends=jsonl,wandb", f"output_dir={tmp_path}"])
+    log = MetricsLog(cfg, main=True, fresh=True)
+    steps = [{"step": 1, "loss": 2.5, "rank_tokens_per_s": [10.0, 12.0], "lr": 1e-4}, {"step": 2, "loss": 2.0, "lr": 1e-4}]
+    log.record({"event": "start"})
+    for r in steps:
+        log.record(r)
+    log.close()
+    assert calls["mode"] == "offline" and calls["init"]["dir"] == str(tmp_path) and calls.get("finished")
+    assert calls["init"]["config"]["log"]["backends"] == ["jsonl", "wandb"]
+    written = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert calls["log"] == [(r["step"], scalars(r)) for r in written if "step" in r] and len(calls["log"]) == 2
+    assert calls["log"][0][1]["rank1/tokens_per_s"] == 12.0
+
+
+@pytest.mark.parametrize("mode", ["bar", "lines"])
+def test_progress_is_a_bar_or_plain_lines(mode, capsys):
+    from gist_dist.metrics_log import Progress
+    progress = Progress(total=4, initial=0, every=2, main=True, desc="train[gist]", mode=mode)
+    for step in range(1, 5):
+        progress.update(step, loss=1.0 / step, tokens_per_s=10.0, step_time=0.5)
+    progress.close()
+    err = capsys.readouterr().err
+    if mode == "bar":  # tqdm redraws one line with carriage returns
+        assert "\r" in err and "4/4" in err
+    else:  # a Slurm output file: one line every 2 steps, no carriage return
+        assert "\r" not in err and err.splitlines() == [
+            "train[gist] step 2/4 loss 0.5000 tokens/s 10.0 step_time 0.50s",
+            "train[gist] step 4/4 loss 0.2500 tokens/s 10.0 step_time 0.50s"]
+
+
 def test_two_rank_run_logs_the_same_scalars_to_tensorboard_and_plain_progress_lines(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
