@@ -129,6 +129,17 @@ def test_two_processes_started_together_build_the_cache_once(big_jsonl, tmp_path
                                              "enclosed in double quotes)"] * 2
 
 
+def test_two_processes_load_a_saved_dataset_folder_once(tmp_path):
+    """A `datasets` source (a save_to_disk folder): the first process builds the cache, the other reads it."""
+    import datasets
+    folder = tmp_path / "ds"
+    datasets.Dataset.from_list([_rec(i) for i in range(2000)]).save_to_disk(str(folder))
+    results = _two_processes(folder, "error", tmp_path / "shared_cache")
+    assert [(r["records"], r["bad"]) for r in results] == [(2000, 0)] * 2
+    notes = [n.split(":")[0] for r in results for n in r["notes"]]
+    assert sorted(notes) == ["data cache built", "data cache read"]
+
+
 @pytest.fixture(scope="module")
 def template():
     from gist_dist.config import ModelConfig
