@@ -33,6 +33,24 @@ def test_hf_style_auto_json_fills_each_half_precision_block_for_its_own_dtype(tm
     assert "auto" not in json.dumps(ds)
 
 
+@pytest.mark.parametrize("cuda, bf16, expected", [(False, False, torch.float32), (True, True, torch.bfloat16),
+                                                  (True, False, torch.float16)])
+def test_auto_dtype_is_bf16_where_the_gpu_has_it_else_fp16_with_dynamic_loss_scaling(monkeypatch, tmp_path,
+                                                                                      cuda, bf16, expected):
+    """dtype=auto as a V100 / T4 (no bf16) or an A100+ would see it (CUDA's answers stood in for: none here),
+    and the DeepSpeed block that dtype turns on: fp16 with dynamic loss scaling (loss_scale 0)."""
+    from gist_dist.model import resolve_dtype
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    dtype = resolve_dtype("auto")
+    assert dtype == expected
+    ds = deepspeed_config(load_config(TINY), 64, dtype)
+    if dtype == torch.float16:
+        assert ds["fp16"]["enabled"] is True and ds["fp16"]["loss_scale"] == 0 and "bf16" not in ds
+    elif dtype == torch.bfloat16:
+        assert ds["bf16"]["enabled"] is True and "fp16" not in ds
+
+
 def test_fp32_run_turns_both_half_precision_blocks_off(tmp_path):
     ds = deepspeed_config(_config(tmp_path, HF_STYLE), 64, torch.float32)
     assert "fp16" not in ds and "bf16" not in ds
