@@ -14,6 +14,8 @@ Steps, each logged and written into OUT_DIR/gpu_check.json as soon as it ends:
   eval        `gist-dist eval` of the distill run (gist KV cache) == `gist-dist generate` (the plain
               uncached loop under the gist mask), answer for answer
   compress    `gist-dist compress` + `gist-dist generate` with the artifact
+  packed_dense, packed_flex   packed rows (2,048 tokens on the GPU) with the dense 4D mask and with
+              FlexAttention's BlockMask (CUDA only): step time and peak memory, flex / dense
 Per train variant: tokens/s (median of the steps after the first), peak memory (max over steps; the
 GPU's max_memory_allocated there, RSS on CPU) and
   MFU = tokens/s * (6 N + 12 L h T) / peak    (PaLM appendix B, as nanoGPT's estimate_mfu)
@@ -50,9 +52,11 @@ INSTRUCTION = "Repeat the words of the input in reverse order."
 # name -> settings; gpu: ~2.5k-token batches so the matmuls, not the launch, set the pace.
 SETTINGS = {
     "gpu": dict(shape="configs/models/llama-1b.yaml", dtype="bf16", steps=8, micro_batch=8, max_length=512,
-                words=(140, 100, 100), num_gist=4, eval_n=4, new_tokens=8, queries=8, deadline_s=460, timeout_s=240),
+                words=(140, 100, 100), num_gist=4, eval_n=4, new_tokens=8, queries=8, deadline_s=460, timeout_s=240,
+                packed=(2048, 2)),
     "dry": dict(shape="configs/models/tiny.yaml", dtype="fp32", steps=2, micro_batch=2, max_length=64,
-                words=(12, 8, 8), num_gist=2, eval_n=3, new_tokens=4, queries=4, deadline_s=0, timeout_s=300),
+                words=(12, 8, 8), num_gist=2, eval_n=3, new_tokens=4, queries=4, deadline_s=0, timeout_s=300,
+                packed=(128, 1)),
 }
 
 
@@ -241,24 +245,27 @@ def main() -> int:
     files = write_data(work, s)
     config = run_config(work, s, model_dir, tokenizer, files)
 
-    # 4. the train variants
-    variants = {"gist": [], "gist_ckpt": ["train.activation_checkpointing=true"], "distill": ["mode=distill"]}
-    for name, extra in variants.items():
+    def train_variant(name: str, extra: list, micro_batch: int):
         if over_budget():
             check.step(name, {"ok": False, "skipped": "time budget spent"})
-            continue
+            return
         t, run_dir = time.time(), work / name
         proc = sh(check, torchrun(["train", config, f"output_dir={run_dir}", *extra]), left())
         entry = {"ok": proc.returncode == 0, "seconds": round(time.time() - t, 1), "overrides": extra}
         if (run_dir / "metrics.jsonl").is_file():
             try:
-                entry.update(train_figures(run_dir, model, peak, s["micro_batch"]))
+                entry.update(train_figures(run_dir, model, peak, micro_batch))
             except (ValueError, KeyError, statistics.StatisticsError) as e:
                 entry.update(ok=False, error=f"metrics.jsonl: {e!r}")
         entry["ok"] = entry["ok"] and finite(entry.get("tokens_per_s"), entry.get("peak_mem_gb"))
         check.step(name, entry)
         if name != "distill":  # 14 GB of optimizer shards at 1B: keep the disk free
             subprocess.run(["rm", "-rf", str(run_dir / "checkpoints"), str(run_dir / "final")])
+
+    # 4. the train variants
+    variants = {"gist": [], "gist_ckpt": ["train.activation_checkpointing=true"], "distill": ["mode=distill"]}
+    for name, extra in variants.items():
+        train_variant(name, extra, s["micro_batch"])
 
     # 5. eval of the distill run (gist KV cache) == generate (uncached), answer for answer
     distill_dir = work / "distill"
@@ -305,9 +312,24 @@ def main() -> int:
         entry["seconds"] = round(time.time() - t, 1)
         check.step("compress", entry)
 
+    # 7. packed rows, FlexAttention's BlockMask vs the dense 4D mask (issue 14): same rows, same steps
+    length, rows = s["packed"]
+    packed = ["data.packing=true", f"data.max_length={length}", f"train.micro_batch_size={rows}"]
+    train_variant("packed_dense", [*packed, "model.attention=dense"], rows)
+    if device == "cuda":
+        train_variant("packed_flex", [*packed, "model.attention=flex"], rows)
+    else:
+        check.step("packed_flex", {"ok": True, "skipped": "FlexAttention trains only on CUDA"})
+    dense, flex = check.result["steps"]["packed_dense"], check.result["steps"]["packed_flex"]
+    if "step_time_s" in dense and "step_time_s" in flex:
+        check.set("flex_vs_dense", {"step_time": flex["step_time_s"] / dense["step_time_s"],
+                                    "peak_mem": flex["peak_mem_gb"] / dense["peak_mem_gb"]})
+        check.log(f"packed flex / dense: step time {check.result['flex_vs_dense']['step_time']:.3f}, "
+                  f"peak memory {check.result['flex_vs_dense']['peak_mem']:.3f}")
+
     steps = check.result["steps"]
     check.log("variant      tokens/s    MFU     peak GB   seconds")
-    for name in ("gist", "gist_ckpt", "distill", "compress"):
+    for name in ("gist", "gist_ckpt", "distill", "compress", "packed_dense", "packed_flex"):
         e = steps.get(name, {})
         if "tokens_per_s" in e:
             check.log(f"{name:10s} {e['tokens_per_s']:10.1f} {e['mfu']:7.2%} {e['peak_mem_gb']:9.2f} {e['seconds']:9.1f}")

@@ -7,7 +7,7 @@ import sys
 
 from conftest import ROOT, run
 
-VARIANTS = ("gist", "gist_ckpt", "distill", "compress")
+VARIANTS = ("gist", "gist_ckpt", "distill", "compress", "packed_dense")
 
 
 def test_gpu_check_dry_run(tmp_path):
@@ -16,7 +16,9 @@ def test_gpu_check_dry_run(tmp_path):
     result = json.loads((out / "gpu_check.json").read_text())
     steps = result["steps"]
     assert result["ok"] and result["dry_run"] and result["device"] == "cpu"
-    assert set(steps) == {"tests", *VARIANTS, "eval"} and all(s["ok"] for s in steps.values())
+    assert set(steps) == {"tests", *VARIANTS, "eval", "packed_flex"} and all(s["ok"] for s in steps.values())
+    assert steps["packed_flex"]["skipped"] == "FlexAttention trains only on CUDA" and "flex_vs_dense" not in result
+    assert "data.packing=true" in steps["packed_dense"]["overrides"]
     assert math.isfinite(result["peak_tflops"]) and result["peak_tflops"] > 0
     for name in VARIANTS:
         s = steps[name]
