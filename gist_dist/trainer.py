@@ -192,11 +192,13 @@ class Trainer:
             tokens += n_tok
         self.step += 1
         step_time = time.time() - t0
+        grad_norm = self.engine.get_global_grad_norm()  # of the step's gradient, before clipping
         loss_sum, total_tokens = dist.all_reduce([loss_sum, tokens])
         loss_mean = loss_sum / max(targets, 1.0)
         per_rank = dist.all_gather_object((tokens / step_time, peak_memory_gb()))  # one collective per step
         rank_tps, rank_mem = [r[0] for r in per_rank], [r[1] for r in per_rank]
-        return {"step": self.step, "loss": loss_mean, "lr": self.scheduler.get_last_lr()[0], "step_time_s": step_time,
+        return {"step": self.step, "loss": loss_mean, "grad_norm": None if grad_norm is None else float(grad_norm),
+                "lr": self.scheduler.get_last_lr()[0], "step_time_s": step_time,
                 "tokens": int(total_tokens), "tokens_per_s": sum(rank_tps), "rank_tokens_per_s": rank_tps,
                 "peak_mem_gb": max(rank_mem), "rank_peak_mem_gb": rank_mem}
 

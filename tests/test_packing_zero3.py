@@ -1,6 +1,7 @@
 """A packed 2-rank ZeRO-3 run of configs/tiny.yaml: the loss falls, resume is bit-exact, and the
-logged step loss is the mean over the target tokens of the whole global batch (2 ranks x 2
-micro-batches), checked against one process computing it from the same rows and initial weights."""
+logged step loss and the gradient are those of the mean over the target tokens of the whole global
+batch (2 ranks x 2 micro-batches), checked against one process computing them from the same rows and
+initial weights."""
 from __future__ import annotations
 
 import json
@@ -53,8 +54,11 @@ def test_packed_run_learns_and_resumes_bit_exactly(packed_run, tmp_path):
         assert again[s]["loss"] == steps[s]["loss"] and again[s].get("eval_loss") == steps[s].get("eval_loss"), s
 
 
-def test_step_loss_is_the_mean_over_the_global_batch_target_tokens(packed_run):
-    """Recompute step 1 in one process: the rows both ranks trained on, the initial weights."""
+def test_step_loss_and_gradient_are_those_of_the_global_batch_mean(packed_run):
+    """Recompute step 1 in one process, from the rows both ranks trained on and the initial weights:
+    the logged loss is the mean over the target tokens of the global batch, and the gradient DeepSpeed
+    stepped with (its norm before clipping, as logged) is the gradient of that mean, not a mean of
+    per-micro-batch means nor a sum over ranks."""
     cfg = load_config(TINY, [f"output_dir={packed_run}", *ARGS])
     tok = load_tokenizer(cfg.model)
     num_old = len(tok)
@@ -66,16 +70,19 @@ def test_step_loss_is_the_mean_over_the_global_batch_target_tokens(packed_run):
     torch.manual_seed(cfg.train.seed)
     model = load_model(cfg.model, vocab_min=num_old)
     init_gist_embeddings(model, tokens.gist_ids, num_old, len(tok))
-    total = targets = 0.0
+    total, targets = torch.zeros(()), 0
     for rank in range(2):
         batches = ShardedBatches(packed, cfg.train.micro_batch_size, rank, 2, cfg.train.seed)
         for _ in range(cfg.train.grad_accum):
             b = to_device(next(batches), tok.pad_token_id, torch.device("cpu"))
-            with torch.no_grad():
-                inputs = model_inputs(b, tokens.gist_ids, cfg.mask)
-                hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
-                r, t = labelled_rows(hidden, b["labels"])
-                total += float(F.cross_entropy(lm_head_rows(model, r).float(), t, reduction="sum"))
-                targets += len(t)
-    logged = next(r for r in rows(packed_run) if r.get("step") == 1)["loss"]
-    assert abs(logged - total / targets) <= 1e-5 * abs(logged), (logged, total / targets)
+            inputs = model_inputs(b, tokens.gist_ids, cfg.mask)
+            hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+            r, t = labelled_rows(hidden, b["labels"])
+            total = total + F.cross_entropy(lm_head_rows(model, r).float(), t, reduction="sum")
+            targets += len(t)
+    (total / targets).backward()
+    reference_norm = torch.linalg.vector_norm(torch.stack(
+        [p.grad.norm() for p in model.parameters() if p.grad is not None])).item()
+    logged = next(r for r in rows(packed_run) if r.get("step") == 1)
+    assert abs(logged["loss"] - total.item() / targets) <= 1e-5 * abs(logged["loss"]), (logged, total / targets)
+    assert logged["grad_norm"] == pytest.approx(reference_norm, rel=1e-4)

@@ -134,11 +134,16 @@ def test_prune_keeps_newest_n_and_never_the_published_one(tmp_path):
 
 
 def test_distill_checkpoints_leave_out_the_frozen_backbone_and_resume(tmp_path):
-    """Distill saves only what trains (the gist embeddings + their optimizer state); the frozen
-    backbone comes back from the base model, so resuming still reproduces every loss exactly."""
-    args = ["mode=distill", "num_gist=2", f"train.max_steps={STEPS}", f"train.save_every={SAVE_EVERY}"]
+    """Packed distill (teacher and student rows packed alike): it saves only what trains (the gist
+    embeddings + their optimizer state); the frozen backbone comes back from the base model, so
+    resuming still reproduces every loss exactly."""
+    args = ["mode=distill", "num_gist=2", f"train.max_steps={STEPS}", f"train.save_every={SAVE_EVERY}",
+            "data.packing=true", "train.lr=0.01"]
     full = tmp_path / "full"
-    torchrun(["train", TINY, f"output_dir={full}", *args])
+    proc = torchrun(["train", TINY, f"output_dir={full}", *args])
+    assert "gist-dist: packed 512 examples into" in proc.stdout
+    log = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert log[-2]["eval_loss"] < log[0]["eval_loss_before"]  # the KL to the teacher falls
     tag = f"step{SAVE_EVERY:08d}"
     folder = full / "checkpoints" / tag
     for rank in (0, 1):
