@@ -1,5 +1,6 @@
 """Packing: per-token losses and gradients packed equal unpacked (fp32, 1e-5), for the three masks
-and distill; the BlockMask's dense form equals the 4D mask, and flex forward (CPU) matches sdpa."""
+and distill; the BlockMask's dense form equals the 4D mask, it skips exactly the blocks the 4D mask
+blocks, flex forward (CPU) matches sdpa, and model.attention=auto picks flex only on CUDA."""
 import random
 
 import pytest
@@ -10,12 +11,14 @@ from hypothesis import strategies as st
 
 from gist_dist.config import ModelConfig
 from gist_dist.data import IGNORE, pad_batch
-from gist_dist.masks import MASKS, allowed_attention, mask_mod, model_inputs
+from gist_dist.config import ConfigError
+from gist_dist.masks import MASKS, allowed_attention, make_block_mask, mask_mod, model_inputs
 from gist_dist.methods.base import segment_ids
 from gist_dist.methods.distill import DistillLoss
 from gist_dist.methods.finetune import labelled_rows, lm_head_rows
 from gist_dist.model import load_model
 from gist_dist.packing import best_fit, join, pack
+from gist_dist.trainer import attention_backend
 
 V = 49160  # tiny shape with room for up to 8 gist ids at the top of the vocabulary
 GIST = list(range(V - 8, V))
@@ -121,6 +124,39 @@ def test_block_mask_dense_form_equals_the_4d_mask_and_flex_matches_sdpa(tiny, ma
         got = flex_model(**model_inputs(b, GIST, mask, attention="flex")).logits
     real = b["attention_mask"].bool()  # padded queries' outputs are ignored (and differ by design)
     torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
+
+
+def test_block_mask_skips_exactly_the_blocks_the_4d_mask_blocks():
+    """At 128 x 128 blocks, a block is skipped iff no query-key pair in it may attend: other examples
+    of the row, and for gist / neg_control also the prompt behind every later query (long answers
+    here, so whole query blocks lie after the gist). Sparsity from the definition, per mask."""
+    rng = random.Random(5)
+    examples = [random_example(rng, 1) for _ in range(12)]
+    for e in examples:
+        e["input_ids"] = [rng.randrange(100, 2000) for _ in range(300)] + e["input_ids"] + [7] * 300
+        e["labels"] = [IGNORE] * 300 + e["labels"] + [7] * 300
+    rows = [join([examples[i] for i in sorted(r)]) for r in best_fit([len(e["input_ids"]) for e in examples], 2048)]
+    b = batch_of(rows[:2])
+    pad = -b["input_ids"].shape[1] % 128  # whole blocks; padding keys and queries attend nowhere
+    ids = F.pad(b["input_ids"], (0, pad))
+    segments = F.pad(b["segments"], (0, pad), value=-1)
+    skipped = {}
+    for mask in MASKS:
+        blocks = make_block_mask(ids, None, GIST, mask, segments).to_dense()[:, 0].bool()  # [B, T/128, T/128]
+        dense = allowed_attention(ids, None, GIST, mask, segments)[:, 0]
+        assert torch.equal(blocks, dense.unflatten(1, (-1, 128)).unflatten(3, (-1, 128)).any(4).any(2)), mask
+        skipped[mask] = (~blocks).sum().item()
+    assert skipped["pos_control"] > blocks.numel() / 2  # causal + other examples already
+    assert skipped["gist"] > skipped["pos_control"] and skipped["neg_control"] >= skipped["gist"]
+
+
+def test_attention_backend_picks_flex_only_on_cuda(monkeypatch):
+    assert attention_backend("auto") == "dense" and attention_backend("dense") == "dense"
+    with pytest.raises(ConfigError, match="only on CUDA"):
+        attention_backend("flex")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what CUDA answers, stood in for
+    assert attention_backend("auto") == "flex" and attention_backend("flex") == "flex"
+    assert attention_backend("auto", flex_ok=False) == "dense"  # a method that needs the dense mask
 
 
 def test_best_fit_refuses_an_example_longer_than_a_row():
