@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -172,9 +173,39 @@ def model_family(config) -> str:
     return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
 
 
-def auto_class(config):
+def auto_class(config, path: str | None = None):
+    """The class that builds `config`; for a T5 checkpoint at `path` that stores its own LM head
+    (FLAN-T5), one that keeps the head untied."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-    return AutoModelForSeq2SeqLM if model_family(config) == "seq2seq" else AutoModelForCausalLM
+    if model_family(config) != "seq2seq":
+        return AutoModelForCausalLM
+    if path and stores_own_lm_head(path):
+        return with_own_lm_head(AutoModelForSeq2SeqLM._model_mapping[type(config)])
+    return AutoModelForSeq2SeqLM
+
+
+def stores_own_lm_head(path: str) -> bool:
+    """Whether the checkpoint folder's safetensors hold `lm_head.weight` (a tied head is stored once,
+    as the embedding). Folders without safetensors or hub ids: what the config file said
+    (tie_word_embeddings false, which transformers 5's T5Config keeps only as scale_decoder_outputs)."""
+    from safetensors import safe_open
+    folder = Path(path)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return "lm_head.weight" in json.loads(index.read_text())["weight_map"]
+    if (folder / "model.safetensors").is_file():
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            return "lm_head.weight" in f.keys()
+    from transformers import AutoConfig
+    return getattr(AutoConfig.from_pretrained(path), "scale_decoder_outputs", True) is False
+
+
+def with_own_lm_head(cls):
+    """`cls` with the encoder/decoder embeddings still tied to `shared`, the LM head not. transformers
+    unties a stored head that differs on one process, but under zero.Init the partitioned (empty)
+    tensors compare equal and FLAN-T5's head would be replaced by the embedding."""
+    keys = {k: v for k, v in cls._tied_weights_keys.items() if not k.startswith("lm_head")}
+    return type(cls.__name__, (cls,), {"_tied_weights_keys": keys, "__module__": cls.__module__})
 
 
 def model_config(cfg_model, vocab_min: int = 0):
@@ -261,4 +292,4 @@ def _load_backbone(cfg_model, vocab_min: int):
             return auto_class(config).from_config(config, **kw)
         path = str(materialize_shape(config, cfg_model.seed))
         return auto_class(config).from_pretrained(path, **kw)
-    return auto_class(config).from_pretrained(path, config=config, **kw)
+    return auto_class(config, path).from_pretrained(path, config=config, **kw)

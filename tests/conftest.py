@@ -17,6 +17,10 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_exten
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TINY = str(ROOT / "configs" / "tiny.yaml")
+T5 = str(ROOT / "configs" / "t5-tiny.yaml")
+T5_STEPS, T5_SAVE_EVERY = 8, 4
+T5_GIST_ARGS = [f"train.max_steps={T5_STEPS}", f"train.save_every={T5_SAVE_EVERY}"]
+T5_DISTILL_ARGS = ["objective=distill", "num_gist=2", "train.lr=0.01", *T5_GIST_ARGS]
 
 
 def pytest_configure(config):
@@ -57,4 +61,21 @@ def tiny_gist_run(tmp_path_factory) -> Path:
     # its own, empty extensions folder: test_train_zero3 checks that the run compiled no DeepSpeed op
     extensions = out.with_name(out.name + "_ext")
     torchrun(["train", TINY, f"output_dir={out}"], env={"TORCH_EXTENSIONS_DIR": str(extensions)})
+    return out
+
+
+@pytest.fixture(scope="session")
+def t5_gist_run(tmp_path_factory) -> Path:
+    """A 2-rank ZeRO-3 gist fine-tune of the tiny T5 (checkpoints at T5_SAVE_EVERY and the end),
+    shared by the T5 training and inference tests."""
+    out = tmp_path_factory.mktemp("t5_gist")
+    torchrun(["train", T5, f"output_dir={out}", *T5_GIST_ARGS])
+    return out
+
+
+@pytest.fixture(scope="session")
+def t5_distill_run(tmp_path_factory) -> Path:
+    """A 2-rank ZeRO-3 distillation of 2 gist rows into the frozen tiny T5, checkpointed likewise."""
+    out = tmp_path_factory.mktemp("t5_distill")
+    torchrun(["train", T5, f"output_dir={out}", *T5_DISTILL_ARGS])
     return out

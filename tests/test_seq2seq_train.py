@@ -1,6 +1,7 @@
 """Encoder-decoder (T5) training under 2-rank ZeRO-3 (configs/t5-tiny.yaml: every parameter
-partitioned): gist fine-tuning with export and bit-exact resume, and distillation of the gist rows
-with a frozen backbone. Recorded eval losses are recomputed on one process from what was exported."""
+partitioned): fine-tuning with the three masks, with export and bit-exact resume, and distillation of
+the gist rows with a frozen backbone, with bit-exact resume. Recorded eval losses are recomputed on
+one process from what was exported."""
 from __future__ import annotations
 
 import json
@@ -8,9 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from conftest import ROOT, torchrun
+from conftest import T5, T5_DISTILL_ARGS as DISTILL_ARGS, T5_GIST_ARGS as GIST_ARGS, T5_SAVE_EVERY as SAVE_EVERY, \
+    T5_STEPS as STEPS, TINY, torchrun
 from test_resume import fresh_dir_resuming_from
 from gist_dist import artifact
 from gist_dist.batches import ShardedBatches
@@ -21,11 +24,7 @@ from gist_dist.methods.seq2seq import Seq2SeqLMLoss, split
 from gist_dist.model import load_model, load_tokenizer
 from gist_dist.tokens import add_gist_tokens
 
-T5 = str(ROOT / "configs" / "t5-tiny.yaml")
 SHAPE = ModelConfig(name="configs/models/t5-tiny.yaml", tokenizer="smollm2")
-STEPS, SAVE_EVERY = 8, 4
-GIST_ARGS = [f"train.max_steps={STEPS}", f"train.save_every={SAVE_EVERY}"]
-DISTILL_ARGS = ["objective=distill", "num_gist=2", "train.lr=0.01", f"train.max_steps={STEPS}"]
 
 
 def log(run: Path):
@@ -51,20 +50,14 @@ def eval_loss_on_one_process(cfg, method, module) -> float:
     return total / targets
 
 
-def trained(tmp_path_factory, args: list[str]) -> Path:
-    out = tmp_path_factory.mktemp("t5_run")
-    torchrun(["train", T5, f"output_dir={out}", *args])
-    return out
+@pytest.fixture
+def gist_run(t5_gist_run) -> Path:
+    return t5_gist_run
 
 
-@pytest.fixture(scope="module")
-def gist_run(tmp_path_factory) -> Path:
-    return trained(tmp_path_factory, GIST_ARGS)
-
-
-@pytest.fixture(scope="module")
-def distill_run(tmp_path_factory) -> Path:
-    return trained(tmp_path_factory, DISTILL_ARGS)
+@pytest.fixture
+def distill_run(t5_distill_run) -> Path:
+    return t5_distill_run
 
 
 def test_t5_loads_as_seq2seq_and_takes_token_ids_by_the_rule(tmp_path):
@@ -85,7 +78,28 @@ def test_t5_loads_as_seq2seq_and_takes_token_ids_by_the_rule(tmp_path):
         cfg = load_config(T5, [f"model.name={name}"])
         assert method_for(cfg).__name__ == "Seq2SeqFinetune"
     assert method_for(load_config(T5, ["objective=distill"])).__name__ == "Seq2SeqDistill"
-    assert method_for(load_config(str(ROOT / "configs" / "tiny.yaml"))).__name__ == "Finetune"
+    assert method_for(load_config(TINY)).__name__ == "Finetune"
+
+
+def test_a_checkpoint_with_its_own_head_keeps_it_under_zero3(tmp_path):
+    """FLAN-T5 stores an LM head apart from the embedding. Loaded inside zero.Init on 2 ranks, trained
+    2 steps and exported, the head is still its own: near the stored head, far from the embedding."""
+    tok = load_tokenizer(SHAPE)
+    model = load_model(SHAPE)
+    torch.manual_seed(4)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+    model.config.tie_word_embeddings = False
+    folder = tmp_path / "untied"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    head, embedding = model.lm_head.weight.detach(), model.get_input_embeddings().weight.detach()
+    out = tmp_path / "run"
+    torchrun(["train", T5, f"model.name={folder}", f"output_dir={out}", "train.max_steps=2"])
+    final = AutoModelForSeq2SeqLM.from_pretrained(out / "final", dtype=torch.float32)
+    rows = head.shape[0]  # the rows the checkpoint had; the gist row was added after them
+    trained_head, trained_embedding = final.lm_head.weight[:rows], final.get_input_embeddings().weight[:rows]
+    assert (trained_head - head).abs().max() < 0.05 < (trained_head - trained_embedding).abs().max()
+    assert not torch.equal(trained_embedding, embedding)  # both trained, each from its own values
 
 
 @pytest.mark.parametrize("override", ["data.packing=true", "model.attention=flex", "mask_prefix=visible"])
@@ -157,14 +171,29 @@ def test_export_reloads_with_the_trained_weights(gist_run):
     assert eval_loss_on_one_process(cfg, method, Seq2SeqLMLoss(model)) == pytest.approx(recorded, rel=1e-5)
 
 
-def test_resume_is_bit_exact(gist_run, tmp_path):
-    out = fresh_dir_resuming_from(gist_run, f"step{SAVE_EVERY:08d}", tmp_path / "resumed")
-    proc = torchrun(["train", T5, f"output_dir={out}", *GIST_ARGS])
+@pytest.mark.parametrize("objective", ["finetune", "distill"])
+def test_resume_is_bit_exact(objective, gist_run, distill_run, tmp_path):
+    run, args = (gist_run, GIST_ARGS) if objective == "finetune" else (distill_run, DISTILL_ARGS)
+    out = fresh_dir_resuming_from(run, f"step{SAVE_EVERY:08d}", tmp_path / "resumed")
+    proc = torchrun(["train", T5, f"output_dir={out}", *args])
     assert f"at step {SAVE_EVERY}" in proc.stdout
-    reference, resumed = log(gist_run)[1], log(out)[1]
+    reference, resumed = log(run)[1], log(out)[1]
     assert [r["step"] for r in resumed] == list(range(SAVE_EVERY + 1, STEPS + 1))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in reference[SAVE_EVERY:]]  # exact
     assert resumed[-1]["eval_loss"] == reference[-1]["eval_loss"]
+    if objective == "distill":
+        assert torch.equal(load_file(out / artifact.WEIGHTS)["gist"], load_file(run / artifact.WEIGHTS)["gist"])
+
+
+@pytest.mark.parametrize("mode", ["pos_control", "neg_control"])
+def test_control_fine_tunes_train_and_export(mode, tmp_path):
+    """The two bounds train like gist under 2-rank ZeRO-3, and export says which mask they were trained with."""
+    torchrun(["train", T5, f"output_dir={tmp_path}", f"mode={mode}", "train.max_steps=4"])
+    start, steps, end = log(tmp_path)
+    assert (start["world_size"], start["mode"], start["mask"], end["event"]) == (2, mode, mode, "end")
+    assert steps[-1]["eval_loss"] < start["eval_loss_before"]
+    assert json.loads((tmp_path / "final" / "gist_model.json").read_text())["mask"] == mode
+    assert AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "final").config.is_encoder_decoder
 
 
 def test_distill_trains_only_the_gist_and_keeps_the_backbone(distill_run):
