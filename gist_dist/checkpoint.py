@@ -22,6 +22,7 @@ pick one save).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -116,6 +117,30 @@ def check_pickles(folder: Path):
             raise CheckpointError(f"{f}: refusing to load, it needs code objects {sorted(unsafe)}")
 
 
+def _swapped_groups(engine) -> list[int]:
+    """The ZeRO-3 sub-groups whose fp32 master partition and Adam moments live on NVMe between steps."""
+    opt = getattr(engine, "optimizer", None)
+    if not getattr(opt, "swap_optimizer", False):
+        return []
+    return [i for i in range(len(opt.fp16_groups)) if opt._swappable_optimizer_subgroup(i)]
+
+
+@contextlib.contextmanager
+def optimizer_state_in_memory(engine):
+    """With the optimizer offloaded to NVMe, DeepSpeed's state_dict() (0.19.8) saves the swapped-out
+    fp32 partition and Adam moments as empty tensors: the checkpoint would hold no master weights (the
+    universal checkpoint and zero_to_fp32 read them) and no moments. Swap them in (as a step does)
+    while the block runs, and back out after."""
+    groups, opt = _swapped_groups(engine), engine.optimizer
+    for i in groups:
+        opt._optimizer_states_and_gradient_swap_in(i)
+    try:
+        yield
+    finally:
+        for i in groups:
+            opt._optimizer_states_and_gradient_swap_out(i)
+
+
 class Checkpointer:
     def __init__(self, directory: Path, keep: int, frozen_backbone: bool = False):
         self.dir = Path(directory)
@@ -144,8 +169,9 @@ class Checkpointer:
         if dist.is_main():
             shutil.rmtree(self.dir / tmp_tag, ignore_errors=True)
         dist.barrier()
-        engine.save_checkpoint(str(self.dir), tag=tmp_tag, save_latest=False,
-                               exclude_frozen_parameters=self.frozen_backbone)
+        with optimizer_state_in_memory(engine):
+            engine.save_checkpoint(str(self.dir), tag=tmp_tag, save_latest=False,
+                                   exclude_frozen_parameters=self.frozen_backbone)
         write_text(self.dir / tmp_tag / f"rng_rank{dist.rank()}.json", json.dumps(rng_state()))
         if dist.is_main():
             write_text(self.dir / tmp_tag / STATE_FILE, json.dumps(
@@ -184,6 +210,10 @@ class Checkpointer:
             load_path = self._load_universal(engine, folder, state["world_size"])
         if load_path is None:
             raise CheckpointError(f"{folder}: DeepSpeed could not load this checkpoint")
+        if _swapped_groups(engine):
+            dist.log("gist-dist: warning: resuming with the optimizer offloaded to nvme is not exact: DeepSpeed's load "
+                     "does not put the saved Adam moments back on NVMe (docs/benchmarks.md); weights, step, lr "
+                     "and data position are restored. Use zero.offload_optimizer=cpu where exact resume matters")
         batches.load_state_dict(state["loader"])
         rng = folder / f"rng_rank{dist.rank()}.json"
         if rng.is_file() and state["world_size"] == dist.world():

@@ -103,6 +103,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio))
+        zero.build_nvme_op(cfg, say=dist.log)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         self.checkpoints = Checkpointer(self.out / "checkpoints", cfg.train.keep_checkpoints,

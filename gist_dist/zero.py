@@ -104,6 +104,32 @@ def deepspeed_config(cfg: RunConfig, hidden_size: int, dtype: torch.dtype) -> di
     return ds
 
 
+def build_nvme_op(cfg: RunConfig, say=print) -> None:
+    """NVMe offload runs on DeepSpeed's async_io C++ op, compiled the first time it is used: minutes on
+    a small CPU, with nothing printed, so a run looks hung. Build it before the engine, saying so. An
+    interrupted build leaves torch's lock file behind, and every later run waits on it for ever: name it."""
+    if "nvme" not in (cfg.zero.offload_param, cfg.zero.offload_optimizer):
+        return
+    from deepspeed.git_version_info import installed_ops
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = AsyncIOBuilder()
+    if installed_ops.get(builder.name):
+        return  # built into this DeepSpeed install (DS_BUILD_AIO=1)
+    if not builder.is_compatible(verbose=False):
+        raise ConfigError("zero offload to nvme needs DeepSpeed's async_io op, which cannot be built here: "
+                          "install libaio and its headers (apt install libaio-dev) or offload to cpu")
+    folder = Path(_get_build_directory(builder.name, verbose=False))
+    if not (folder / f"{builder.name}.so").exists():
+        lock = folder / "lock"
+        left = f"; if no compiler is running, {lock} is left from an interrupted build: delete it" \
+            if lock.exists() else ""
+        say(f"gist-dist: building DeepSpeed's async_io op for nvme offload in {folder} "
+            f"(first use only, minutes on a small CPU){left}")
+    builder.load(verbose=False)
+
+
 def hidden_size_of(cfg: RunConfig) -> int:
     path = resolve_model_path(cfg.model.name)
     if is_shape_file(path):
