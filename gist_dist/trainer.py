@@ -79,6 +79,7 @@ class Trainer:
         self.attention = attention_backend(cfg.model.attention, method.flex_attention)
         self.method = method(cfg, self.tokens, self.dtype, self.attention)
         ds_config = zero.deepspeed_config(cfg, zero.hidden_size_of(cfg), self.dtype)
+        zero.build_nvme_op(cfg, say=dist.log)  # before anything is written: it can refuse, and it takes minutes once
 
         self._load_data()  # bad input fails before the model is built or anything is written
         if dist.is_main():
@@ -103,7 +104,6 @@ class Trainer:
         optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio))
-        zero.build_nvme_op(cfg, say=dist.log)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         self.checkpoints = Checkpointer(self.out / "checkpoints", cfg.train.keep_checkpoints,
