@@ -7,6 +7,8 @@
 # end `gist-dist report` over the gist runs (report.md with compression per k, rouge_vs_gist.png).
 #   OUT=runs/bench-k STEPS=35 KS="1 2 5 10" DISTILL_LR=1e-2 benchmarks/k_sweep.sh [OVERRIDES...]
 # Finished variants (eval.json present) are skipped, so it can be resumed; DISTILL=0 skips distill.
+# DISTILL_FT=1 adds distill-ft: the same distillation with the fine-tuned pos_control model as the frozen
+# backbone and teacher (its final/ folder as model.name), so the student's ceiling is the pos_control bound.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/bench-k}
@@ -34,6 +36,8 @@ variant neg_control mode=neg_control
 names=()
 for k in $KS; do variant "gist-k$k" mode=gist num_gist="$k"; names+=("gist-k$k"); done
 [ "${DISTILL:-1}" = 1 ] && { variant distill mode=distill train.lr="$DISTILL_LR"; names+=(distill); }
+[ "${DISTILL_FT:-0}" = 1 ] && { variant distill-ft mode=distill train.lr="$DISTILL_LR" model.name="$OUT/pos_control/final"
+                               names+=(distill-ft); }
 for name in "${names[@]}"; do
   echo "== $name vs the controls"
   $BIN/gist-dist eval --compare "$OUT/$name" "$OUT/pos_control" "$OUT/neg_control" --out "$OUT/compare-$name.md"
