@@ -8,7 +8,9 @@
 #   OUT=runs/bench-curve STEPS="35 70 105" benchmarks/gap_curve.sh [OVERRIDES...]
 # Defaults: configs/smollm2.yaml (SmolLM2-135M-Instruct, k=1, packed rows, 2 ranks ZeRO-3),
 # mask_prefix=visible, lr 2e-4, 4,000 train records, NUM_EVAL=200 held-out tasks per split.
-# Finished budgets are skipped, so it can be resumed.
+# Finished budgets are skipped, so it can be resumed. GIST_VARIANTS="NAME:OVERRIDE[,OVERRIDE] ..." then
+# trains each named gist variant to the last budget and compares it with that budget's controls
+# (OUT/compare-NAME.md): the controls are trained once and reused while the gist recipe is varied.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/bench-curve}
@@ -34,4 +36,18 @@ for steps in $STEPS; do
   echo "== after $steps steps"
   $BIN/gist-dist eval --compare "$OUT/at-$steps/gist" "$OUT/at-$steps/pos_control" "$OUT/at-$steps/neg_control" \
     --out "$OUT/compare-$steps.md"
+done
+last=${STEPS##* }
+for spec in ${GIST_VARIANTS:-}; do
+  name=${spec%%:*}
+  IFS=, read -r -a extra <<< "${spec#*:}"
+  dir=$OUT/$name
+  if [ ! -f "$dir/eval.json" ]; then
+    /usr/bin/time -f "train $name to step $last: %e s wall" $BIN/torchrun --standalone --nproc_per_node 2 \
+      $BIN/gist-dist train "${COMMON[@]}" mode=gist train.max_steps=$last "${extra[@]}" output_dir=$dir
+    /usr/bin/time -f "eval $name at step $last: %e s wall" $BIN/torchrun --standalone --nproc_per_node 2 \
+      $BIN/gist-dist eval "${COMMON[@]}" mode=gist train.max_steps=$last "${extra[@]}" output_dir=$dir
+  fi
+  echo "== $name after $last steps"
+  $BIN/gist-dist eval --compare "$dir" "$OUT/at-$last/pos_control" "$OUT/at-$last/neg_control" --out "$OUT/compare-$name.md"
 done
