@@ -211,9 +211,9 @@ class Checkpointer:
         if load_path is None:
             raise CheckpointError(f"{folder}: DeepSpeed could not load this checkpoint")
         if _swapped_groups(engine):
-            dist.log("gist-dist: warning: resuming with the optimizer offloaded to nvme is not exact: DeepSpeed's load "
-                     "does not put the saved Adam moments back on NVMe (docs/benchmarks.md); weights, step, lr "
-                     "and data position are restored. Use zero.offload_optimizer=cpu where exact resume matters")
+            dist.log("gist-dist: warning: resuming with the optimizer offloaded to nvme is not exact (measured in "
+                     "docs/benchmarks.md, cause not found): the losses after the first resumed step differ. Use "
+                     "zero.offload_optimizer=cpu where exact resume matters")
         batches.load_state_dict(state["loader"])
         rng = folder / f"rng_rank{dist.rank()}.json"
         if rng.is_file() and state["world_size"] == dist.world():

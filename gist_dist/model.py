@@ -179,14 +179,14 @@ def auto_class(config, path: str | None = None):
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
     if model_family(config) != "seq2seq":
         return AutoModelForCausalLM
-    if path and stores_own_lm_head(path):
+    if path and stores_own_lm_head(path, config):
         return with_own_lm_head(AutoModelForSeq2SeqLM._model_mapping[type(config)])
     return AutoModelForSeq2SeqLM
 
 
-def stores_own_lm_head(path: str) -> bool:
+def stores_own_lm_head(path: str, config) -> bool:
     """Whether the checkpoint folder's safetensors hold `lm_head.weight` (a tied head is stored once,
-    as the embedding). Folders without safetensors or hub ids: what the config file said
+    as the embedding). Folders without safetensors or hub ids: what its config file said
     (tie_word_embeddings false, which transformers 5's T5Config keeps only as scale_decoder_outputs)."""
     from safetensors import safe_open
     folder = Path(path)
@@ -196,8 +196,7 @@ def stores_own_lm_head(path: str) -> bool:
     if (folder / "model.safetensors").is_file():
         with safe_open(str(folder / "model.safetensors"), "pt") as f:
             return "lm_head.weight" in f.keys()
-    from transformers import AutoConfig
-    return getattr(AutoConfig.from_pretrained(path), "scale_decoder_outputs", True) is False
+    return getattr(config, "scale_decoder_outputs", True) is False
 
 
 def with_own_lm_head(cls):

@@ -64,18 +64,20 @@ def tiny_gist_run(tmp_path_factory) -> Path:
     return out
 
 
+def _t5_run(tmp_path_factory, name: str, args: list[str]) -> Path:
+    out = tmp_path_factory.mktemp(name)
+    torchrun(["train", T5, f"output_dir={out}", *args])
+    return out
+
+
 @pytest.fixture(scope="session")
 def t5_gist_run(tmp_path_factory) -> Path:
     """A 2-rank ZeRO-3 gist fine-tune of the tiny T5 (checkpoints at T5_SAVE_EVERY and the end),
     shared by the T5 training and inference tests."""
-    out = tmp_path_factory.mktemp("t5_gist")
-    torchrun(["train", T5, f"output_dir={out}", *T5_GIST_ARGS])
-    return out
+    return _t5_run(tmp_path_factory, "t5_gist", T5_GIST_ARGS)
 
 
 @pytest.fixture(scope="session")
 def t5_distill_run(tmp_path_factory) -> Path:
     """A 2-rank ZeRO-3 distillation of 2 gist rows into the frozen tiny T5, checkpointed likewise."""
-    out = tmp_path_factory.mktemp("t5_distill")
-    torchrun(["train", T5, f"output_dir={out}", *T5_DISTILL_ARGS])
-    return out
+    return _t5_run(tmp_path_factory, "t5_distill", T5_DISTILL_ARGS)

@@ -73,7 +73,6 @@ def test_checkpointed_activations_match_the_planner():
     assert activations(shape, setup) < full
 
 
-
 @pytest.mark.parametrize("mode", ["gist", "distill"])
 def test_checkpointing_recomputes_every_layer_and_keeps_the_gradients(mode):
     """Through the objectives' own loss modules, enabled as the Trainer does: with checkpointing the
