@@ -21,5 +21,8 @@ demo: setup
 	@EVAL=1 ./launchers/local.sh 2 configs/smollm2.yaml output_dir=runs/demo $(ARGS)
 
 ## make test: the whole test suite (unit, 2-rank ZeRO-3, launchers, real Slurm); runs on after a failure.
+## Two pytest-xdist workers: the suite's processes leave about half the 2-core box idle when run one test
+## at a time (ranks waiting on each other, on Slurm, on imports). TEST_WORKERS=0: one process, in order.
+TEST_WORKERS ?= 2
 test: setup-test
-	@$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+	@$(VENV)/bin/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)

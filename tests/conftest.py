@@ -28,6 +28,26 @@ def pytest_configure(config):
                             "(CI), run on a lent GPU by benchmarks/gpu_check.sh")
 
 
+# The longest groups (about 1-3 min each on the 2-core box, run one at a time), started first so both
+# workers end together.
+LONGEST_FIRST = ("tiny_gist_run", "test_slurm", "test_faults", "test_resume", "test_gpu_check", "test_distill",
+                 "test_seq2seq_train", "test_launchers", "test_checkpointing", "test_seq2seq_inference")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs 2 workers with --dist loadgroup): each file runs whole on
+    one worker, so its module fixtures (the Slurm cluster, trained runs) are built once, and the files
+    sharing the session's tiny_gist_run run on one worker, so it is trained once."""
+    sharing = {item.module.__name__ for item in items if "tiny_gist_run" in getattr(item, "fixturenames", ())}
+    group = {}
+    for item in items:
+        name = item.module.__name__
+        group[item] = "tiny_gist_run" if name in sharing else name
+        item.add_marker(pytest.mark.xdist_group(group[item]))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(group[item], len(rank)))  # stable: file order otherwise
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
