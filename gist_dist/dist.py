@@ -14,6 +14,8 @@ Master address: MASTER_ADDR, else under Slurm the first host of
 (only when the job spans several hosts), else 127.0.0.1. Port: MASTER_PORT, else under Slurm one
 derived from the job id and its restart count (the formula of launchers/trainer_env.sh, which the
 templates export), so that jobs sharing a node and a requeued job each get their own; else 29500.
+A single process with no MASTER_PORT takes a free port from the OS: no other rank has to find it, and
+two single-process runs on one machine must not both want 29500.
 Backend: nccl with CUDA, gloo on CPU. GPU: local rank % the GPUs this process sees, so one GPU per
 task (srun --gpus-per-task=1: each task sees one) and all GPUs of the node both work.
 """
@@ -175,11 +177,20 @@ def discover(env=None) -> DistEnv:
     if not addr and source in ("openmpi", "pmix") and multi_host:
         addr = _mpi_master(rank)
     port = _int(env, "MASTER_PORT")
+    if port is None and world == 1:
+        port = _free_port()
     if port is None:
         port = slurm_port(_int(env, "SLURM_JOB_ID"), _int(env, "SLURM_RESTART_COUNT") or 0)
     if source == "torchrun" and "CROSS_RANK" in env:
         source = "deepspeed"
     return DistEnv(rank, world, local, local_world, addr or "127.0.0.1", port, source)
+
+
+def _free_port() -> int:
+    """A port the OS says is free now (a lone process's store binds it a moment later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def slurm_port(job_id: int | None, restart: int = 0) -> int:

@@ -48,10 +48,24 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(group[item], len(rank)))  # stable: file order otherwise
 
 
+# Ports for the tests' jobs: below Linux's ephemeral range (32768+), where the other xdist worker's
+# gloo connections take their local ports and could grab one between our check and the job's bind,
+# and above the Slurm job ports (10000-29999, launchers/trainer_env.sh). Each worker its own slice.
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_PORTS = iter(range(30000 + _WORKER, 32768, _WORKERS))
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """The next port of this worker's slice that nothing holds (nor keeps in TIME_WAIT) now."""
+    for port in _PORTS:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("the tests' port range 30000-32767 is used up")
 
 
 def run(cmd: list[str], timeout: int = 600, env: dict | None = None, check: bool = True, cwd=ROOT):

@@ -1,6 +1,7 @@
 """discover(env): rank/world/master from each launcher's variables, and one-line errors when they clash."""
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,20 @@ SLURM_STEP = {"SLURM_PROCID": "5", "SLURM_NTASKS": "6", "SLURM_LOCALID": "1", "S
 def test_nothing_set_is_one_process_on_loopback():
     d = discover({})
     assert (d.rank, d.world_size, d.local_rank, d.local_world_size, d.source) == (0, 1, 0, 1, "single")
-    assert (d.master_addr, d.master_port) == ("127.0.0.1", 29500)
+    assert d.master_addr == "127.0.0.1"
+
+
+def test_two_single_process_runs_get_ports_of_their_own():
+    """Two single-process runs on one machine must not both want one fixed port (29500 before): the
+    second's store would fail with EADDRINUSE. Each takes a port the OS has free."""
+    first = discover({})
+    with socket.socket() as store:
+        store.bind((first.master_addr, first.master_port))
+        store.listen()
+        second = discover({})
+        assert second.master_port != first.master_port
+        with socket.socket() as other:
+            other.bind((second.master_addr, second.master_port))
 
 
 def test_torchrun_variables():
