@@ -19,6 +19,23 @@ job_port() {
   else echo 29500; fi
 }
 
+# port_here PYTHON PORT: PORT if this host can bind it now, else one the OS says is free. For the
+# Slurm batch shell, which runs on the allocation's first host, where rank 0's store will listen:
+# a job-derived port may be held there by another process (nothing reserves 10000-29999, and some
+# sites' ephemeral range covers it), and the job would fail at its first rendezvous.
+port_here() {
+  "$1" - "$2" <<'PY'
+import socket, sys
+with socket.socket() as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's store binds: TIME_WAIT is no hold
+    try:
+        s.bind(("", int(sys.argv[1])))
+    except OSError:
+        s.bind(("", 0))
+    print(s.getsockname()[1])
+PY
+}
+
 # threads_per_rank N: OMP_NUM_THREADS for N ranks sharing this task's CPUs (Slurm's
 # --cpus-per-task, else 1), at least 1.
 threads_per_rank() {

@@ -116,6 +116,11 @@ class SlurmCluster:
         out = []
         for log in sorted(self.root.glob("*.log")) + sorted(self.root.glob("*.stdout")):
             out.append(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:]))
+        # Who holds ports of the job-port range: a job that fails at its rendezvous names the holder.
+        if shutil.which("ss"):
+            held = subprocess.run(["ss", "-Htanp", "( sport >= :10000 and sport <= :29999 )"], capture_output=True,
+                                  text=True).stdout
+            out.append("--- sockets on ports 10000-29999\n" + (held.strip() or "none"))
         return "\n".join(out)
 
     def cmd(self, args, check=True, env=None, cwd=ROOT):
@@ -191,6 +196,11 @@ def slurm():
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def job_port(job: str, restart: int = 0) -> int:
+    """The port launchers/trainer_env.sh derives for this job and restart."""
+    return 10000 + int(job) % 5000 * 4 + restart
 
 
 def steps_logged(out: Path) -> int:
@@ -274,9 +284,10 @@ def test_sbatch_training_is_preempted_requeued_and_resumes(slurm, tmp_path, laun
     assert len(stops) == 2 and (out / "checkpoints" / stops[-1]["checkpoint"]).is_dir()
     assert (out / "final" / "model.safetensors").is_file()
     assert step_records[-1]["loss"] < step_records[0]["loss"]
-    # Each run: its own port (job id and restart count), threads = task CPUs / ranks, the lead time.
-    ports = re.findall(r"\(restart \d\): master localhost:(\d+),", text)
-    assert ports == [str(10000 + int(job) % 5000 * 4 + r) for r in range(3)], text[-3000:]
+    # Each run: its own port (job id and restart count; or, if that one was held, a free one), threads =
+    # task CPUs / ranks, the lead time.
+    ports = re.findall(r"\(restart \d\): master localhost:(\d+)(?: \(the job's port (\d+) is held)?", text)
+    assert [held or port for port, held in ports] == [str(job_port(job, r)) for r in range(3)], text[-3000:]
     assert text.count("torch threads per rank [1, 1] (OMP_NUM_THREADS 1, 1)") == 3
     assert f"preemption warning {lead} s ahead (torchrun waits {lead - 10} s)" in text
 
@@ -301,6 +312,27 @@ def test_export_none_job_gets_its_environment_from_the_setup_hook(slurm, tmp_pat
     assert "srun --cpus-per-task=2" in text and "torch threads per rank [2] (OMP_NUM_THREADS 2)" in text
     _, step_records = read_metrics(out)
     assert len(step_records) == 2 and (out / "final" / "model.safetensors").is_file()
+
+
+def test_job_whose_port_is_held_on_its_host_takes_a_free_one(slurm, tmp_path):
+    """Something on the first host holds the port derived from the job id: the batch shell picks a
+    free one instead, says so, and both ranks meet there (rather than failing at the rendezvous)."""
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    job = slurm.sbatch(["--hold", "--ntasks=2", f"--output={log}", ROOT / "slurm" / "train.sbatch",
+                        "train.max_steps=1", "train.eval_batches=1"],
+                       env={"CONFIG": TINY, "OUTPUT_DIR": str(out), "VENV": str(BIN.parent)})
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # an earlier job's TIME_WAIT is no hold
+        holder.bind(("127.0.0.1", job_port(job)))
+        holder.listen()
+        slurm.cmd(["scontrol", "release", job])
+        info = slurm.wait_done(job)
+    text = log.read_text() if log.exists() else ""
+    assert info["JobState"] == "COMPLETED", f"{info}\n{text[-3000:]}\n{slurm.logs(30)}"
+    port = re.search(rf"master localhost:(\d+) \(the job's port {job_port(job)} is held on this host\)", text)
+    assert port and int(port[1]) != job_port(job), text[-3000:]
+    starts, step_records = read_metrics(out)
+    assert starts[0]["world_size"] == 2 and len(step_records) == 1
 
 
 def test_sweep_array_over_srun_pmix_then_dependent_report(slurm, tmp_path):
