@@ -22,7 +22,8 @@ demo: setup
 
 ## make test: the whole test suite (unit, 2-rank ZeRO-3, launchers, real Slurm); runs on after a failure.
 ## Two pytest-xdist workers: the suite's processes leave about half the 2-core box idle when run one test
-## at a time (ranks waiting on each other, on Slurm, on imports). TEST_WORKERS=0: one process, in order.
+## at a time (ranks waiting on each other, on Slurm, on imports). Each file runs whole on one worker
+## (tests/conftest.py says why). TEST_WORKERS=0: one process, in order.
 TEST_WORKERS ?= 2
 test: setup-test
-	@$(VENV)/bin/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
+	@$(VENV)/bin/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) $(PYTEST_ARGS)

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -28,24 +30,24 @@ def pytest_configure(config):
                             "(CI), run on a lent GPU by benchmarks/gpu_check.sh")
 
 
-# The longest groups (about 1-3 min each on the 2-core box, run one at a time), started first so both
-# workers end together.
-LONGEST_FIRST = ("tiny_gist_run", "test_slurm", "test_faults", "test_resume", "test_gpu_check", "test_distill",
+# Under pytest-xdist (`make test`: 2 workers, --dist loadfile --no-loadscope-reorder) each file runs
+# whole on one worker, so its module fixtures (the Slurm cluster, trained runs) are built once; two
+# Slurm test clusters at once would each number jobs from 1 and derive the same master ports. Files
+# go out in this order, the longest first, so both workers end together: test_slurm, then the files
+# sharing tiny_gist_run (one trains it while the other worker runs test_slurm), then the rest.
+LONGEST_FIRST = ("test_slurm", "tiny_gist_run", "test_faults", "test_resume", "test_gpu_check", "test_distill",
                  "test_seq2seq_train", "test_launchers", "test_checkpointing", "test_seq2seq_inference")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test` runs 2 workers with --dist loadgroup): each file runs whole on
-    one worker, so its module fixtures (the Slurm cluster, trained runs) are built once, and the files
-    sharing the session's tiny_gist_run run on one worker, so it is trained once."""
     sharing = {item.module.__name__ for item in items if "tiny_gist_run" in getattr(item, "fixturenames", ())}
-    group = {}
-    for item in items:
-        name = item.module.__name__
-        group[item] = "tiny_gist_run" if name in sharing else name
-        item.add_marker(pytest.mark.xdist_group(group[item]))
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(group[item], len(rank)))  # stable: file order otherwise
+
+    def place(item):
+        name = item.module.__name__
+        return rank.get("tiny_gist_run" if name in sharing else name, len(rank))
+
+    items.sort(key=place)  # stable: file order otherwise
 
 
 # Ports for the tests' jobs: below Linux's ephemeral range (32768+), where the other xdist worker's
@@ -88,20 +90,43 @@ def gist_dist(args: list[str], **kw):
     return run([BIN / "gist-dist", *args], **kw)
 
 
-@pytest.fixture(scope="session")
-def tiny_gist_run(tmp_path_factory) -> Path:
-    """One 2-rank ZeRO-3 gist-mode training of the tiny config, shared by several tests."""
-    out = tmp_path_factory.mktemp("tiny_gist")
+def shared_run(tmp_path_factory, name: str, train) -> Path:
+    """A run that train(out) makes once per `make test`: the xdist workers share it (the first to ask
+    trains it; one that asks meanwhile waits on the lock). A failed training is tried again by the
+    next test that asks, so each reports why."""
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # the workers' common folder
+    out, done = root / name, root / f"{name}.done"
+    with FileLock(root / f"{name}.lock"):
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            train(out)
+            done.touch()
+    return out
+
+
+def copy_of(run: Path, dest: Path) -> Path:
+    """A run to write into (eval, report): a shared run is only read, since another worker may be
+    copying or reading it at the same time. Without its checkpoints (eval reads the exported model)."""
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("checkpoints"))
+    return dest
+
+
+def _train_tiny_gist(out: Path):
     # its own, empty extensions folder: test_train_zero3 checks that the run compiled no DeepSpeed op
     extensions = out.with_name(out.name + "_ext")
     torchrun(["train", TINY, f"output_dir={out}"], env={"TORCH_EXTENSIONS_DIR": str(extensions)})
-    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gist_run(tmp_path_factory) -> Path:
+    """One 2-rank ZeRO-3 gist-mode training of the tiny config, shared by several tests."""
+    return shared_run(tmp_path_factory, "tiny_gist", _train_tiny_gist)
 
 
 def _t5_run(tmp_path_factory, name: str, args: list[str]) -> Path:
-    out = tmp_path_factory.mktemp(name)
-    torchrun(["train", T5, f"output_dir={out}", *args])
-    return out
+    return shared_run(tmp_path_factory, name, lambda out: torchrun(["train", T5, f"output_dir={out}", *args]))
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from gist_dist.evaluation import compare_runs, gap_recovered, load_run_model, ro
 from gist_dist.tokens import add_gist_tokens, init_gist_embeddings
 from gist_dist.model import load_model, load_tokenizer
 
-from conftest import TINY, gist_dist, torchrun
+from conftest import TINY, copy_of, gist_dist, torchrun
 
 MAX_NEW = 8
 
@@ -49,12 +49,13 @@ def test_gap_recovered_and_compare(tmp_path):
     assert "| dev | rougeL |" in out.stdout and (tmp_path / "controls.json").is_file()
 
 
-def test_eval_after_training(tiny_gist_run):
+def test_eval_after_training(tiny_gist_run, tmp_path):
     """The contract: after a training run into DIR, a 2-rank eval of DIR writes DIR/eval.json."""
-    torchrun(["eval", TINY, f"output_dir={tiny_gist_run}", "data.num_eval=12", f"eval_max_new_tokens={MAX_NEW}",
+    run = copy_of(tiny_gist_run, tmp_path / "run")
+    torchrun(["eval", TINY, f"output_dir={run}", "data.num_eval=12", f"eval_max_new_tokens={MAX_NEW}",
               "eval_batch_size=4"])
-    result, outputs = read_eval(tiny_gist_run)
-    assert (tiny_gist_run / "eval.md").is_file()
+    result, outputs = read_eval(run)
+    assert (run / "eval.md").is_file()
     assert result["world_size"] == 2 and result["mode"] == "gist" and result["model"].endswith("final")
     assert list(result["splits"]) == ["seen", "unseen"] and all(s["n"] == 12 for s in result["splits"].values())
     assert len(outputs) == 24 and [o["split"] for o in outputs] == ["seen"] * 12 + ["unseen"] * 12

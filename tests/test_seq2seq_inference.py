@@ -19,7 +19,7 @@ from gist_dist.seq2seq_inference import (build_seq2seq_cache, decoder_logits, en
                                          generate_uncached_seq2seq, greedy_seq2seq)
 from gist_dist.tokens import add_gist_tokens
 
-from conftest import T5_DISTILL_ARGS, T5_GIST_ARGS, TINY, torchrun
+from conftest import T5_DISTILL_ARGS, T5_GIST_ARGS, TINY, copy_of, torchrun
 
 T5_SHAPE = str(ROOT / "configs" / "models" / "t5-tiny.yaml")
 T5_CONFIG = str(ROOT / "configs" / "t5-tiny.yaml")  # the training engineer's run config
@@ -196,12 +196,12 @@ def test_eval_of_a_t5_run_gives_its_uncached_answers(t5_run):
         assert s["kv_bytes_per_prompt"]["cached"] < s["kv_bytes_per_prompt"]["full_prompt"]
 
 
-def test_eval_of_trained_t5_runs(t5_gist_run, t5_distill_run):
+def test_eval_of_trained_t5_runs(t5_gist_run, t5_distill_run, tmp_path):
     """Real 2-rank ZeRO-3 runs of configs/t5-tiny.yaml: the gist fine-tune evaluated on 1 rank and on 2
     ZeRO-3 ranks gives the same results, and the distill artifact (base + gist.safetensors) evaluates
     too; both answer from the cache exactly as the uncached masked path does."""
     args = ["data.num_eval=10", f"eval_max_new_tokens={MAX_NEW}", "eval_batch_size=4"]  # 3 batches: uneven over 2 ranks
-    gist, distill = t5_gist_run, t5_distill_run
+    gist, distill = copy_of(t5_gist_run, tmp_path / "gist"), copy_of(t5_distill_run, tmp_path / "distill")
     cfg = load_config(T5_CONFIG, [f"output_dir={gist}", *T5_GIST_ARGS, *args])
     one = run_eval(cfg)
     _, one_outputs = read_eval(gist)
