@@ -12,8 +12,9 @@ Precedence (first match wins):
 Master address: MASTER_ADDR, else under Slurm the first host of
 `scontrol show hostnames $SLURM_JOB_NODELIST`, else under MPI rank 0's address broadcast by mpi4py
 (only when the job spans several hosts), else 127.0.0.1. Port: MASTER_PORT, else under Slurm one
-derived from the job id and its restart count (the formula of launchers/trainer_env.sh, which the
-templates export), so that jobs sharing a node and a requeued job each get their own; else 29500.
+derived from the job id and its restart count (the formula of launchers/trainer_env.sh; the
+templates export it, or a free port if it is held on the first host), so that jobs sharing a node
+and a requeued job each get their own; else 29500.
 A single process with no MASTER_PORT takes a free port from the OS: no other rank has to find it, and
 two single-process runs on one machine must not both want 29500.
 Backend: nccl with CUDA, gloo on CPU. GPU: local rank % the GPUs this process sees, so one GPU per
