@@ -21,8 +21,9 @@ job_port() {
 
 # port_here PYTHON PORT: PORT if this host can bind it now, else one the OS says is free. For the
 # Slurm batch shell, which runs on the allocation's first host, where rank 0's store will listen:
-# a job-derived port may be held there by another process (nothing reserves 10000-29999, and some
-# sites' ephemeral range covers it), and the job would fail at its first rendezvous.
+# a job-derived port may be held there by another process (a job whose id derives the same port, or
+# anything else: nothing reserves 10000-29999, and some sites' ephemeral range covers it), and the
+# job would fail at its first rendezvous.
 port_here() {
   "$1" - "$2" <<'PY'
 import socket, sys

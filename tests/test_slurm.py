@@ -200,7 +200,7 @@ def slurm():
 
 def job_port(job: str, restart: int = 0) -> int:
     """The port launchers/trainer_env.sh derives for this job and restart."""
-    return 10000 + int(job) % 5000 * 4 + restart
+    return 10000 + int(job) % 5000 * 4 + restart % 4
 
 
 def steps_logged(out: Path) -> int:
