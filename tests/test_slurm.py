@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, ROOT, TINY, free_port
+from gist_dist.dist import slurm_port  # the port launchers/trainer_env.sh derives too
 
 pytestmark = pytest.mark.slow
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "sinfo", "scancel")
@@ -198,11 +199,6 @@ def slurm():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def job_port(job: str, restart: int = 0) -> int:
-    """The port launchers/trainer_env.sh derives for this job and restart."""
-    return 10000 + int(job) % 5000 * 4 + restart % 4
-
-
 def steps_logged(out: Path) -> int:
     path = out / "metrics.jsonl"
     return path.read_text().count('"step"') if path.exists() else 0
@@ -287,7 +283,7 @@ def test_sbatch_training_is_preempted_requeued_and_resumes(slurm, tmp_path, laun
     # Each run: its own port (job id and restart count; or, if that one was held, a free one), threads =
     # task CPUs / ranks, the lead time.
     ports = re.findall(r"\(restart \d\): master localhost:(\d+)(?: \(the job's port (\d+) is held)?", text)
-    assert [held or port for port, held in ports] == [str(job_port(job, r)) for r in range(3)], text[-3000:]
+    assert [held or port for port, held in ports] == [str(slurm_port(int(job), r)) for r in range(3)], text[-3000:]
     assert text.count("torch threads per rank [1, 1] (OMP_NUM_THREADS 1, 1)") == 3
     assert f"preemption warning {lead} s ahead (torchrun waits {lead - 10} s)" in text
 
@@ -321,16 +317,17 @@ def test_job_whose_port_is_held_on_its_host_takes_a_free_one(slurm, tmp_path):
     job = slurm.sbatch(["--hold", "--ntasks=2", f"--output={log}", ROOT / "slurm" / "train.sbatch",
                         "train.max_steps=1", "train.eval_batches=1"],
                        env={"CONFIG": TINY, "OUTPUT_DIR": str(out), "VENV": str(BIN.parent)})
+    port = slurm_port(int(job))
     with socket.socket() as holder:
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # an earlier job's TIME_WAIT is no hold
-        holder.bind(("127.0.0.1", job_port(job)))
+        holder.bind(("127.0.0.1", port))
         holder.listen()
         slurm.cmd(["scontrol", "release", job])
         info = slurm.wait_done(job)
     text = log.read_text() if log.exists() else ""
     assert info["JobState"] == "COMPLETED", f"{info}\n{text[-3000:]}\n{slurm.logs(30)}"
-    port = re.search(rf"master localhost:(\d+) \(the job's port {job_port(job)} is held on this host\)", text)
-    assert port and int(port[1]) != job_port(job), text[-3000:]
+    chosen = re.search(rf"master localhost:(\d+) \(the job's port {port} is held on this host\)", text)
+    assert chosen and int(chosen[1]) != port, text[-3000:]
     starts, step_records = read_metrics(out)
     assert starts[0]["world_size"] == 2 and len(step_records) == 1
 
