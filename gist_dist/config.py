@@ -73,6 +73,10 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int = 100
     lr: float = 1e-4
+    # objective=finetune: the gist tokens' input rows train as their own parameter at this lr (0: train.lr).
+    # A new embedding row moves about lr per step under Adam, so at the backbone's lr one new token is barely
+    # learnt in a short run; distill trains only those rows and uses train.lr for them.
+    gist_lr: float = 0.0
     weight_decay: float = 0.0
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
@@ -155,6 +159,9 @@ class RunConfig:
             (self.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
             (self.train.max_steps >= 1, "train.max_steps must be >= 1"),
             (self.train.lr > 0, "train.lr must be > 0"),
+            (self.train.gist_lr >= 0, "train.gist_lr must be >= 0 (0: train.lr)"),
+            (not self.train.gist_lr or self.objective == "finetune",
+             "train.gist_lr is for objective=finetune; distill trains only the gist rows, at train.lr"),
             (self.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
             (self.train.save_every >= 0, "train.save_every must be >= 0 (0: only at the end)"),
             (self.train.eval_every >= 0, "train.eval_every must be >= 0 (0: only at the end)"),

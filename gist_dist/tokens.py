@@ -66,8 +66,13 @@ class GistEmbedding(nn.Module):
         self.gist = nn.Parameter(init.clone())  # [k, hidden]
         self.register_buffer("gist_ids", torch.tensor(ids, device=init.device), persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, embedding: nn.Module) -> torch.Tensor:
-        """Token embeddings from `embedding`, with the gist rows taken from this parameter."""
+    def forward(self, input_ids: torch.Tensor | None = None, embedding: nn.Module | None = None, *,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings from `embedding`, with the gist rows taken from this parameter; or, given
+        `hidden` ([N, hidden]), the output side of a tied model: those rows' logits for the gist ids, [N, k].
+        Both go through the module call, so ZeRO-3 gathers the parameter for either use."""
+        if hidden is not None:
+            return hidden @ self.gist.to(hidden.dtype).T
         is_gist = torch.isin(input_ids, self.gist_ids)
         emb = embedding(torch.where(is_gist, torch.zeros_like(input_ids), input_ids))
         index = (input_ids - self.gist_ids[0]).clamp(0, len(self.gist_ids) - 1)

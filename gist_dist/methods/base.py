@@ -97,6 +97,10 @@ class Method:
         """(the module the engine trains, the parameters the optimizer updates)."""
         raise NotImplementedError
 
+    def param_groups(self, module, trainable: list) -> list[dict]:
+        """The optimizer's parameter groups (a group without "lr" takes train.lr)."""
+        return [{"params": trainable}]
+
     def start(self, module) -> dict:
         """Before the first step (fresh runs and resumes): facts for the run's records."""
         return {}

@@ -1,5 +1,6 @@
 """objective=finetune: the whole model trains with the LM loss under the run's mask (gist, or a
-control). The gist tokens are new vocabulary rows, mean-initialised."""
+control). The gist tokens are new vocabulary rows, mean-initialised; with train.gist_lr their input
+rows train as a separate parameter at that lr and are written back into the vocabulary on export."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ from torch import nn
 from .. import dist, zero
 from ..atomic import atomic_dir
 from ..data import IGNORE
-from ..tokens import init_gist_embeddings
+from ..tokens import GistEmbedding, init_gist_embeddings
 from .base import Method
 
 FINAL_META = "gist_model.json"  # final/: which gist tokens and mask (the distill artifact has gist_config.json)
@@ -34,17 +35,44 @@ def lm_head_rows(model, hidden_rows: torch.Tensor) -> torch.Tensor:
 
 class CausalLMLoss(nn.Module):
     """forward(batch) -> cross-entropy summed over the batch's label tokens (divided by their count:
-    HF's loss, same value)."""
+    HF's loss, same value).
 
-    def __init__(self, model):
+    With `gist_rows` (train.gist_lr) the gist tokens' input embeddings come from that separate parameter,
+    so they can train at their own lr; a tied model also takes the gist ids' output rows from it, so the
+    exported model (the rows written into its vocabulary, `with_gist_rows`) computes what was trained."""
+
+    def __init__(self, model, gist_rows: GistEmbedding | None = None):
         super().__init__()
         self.model = model
+        self.gist_rows = gist_rows
 
     def forward(self, input_ids, attention_mask, position_ids, labels):
-        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+        tokens = {"input_ids": input_ids} if self.gist_rows is None else \
+            {"inputs_embeds": self.gist_rows(input_ids, self.model.get_input_embeddings())}
+        hidden = self.model.get_decoder()(**tokens, attention_mask=attention_mask,
                                           position_ids=position_ids, use_cache=False).last_hidden_state
         rows, targets = labelled_rows(hidden, labels)
-        return F.cross_entropy(lm_head_rows(self.model, rows).float(), targets, reduction="sum")
+        return F.cross_entropy(self.logits(rows).float(), targets, reduction="sum")
+
+    def logits(self, rows: torch.Tensor) -> torch.Tensor:
+        logits = lm_head_rows(self.model, rows)
+        if self.gist_rows is not None and ties_embeddings(self.model):
+            logits = logits.index_copy(-1, self.gist_rows.gist_ids, self.gist_rows(hidden=rows).to(logits.dtype))
+        return logits
+
+
+def ties_embeddings(model) -> bool:
+    return bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+def with_gist_rows(model, state: dict, gist_ids: list[int], gist: torch.Tensor) -> dict:
+    """`state` (the model's weights) with the trained gist rows written into the input embedding's rows
+    of the gist ids; a tied model's output embedding is the same tensor, under its own key too."""
+    tables = [model.get_input_embeddings()] + ([model.get_output_embeddings()] if ties_embeddings(model) else [])
+    keys = [name + ".weight" for name, m in model.named_modules() if any(m is t for t in tables)]
+    weight = state[keys[0]].clone()
+    weight[gist_ids] = gist.to(weight.device, weight.dtype)
+    return {**state, **{key: weight for key in keys if key in state}}
 
 
 class Finetune(Method):
@@ -60,16 +88,36 @@ class Finetune(Method):
         return {**inputs, "labels": labels}, sum(len(e["input_ids"]) for e in examples)
 
     def wrap(self, model):
-        tok = self.tokens.tokenizer
-        init_gist_embeddings(model, self.tokens.gist_ids, self.tokens.num_old, len(tok), zero.gather)
+        tok, ids = self.tokens.tokenizer, self.tokens.gist_ids
+        init_gist_embeddings(model, ids, self.tokens.num_old, len(tok), zero.gather)
         model.config.use_cache = False
-        return self.loss_module(model), [p for p in model.parameters() if p.requires_grad]
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not self.cfg.train.gist_lr:
+            return self.loss_module(model), trainable
+        embedding = model.get_input_embeddings().weight
+        with zero.gather([embedding]):
+            gist_rows = GistEmbedding(ids, embedding[ids].detach().clone())  # starts where the vocabulary rows do
+        module = self.loss_module(model, gist_rows)
+        return module, trainable + [gist_rows.gist]
+
+    def param_groups(self, module, trainable):
+        gist_rows = getattr(module, "gist_rows", None)
+        if gist_rows is None:
+            return super().param_groups(module, trainable)
+        return [{"params": [p for p in trainable if p is not gist_rows.gist]},
+                {"params": [gist_rows.gist], "lr": self.cfg.train.gist_lr}]
 
     def export(self, engine, module, out, meta, last_loss):
         """OUTPUT_DIR/final/: a plain HF folder (safetensors + tokenizer + gist_model.json + model card)."""
         state = zero.consolidated_state_dict(engine, prefix="model.")  # rank 0 holds it under ZeRO-3
+        gist_rows = getattr(module, "gist_rows", None)
+        if gist_rows is not None:
+            with zero.gather([gist_rows.gist]):  # every rank takes part in the gather
+                gist = gist_rows.gist.detach().clone()
         if not dist.is_main():
             return
+        if gist_rows is not None:
+            state = with_gist_rows(module.model, state, self.tokens.gist_ids, gist)
         tok, cfg = self.tokens.tokenizer, self.cfg
         gist_tokens = tok.convert_ids_to_tokens(self.tokens.gist_ids)
         with atomic_dir(out / "final") as tmp:

@@ -81,6 +81,8 @@ class Seq2Seq:
         if cfg.mask_prefix != "hidden":
             raise ConfigError("mask_prefix=visible is not implemented for encoder-decoder (T5) models; "
                               "set mask_prefix=hidden")
+        if cfg.train.gist_lr:
+            raise ConfigError("train.gist_lr is not implemented for encoder-decoder (T5) models; unset it")
         if cfg.model.attention == "flex":
             raise ConfigError("model.attention=flex is not supported for encoder-decoder (T5) models: their "
                               "relative position bias needs the dense mask; use model.attention=dense or auto")
