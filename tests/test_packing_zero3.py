@@ -1,7 +1,7 @@
-"""A packed 2-rank ZeRO-3 run of configs/tiny.yaml: the loss falls, resume is bit-exact, and the
-logged step loss and the gradient are those of the mean over the target tokens of the whole global
-batch (2 ranks x 2 micro-batches), checked against one process computing them from the same rows and
-initial weights."""
+"""Packed 2-rank ZeRO-3 runs of configs/tiny.yaml, a fine-tune and a distill: the loss falls and resume
+is bit-exact. For the fine-tune, the logged step loss and the gradient are those of the mean over the
+target tokens of the whole global batch (2 ranks x 2 micro-batches), checked against one process
+computing them from the same rows and initial weights."""
 from __future__ import annotations
 
 import json
@@ -32,6 +32,9 @@ def rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+DISTILL_ARGS = ["mode=distill", "num_gist=2", "train.lr=1e-2"]  # teacher and student rows packed alike
+
+
 @pytest.fixture(scope="module")
 def packed_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("packed")
@@ -39,7 +42,17 @@ def packed_run(tmp_path_factory) -> Path:
     return out
 
 
-def test_packed_run_learns_and_resumes_bit_exactly(packed_run, tmp_path):
+@pytest.fixture(scope="module")
+def packed_distill_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("packed_distill")
+    torchrun(["train", TINY, f"output_dir={out}", *ARGS, *DISTILL_ARGS])
+    return out
+
+
+@pytest.mark.parametrize("kind", ["finetune", "distill"])
+def test_packed_run_learns_and_resumes_bit_exactly(kind, request, tmp_path):
+    packed_run = request.getfixturevalue("packed_run" if kind == "finetune" else "packed_distill_run")
+    args = ARGS + (DISTILL_ARGS if kind == "distill" else [])
     steps = {r["step"]: r for r in rows(packed_run) if "step" in r}
     assert steps[STEPS]["eval_loss"] < rows(packed_run)[0]["eval_loss_before"]
     tag = f"step{SAVE_EVERY:08d}"
@@ -47,7 +60,7 @@ def test_packed_run_learns_and_resumes_bit_exactly(packed_run, tmp_path):
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(packed_run / "checkpoints" / tag, resumed / "checkpoints" / tag)
     (resumed / "checkpoints" / "latest").write_text(tag)
-    torchrun(["train", TINY, f"output_dir={resumed}", *ARGS])
+    torchrun(["train", TINY, f"output_dir={resumed}", *args])
     again = {r["step"]: r for r in rows(resumed) if "step" in r}
     assert sorted(again) == list(range(SAVE_EVERY + 1, STEPS + 1))
     for s in again:
