@@ -198,8 +198,9 @@ class Trainer:
         loss_mean = loss_sum / max(targets, 1.0)
         per_rank = dist.all_gather_object((tokens / step_time, peak_memory_gb()))  # one collective per step
         rank_tps, rank_mem = [r[0] for r in per_rank], [r[1] for r in per_rank]
+        lrs = self.scheduler.get_last_lr()  # a second group: the gist rows (train.gist_lr)
         return {"step": self.step, "loss": loss_mean, "grad_norm": None if grad_norm is None else float(grad_norm),
-                "lr": self.scheduler.get_last_lr()[0], "step_time_s": step_time,
+                "lr": lrs[0], **({"gist_lr": lrs[1]} if len(lrs) > 1 else {}), "step_time_s": step_time,
                 "tokens": int(total_tokens), "tokens_per_s": sum(rank_tps), "rank_tokens_per_s": rank_tps,
                 "peak_mem_gb": max(rank_mem), "rank_peak_mem_gb": rank_mem}
 

@@ -105,6 +105,8 @@ def test_zero3_run_exports_the_model_it_evaluated(tmp_path):
     torchrun(["train", TINY, *args])
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     logged = [r["eval_loss"] for r in log if "eval_loss" in r][-1]
+    for r in (r for r in log if "step" in r):  # one schedule (warm-up, cosine), two base lrs
+        assert r["gist_lr"] / GIST_LR == pytest.approx(r["lr"] / 3e-3, rel=1e-6)
     assert logged < log[0]["eval_loss_before"]
 
     cfg, tokens, method, template = setup(args)
