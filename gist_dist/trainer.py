@@ -101,7 +101,8 @@ class Trainer:
 
         # fused: one kernel over each flat ZeRO partition; on this CPU its step takes 0.40x the time of the default
         # foreach AdamW (docs/benchmarks.md, step profile), and torch's fused CUDA kernel on GPUs
-        optimizer = torch.optim.AdamW(self.method.param_groups(self.module, trainable), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
+        groups = self.method.param_groups(self.module, trainable)  # train.gist_lr: the gist rows have their own
+        optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio))
         self.engine, _, _, self.scheduler = deepspeed.initialize(
