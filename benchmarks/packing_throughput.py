@@ -18,25 +18,13 @@ from gist_dist import dist
 from gist_dist.batches import ShardedBatches
 from gist_dist.config import load_config
 from gist_dist.trainer import Trainer
+from padding_bound import padding_bound  # this folder's script: the same bound, no training
 
 ROUNDS, WARMUP = 8, 2
 
 
 def real_tokens(rows) -> int:
     return sum(len(r["input_ids"]) for r in rows)
-
-
-def padding_bound(examples, batch_size: int, world: int, seed: int) -> float:
-    """Positions the padded side computes per real token, over one epoch of its batches (every rank):
-    the most any packing can win at equal real tokens per step if a step costs in proportion to positions."""
-    positions = real = 0
-    for rank in range(world):
-        batches = ShardedBatches(examples, batch_size, rank, world, seed)
-        for _ in range(batches.per_epoch):
-            batch = next(batches)
-            positions += len(batch) * max(len(e["input_ids"]) for e in batch)
-            real += real_tokens(batch)
-    return positions / real
 
 
 def main():
@@ -68,8 +56,9 @@ def main():
     dist.log(f"packing world={world}: {len(examples)} examples ({per_example:.1f} tokens each) -> {len(packed)} rows "
              f"({per_row:.1f} tokens each, capacity {cfg.data.max_length}); micro-batch {cfg.train.micro_batch_size} "
              f"examples vs {rows_per_batch} rows, {ROUNDS} steps each")
-    dist.log(f"  padding bound: the padded batches compute {padding_bound(examples, cfg.train.micro_batch_size, world, cfg.train.seed):.2f} "
-             "positions per real token (the most packing can win at equal real tokens)")
+    bound = padding_bound(examples, cfg.train.micro_batch_size, world, cfg.train.seed)
+    dist.log(f"  padding bound: the padded batches compute {bound:.2f} positions per real token "
+             "(the most packing can win at equal real tokens)")
     for k, v in tps.items():
         dist.log(f"  {k:6s} real tokens/s median {med[k]:.1f}  (min {min(v):.1f}, max {max(v):.1f}); "
                  f"real tokens per step (all ranks) median {statistics.median(step_tokens[k]):.0f}")
