@@ -41,7 +41,7 @@ def cmd_compress(args) -> int:
 
     overrides = [f"num_gist={args.num_gist}", *args.overrides]
     cfg = compress.prepare(load_config(args.config, overrides), args.prompt_file, args.queries,
-                           args.num_queries, args.answer_tokens, args.heldout)
+                           args.num_queries, args.answer_tokens, args.heldout, args.heldout_queries)
     summary = run(cfg)
     compress.record_prompt_meta(cfg)
     if dist.is_main():
@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--num-queries", type=int, default=48, help="queries to sample when --queries is not given")
     c.add_argument("--answer-tokens", type=int, default=32, help="length of the teacher's answers")
     c.add_argument("--heldout", type=float, default=0.2, help="share of queries held out for evaluation")
+    c.add_argument("--heldout-queries", help="file of queries held out for evaluation, never trained on "
+                   "(same format as --queries); replaces --heldout's share")
     c.add_argument("--config", default=None, help="YAML run config (model, train, zero settings)")
     c.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=runs/sys-prompt")
     c.set_defaults(func=cmd_compress)

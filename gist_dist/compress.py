@@ -90,10 +90,11 @@ def sample_queries(model, tok, template, prompt: str, n: int) -> list[str]:
 
 
 def teacher_records(cfg: RunConfig, prompt: str, queries: list[str] | None, n_queries: int,
-                    answer_tokens: int) -> tuple[list[dict], int]:
+                    answer_tokens: int, heldout_queries: list[str] = ()) -> tuple[list[dict], int]:
     """(records {instruction: prompt, input: query, output: the teacher's greedy answer}, how many
-    queries were dropped for an empty answer). Every rank answers its share of the queries; all
-    ranks return the same records in query order."""
+    queries were dropped for an empty answer): the training queries (sampled when None), then the
+    held-out ones. Every rank answers its share of the queries; all ranks return the same records
+    in query order."""
     torch.manual_seed(cfg.train.seed)
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg.model).eval()  # replicated, inference only; freed before training
@@ -101,8 +102,10 @@ def teacher_records(cfg: RunConfig, prompt: str, queries: list[str] | None, n_qu
     if queries is None:
         queries = sample_queries(model, tok, template, prompt, n_queries) if dist.is_main() else None
         queries = dist.all_gather_object(queries)[0]
+        queries = [q for q in queries if q not in heldout_queries]
         if len(queries) < 4:
             raise DataError("compress: the model produced too few distinct queries; pass --queries FILE")
+    queries = [*queries, *heldout_queries]
     mine = []
     for q in queries[dist.rank()::dist.world()]:  # one at a time: no padding, the same answer at any world size
         ids = template.encode({"instruction": prompt, "input": q, "output": ""}, with_gist=False,
@@ -119,34 +122,51 @@ def teacher_records(cfg: RunConfig, prompt: str, queries: list[str] | None, n_qu
     return records, len(queries) - len(records)
 
 
-def _same_prompt_data(data_dir: Path, prompt: str, num_gist: int, template: str) -> bool:
+def _queries_sha256(queries, n_queries: int, heldout: float, heldout_queries) -> str:
+    """What decides the teacher data besides the prompt: a rerun with other queries makes new data."""
+    split = {"heldout_queries": heldout_queries} if heldout_queries else {"heldout": heldout}
+    return hashlib.sha256(json.dumps([queries if queries is not None else n_queries, split]).encode()).hexdigest()
+
+
+def _same_prompt_data(data_dir: Path, prompt: str, num_gist: int, template: str, queries_sha256: str) -> bool:
     meta = data_dir / "prompt.json"
     if not meta.is_file() or not (data_dir / "heldout.jsonl").is_file():
         return False
     saved = json.loads(meta.read_text())
     return saved.get("prompt_sha256") == hashlib.sha256(prompt.encode()).hexdigest() and saved.get("num_gist") == num_gist \
-        and saved.get("template", "alpaca") == template
+        and saved.get("template", "alpaca") == template and saved.get("queries_sha256") == queries_sha256
 
 
-def _write_teacher_data(cfg, data_dir: Path, prompt: str, queries, n_queries: int, answer_tokens: int, heldout: float):
-    """All ranks answer; rank 0 writes. prompt.json goes last: it marks the data complete."""
-    records, dropped = teacher_records(cfg, prompt, queries, n_queries, answer_tokens)
+def _write_teacher_data(cfg, data_dir: Path, prompt: str, queries, n_queries: int, answer_tokens: int, heldout: float,
+                        heldout_queries: list[str] = ()):
+    """All ranks answer; rank 0 writes. prompt.json goes last: it marks the data complete. With
+    heldout_queries, those are the held-out split (never trained on); else the last `heldout` share."""
+    records, dropped = teacher_records(cfg, prompt, queries, n_queries, answer_tokens, heldout_queries)
+    if heldout_queries:
+        held = set(heldout_queries)
+        train, evals = [r for r in records if r["input"] not in held], [r for r in records if r["input"] in held]
+        if not train or not evals:
+            raise DataError(f"compress: the teacher answered every {'training' if not train else 'held-out'} "
+                            f"query with nothing; none left to {'train on' if not train else 'hold out'}")
+    else:
+        n_eval = max(1, int(len(records) * heldout))
+        train, evals = records[:-n_eval], records[-n_eval:]
     if not dist.is_main():
         return
-    n_eval = max(1, int(len(records) * heldout))
-    write_jsonl(records[:-n_eval], data_dir / "train.jsonl")
-    write_jsonl(records[-n_eval:], data_dir / "heldout.jsonl")
+    write_jsonl(train, data_dir / "train.jsonl")
+    write_jsonl(evals, data_dir / "heldout.jsonl")
     tok = load_tokenizer(cfg.model)
     prompt_tokens = len(tok(prompt, add_special_tokens=False)["input_ids"])
     (data_dir / "prompt.json").write_text(json.dumps({
         "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest(), "prompt_tokens": prompt_tokens,
         "num_gist": cfg.num_gist, "compression_ratio": prompt_tokens / cfg.num_gist, "template": template_for(tok),
-        "queries": len(records) + dropped, "dropped_empty_answers": dropped, "answer_tokens": answer_tokens},
+        "queries": len(records) + dropped, "dropped_empty_answers": dropped, "answer_tokens": answer_tokens,
+        "heldout_queries": len(evals), "queries_sha256": _queries_sha256(queries, n_queries, heldout, heldout_queries)},
         indent=2))
 
 
 def prepare(cfg: RunConfig, prompt_file: str, queries_file: str | None, n_queries: int, answer_tokens: int,
-            heldout: float) -> RunConfig:
+            heldout: float, heldout_file: str | None = None) -> RunConfig:
     """Make the teacher data (all ranks answer, rank 0 writes), then return the distill run config that trains on it."""
     p = Path(prompt_file)
     if not p.is_file():
@@ -157,14 +177,20 @@ def prepare(cfg: RunConfig, prompt_file: str, queries_file: str | None, n_querie
     if not 0 < heldout < 1:
         raise ConfigError("--heldout must be between 0 and 1")
     queries = read_queries(queries_file) if queries_file else None
+    heldout_queries = read_queries(heldout_file) if heldout_file else []
+    training = set(queries or ())
+    both = [q for q in heldout_queries if q in training]
+    if both:
+        raise DataError(f"{heldout_file}: {len(both)} held-out queries are also training queries in {queries_file} "
+                        f"(first: {both[0]!r}); a held-out query must not be trained on")
     data_dir = Path(cfg.output_dir) / "compress_data"
     dist.init(cfg.timeout_s)
     tok = load_tokenizer(cfg.model)
     kind = template_for(tok)
-    if _same_prompt_data(data_dir, prompt, cfg.num_gist, kind):
-        dist.log(f"gist-dist: reusing teacher data in {data_dir} (same prompt; e.g. a requeued job)")
+    if _same_prompt_data(data_dir, prompt, cfg.num_gist, kind, _queries_sha256(queries, n_queries, heldout, heldout_queries)):
+        dist.log(f"gist-dist: reusing teacher data in {data_dir} (same prompt and queries; e.g. a requeued job)")
     else:
-        _write_teacher_data(cfg, data_dir, prompt, queries, n_queries, answer_tokens, heldout)
+        _write_teacher_data(cfg, data_dir, prompt, queries, n_queries, answer_tokens, heldout, heldout_queries)
     dist.barrier()
     # The teacher sees the whole prompt: make room for the longest teacher example.
     longest, template = 0, GistTemplate(tok, [], max_length=1 << 30, template=kind)

@@ -113,10 +113,14 @@ def test_compress_uses_the_chat_template_and_counts_dropped_answers(compressed):
 def test_compress_run_config_rebuilds_the_template(compressed, tmp_path, monkeypatch):
     run = compressed[0]
     monkeypatch.setattr(compress.dist, "init", lambda timeout_s: None)  # one process: no process group here
-    prompt_file = tmp_path / "p.txt"
+    prompt_file, queries_file = tmp_path / "p.txt", tmp_path / "q.txt"
     prompt_file.write_text(compressed[1])
-    cfg = compress.prepare(load_config(TINY, [f"output_dir={run}", "num_gist=2"]), str(prompt_file), None, 9, 6, 0.4)
-    assert cfg.data.template == "chat_system" and cfg.distill.student == "no_prompt"  # reused data (same prompt)
+    queries_file.write_text("\n".join(compressed[2]))
+    data = {f.name: f.read_text() for f in (run / "compress_data").iterdir()}
+    cfg = compress.prepare(load_config(TINY, [f"output_dir={run}", "num_gist=2"]), str(prompt_file), str(queries_file),
+                           9, 6, 0.4)
+    assert cfg.data.template == "chat_system" and cfg.distill.student == "no_prompt"
+    assert {f.name: f.read_text() for f in (run / "compress_data").iterdir()} == data  # reused (same prompt, queries)
 
 
 def test_fidelity_reports_free_answers(compressed):
@@ -144,3 +148,26 @@ def test_an_empty_prediction_scores_zero(tok_gist):
     assert means["student_answer_exact_match"] == 0.5 and means["student_answer_rougeL"] == pytest.approx(0.5)
     assert means["baseline_answer_rougeL"] == 0.0 and rows[0]["student_exact_match"] == 1.0
     assert torch.tensor([r["baseline_rougeL"] for r in rows]).eq(0).all()
+
+
+def test_heldout_queries_file_is_the_heldout_split_and_never_trained_on(tmp_path, monkeypatch):
+    """--heldout-queries: exactly those queries are held out, every other one trains; other queries
+    make new teacher data rather than reusing the old; a held-out query among the training ones is refused."""
+    monkeypatch.setattr(compress.dist, "init", lambda timeout_s: None)  # one process: no process group here
+    prompt, train, held = tmp_path / "p.txt", tmp_path / "train.txt", tmp_path / "held.txt"
+    prompt.write_text("You are the ferry company's assistant. Tickets cost 14 euros. " * 4)
+    train.write_text("".join(f"question number {i}?\n" for i in range(5)))
+    run = tmp_path / "run"
+    cfg = load_config(TINY, [f"output_dir={run}", "num_gist=2"])
+
+    def split(held_queries):
+        held.write_text("".join(q + "\n" for q in held_queries))
+        compress.prepare(cfg, str(prompt), str(train), 0, 4, 0.2, str(held))
+        return [[json.loads(line)["input"] for line in (run / "compress_data" / f"{name}.jsonl").read_text().splitlines()]
+                for name in ("train", "heldout")]
+
+    assert split(["held one?", "held two?"]) == [[f"question number {i}?" for i in range(5)], ["held one?", "held two?"]]
+    assert split(["held three?"])[1] == ["held three?"]
+    assert json.loads((run / "compress_data" / "prompt.json").read_text())["heldout_queries"] == 1
+    with pytest.raises(DataError, match=r"1 held-out queries are also training queries .* \(first: 'question number 3\?'\)"):
+        split(["held four?", "question number 3?"])
