@@ -141,6 +141,32 @@ def optimizer_state_in_memory(engine):
             opt._optimizer_states_and_gradient_swap_out(i)
 
 
+def restore_swapped_optimizer_state(engine, checkpoints: Path, tag: str):
+    """After DeepSpeed's load (0.19.8) with the optimizer on NVMe, the Adam state in use is not the
+    checkpoint's: the step count starts over and the moments differ (docs/benchmarks.md). Write this
+    rank's saved fp32 partition and Adam state into the swapped-in tensors and swap them back out."""
+    groups, opt = _swapped_groups(engine), engine.optimizer
+    if not groups:
+        return
+    saved = engine.checkpoint_engine.load(engine._get_zero_ckpt_name(str(checkpoints), tag), map_location="cpu")
+    saved = saved["optimizer_state_dict"]
+    opt._set_fp32_optimizer_param_groups()  # the order in which torch numbered the state at the save
+    order = [p for group in opt.optimizer.param_groups for p in group["params"]]
+    opt._clear_fp32_optimizer_param_groups()
+    for i in groups:
+        param = opt.fp32_partitioned_groups_flat[i]
+        state = saved["optimizer_state_dict"]["state"][next(k for k, p in enumerate(order) if p is param)]
+        opt._optimizer_states_and_gradient_swap_in(i)
+        param.data.copy_(saved["fp32_flat_groups"][i])
+        live = opt.optimizer.state[param]
+        for key, value in state.items():
+            if torch.is_tensor(live.get(key)) and live[key].numel() == value.numel() > 1:
+                live[key].data.copy_(value)  # a swapped tensor: its storage is the swap buffer
+            else:
+                live[key] = value.to(live[key].device) if torch.is_tensor(live.get(key)) else value
+        opt._optimizer_states_and_gradient_swap_out(i)
+
+
 class Checkpointer:
     def __init__(self, directory: Path, keep: int, frozen_backbone: bool = False):
         self.dir = Path(directory)
@@ -210,10 +236,8 @@ class Checkpointer:
             load_path = self._load_universal(engine, folder, state["world_size"])
         if load_path is None:
             raise CheckpointError(f"{folder}: DeepSpeed could not load this checkpoint")
-        if _swapped_groups(engine):
-            dist.log("gist-dist: warning: resuming with the optimizer offloaded to nvme is not exact (measured in "
-                     "docs/benchmarks.md, cause not found): the losses after the first resumed step differ. Use "
-                     "zero.offload_optimizer=cpu where exact resume matters")
+        if state["world_size"] == dist.world():
+            restore_swapped_optimizer_state(engine, self.dir, tag)
         batches.load_state_dict(state["loader"])
         rng = folder / f"rng_rank{dist.rank()}.json"
         if rng.is_file() and state["world_size"] == dist.world():
@@ -227,6 +251,10 @@ class Checkpointer:
         if engine.zero_optimization_stage() != 3:
             raise CheckpointError(f"{folder}: saved by {saved_world} ranks, resuming with {dist.world()}; "
                                   f"only ZeRO-3 checkpoints can change world size here")
+        if _swapped_groups(engine):  # its loader looks for per-rank files the nvme swapper never writes
+            raise CheckpointError(f"{folder}: saved by {saved_world} ranks, resuming with {dist.world()}: DeepSpeed cannot "
+                                  f"load another world size's checkpoint with the optimizer on nvme; resume on "
+                                  f"{saved_world} ranks, or with zero.offload_optimizer=cpu (its checkpoints load either way)")
         universal = folder / "universal"
         error = ""
         if dist.is_main() and not universal.is_dir():

