@@ -143,20 +143,23 @@ def optimizer_state_in_memory(engine):
 
 def restore_swapped_optimizer_state(engine, checkpoints: Path, tag: str):
     """After DeepSpeed's load (0.19.8) with the optimizer on NVMe, the Adam state in use is not the
-    checkpoint's: the step count starts over and the moments differ (docs/benchmarks.md). Write this
-    rank's saved fp32 partition and Adam state into the swapped-in tensors and swap them back out."""
-    groups, opt = _swapped_groups(engine), engine.optimizer
-    if not groups:
+    checkpoint's: the step count starts over and the moments differ, and a sub-group too small to be
+    swapped (a distill run's gist rows) also loses its fp32 weights (docs/benchmarks.md). Write this
+    rank's saved fp32 partitions and Adam state back, into the swapped-in tensors where they swap,
+    and refresh the working partitions from them."""
+    opt = engine.optimizer
+    if not getattr(opt, "swap_optimizer", False):
         return
     saved = engine.checkpoint_engine.load(engine._get_zero_ckpt_name(str(checkpoints), tag), map_location="cpu")
     saved = saved["optimizer_state_dict"]
     opt._set_fp32_optimizer_param_groups()  # the order in which torch numbered the state at the save
     order = [p for group in opt.optimizer.param_groups for p in group["params"]]
     opt._clear_fp32_optimizer_param_groups()
-    for i in groups:
-        param = opt.fp32_partitioned_groups_flat[i]
+    for i, param in enumerate(opt.fp32_partitioned_groups_flat):
+        swapped = opt._swappable_optimizer_subgroup(i)
         state = saved["optimizer_state_dict"]["state"][next(k for k, p in enumerate(order) if p is param)]
-        opt._optimizer_states_and_gradient_swap_in(i)
+        if swapped:
+            opt._optimizer_states_and_gradient_swap_in(i)
         param.data.copy_(saved["fp32_flat_groups"][i])
         live = opt.optimizer.state[param]
         for key, value in state.items():
@@ -164,7 +167,9 @@ def restore_swapped_optimizer_state(engine, checkpoints: Path, tag: str):
                 live[key].data.copy_(value)  # a swapped tensor: its storage is the swap buffer
             else:
                 live[key] = value.to(live[key].device) if torch.is_tensor(live.get(key)) else value
-        opt._optimizer_states_and_gradient_swap_out(i)
+        opt._reassign_or_swap_out_partitioned_parameters(i)  # the working (fp16/bf16) partition from fp32
+        if swapped:
+            opt._optimizer_states_and_gradient_swap_out(i)
 
 
 class Checkpointer:
