@@ -91,8 +91,8 @@ def _optimizer_tensors(path) -> dict:
 @pytest.mark.parametrize("offload,mode", [("cpu", "gist"), ("nvme", "gist"), ("nvme", "distill")])
 def test_offload_optimizer_trains_two_ranks_and_resumes_exactly(tmp_path, offload, mode):
     """Stopped at step 2 and resumed to 4, an offloaded optimizer gives the uninterrupted run's losses,
-    grad norms and final optimizer state bit for bit. Two things make it so: the first update after the resume takes its lr
-    from this run's schedule (the stopped run, with max_steps=2, had saved its own), and with nvme the
+    grad norms and final optimizer state bit for bit. The first update after the resume takes its lr
+    from this run's schedule (the stopped run, with max_steps=2, had saved its own); with nvme the
     saved fp32 partitions and Adam state are written back over what DeepSpeed's load leaves in use
     (distill: its one sub-group, the gist rows, is too small to swap and lost its weights too). nvme
     also refuses, in one line, to resume at another world size, which DeepSpeed cannot load."""
