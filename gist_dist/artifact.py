@@ -1,4 +1,5 @@
-"""The distill artifact: `gist.safetensors` (k x hidden) + `gist_config.json`.
+"""The distill artifact: `gist.safetensors` (k x hidden, and with distill.layer_offsets a (layers - 1) x
+k x hidden `layer_offsets`) + `gist_config.json`.
 
 Loading checks the base model's fingerprint, so gist embeddings are never used with a model
 they were not trained for.
@@ -76,12 +77,14 @@ class BaseModel:
         return fingerprints_match(saved, self.fingerprint)
 
 
-def save(directory: str | Path, gist: torch.Tensor, meta: dict):
+def save(directory: str | Path, gist: torch.Tensor, meta: dict, layer_offsets: torch.Tensor | None = None):
     """Write both files atomically (temp names, then rename)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tmp_w, tmp_c = d / (WEIGHTS + ".tmp"), d / (CONFIG + ".tmp")
-    save_file({"gist": gist.detach().float().contiguous().cpu()}, str(tmp_w))
+    tensors = {"gist": gist, **({"layer_offsets": layer_offsets} if layer_offsets is not None else {})}
+    save_file({name: t.detach().float().contiguous().cpu() for name, t in tensors.items()}, str(tmp_w))
+    meta = {**meta, "layer_offsets": layer_offsets is not None}
     tmp_c.write_text(json.dumps(meta, indent=2, sort_keys=True))
     replace_file(tmp_w, d / WEIGHTS)
     replace_file(tmp_c, d / CONFIG)
@@ -107,10 +110,21 @@ def load(directory: str | Path, expected_fingerprint: "str | BaseModel | None" =
                                 f"(fingerprint {str(meta.get('base_fingerprint'))[:12]}), not this one "
                                 f"(fingerprint {current[:12]})")
     try:  # safetensors only: a file of any other format (a pickle too) is refused, never run
-        gist = load_file(str(d / WEIGHTS))["gist"]
+        tensors = load_file(str(d / WEIGHTS))
+        gist = tensors["gist"]
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
         raise ArtifactError(f"{d / WEIGHTS}: not a safetensors file with a 'gist' tensor "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if gist.shape[0] != meta.get("num_gist"):
         raise ArtifactError(f"{d}: {WEIGHTS} holds {gist.shape[0]} rows but config says {meta.get('num_gist')}")
+    offsets = tensors.get("layer_offsets")
+    if bool(meta.get("layer_offsets")) != (offsets is not None) or \
+            (offsets is not None and (offsets.dim() != 3 or offsets.shape[1:] != gist.shape)):
+        raise ArtifactError(f"{d}: {WEIGHTS}'s layer_offsets ({None if offsets is None else list(offsets.shape)}) do not "
+                            f"match its config (layer_offsets={meta.get('layer_offsets', False)}, {list(gist.shape)} gist rows)")
     return gist, meta
+
+
+def load_layer_offsets(directory: str | Path) -> torch.Tensor | None:
+    """The artifact's [layers - 1, k, hidden] layer offsets, None when it has none (check it with `load` first)."""
+    return load_file(str(Path(directory) / WEIGHTS)).get("layer_offsets")

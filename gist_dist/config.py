@@ -65,6 +65,9 @@ class DistillConfig:
     lm_weight: float = 0.0  # mix: (1-w) * KL + w * LM loss
     student: str = "gist_mask"  # gist_mask | no_prompt
     cache_teacher: bool = False  # keep teacher logits per training example (fixed data, e.g. compress)
+    # also train one [k, hidden] offset per decoder layer (after the first) at the gist positions (deep prompts):
+    # far more capacity for the same k cached tokens (docs/benchmarks.md, benchmark 4); decoder-only models
+    layer_offsets: bool = False
 
 
 @dataclass
@@ -182,6 +185,11 @@ class RunConfig:
             (self.distill.temperature > 0, "distill.temperature must be > 0"),
             (0.0 <= self.distill.lm_weight <= 1.0, "distill.lm_weight must be in [0, 1]"),
             (self.distill.student in ("gist_mask", "no_prompt"), "distill.student must be gist_mask or no_prompt"),
+            (not self.distill.layer_offsets or self.objective == "distill",
+             "distill.layer_offsets is for objective=distill (fine-tuning trains every layer already)"),
+            (not (self.distill.layer_offsets and self.train.activation_checkpointing),
+             "distill.layer_offsets cannot be combined with train.activation_checkpointing (the recomputed layers "
+             "would miss the offsets)"),
             (self.model.dtype in ("auto", "fp32", "bf16", "fp16"), "model.dtype must be auto, fp32, bf16 or fp16"),
             (self.timeout_s > 0, "timeout_s must be > 0"),
             (set(self.data.columns) <= {"instruction", "input", "output"},

@@ -36,6 +36,9 @@ def _no_prompt_artifact(run_dir: str | Path) -> tuple[torch.Tensor, dict]:
         raise ArtifactError(f"{run_dir}: its gist embeddings were trained with the instruction visible "
                             f"(distill.student={student}); only no-prompt artifacts (compress, "
                             f"distill.student=no_prompt) stand alone as a prompt-tuning adapter")
+    if meta.get("layer_offsets"):
+        raise ArtifactError(f"{run_dir}: it was trained with distill.layer_offsets (an offset per layer at the gist "
+                            f"positions); PEFT prompt tuning and prompt_embeds carry input rows only")
     before, _ = _text_around_gist(meta)
     if before:
         why = ("which every later token saw (mask_prefix=visible), but PEFT prompt tuning and prompt_embeds put the "

@@ -45,7 +45,7 @@ from .config import ModelConfig
 from .data import GistTemplate, pad_batch
 from .masks import make_attention_mask, model_inputs
 from .model import load_model, load_tokenizer, model_family
-from .tokens import GistEmbedding, add_gist_tokens
+from .tokens import GistEmbedding, GistLayerOffsets, add_gist_tokens
 
 FINAL_META = "gist_model.json"  # final/ of a fine-tuned run; runs before 2026-12-03 named it gist_config.json
 
@@ -377,7 +377,11 @@ def load_run(run_dir, model_cfg: ModelConfig | None = None, ds_config: dict | No
     embedding = model.get_input_embeddings()
     with zero.gather([embedding.weight]):  # the fingerprint check reads the whole embedding
         gist, meta = artifact.load(out, expected_fingerprint=artifact.BaseModel(model.config, embedding.weight))
-    rows = GistEmbedding(gist_ids, gist.to(embedding.weight.device, embedding.weight.dtype)).eval()
+    like = dict(device=embedding.weight.device, dtype=embedding.weight.dtype)
+    offsets = artifact.load_layer_offsets(out)
+    if offsets is not None:  # hooked onto the decoder's layers: every forward of this model with gist rows adds them
+        offsets = GistLayerOffsets(model.get_decoder(), offsets.to(**like))
+    rows = GistEmbedding(gist_ids, gist.to(**like), offsets).eval()
     return RunModel(model, tok, gist_ids, "gist", embed=lambda ids: rows(ids, embedding),
                     source=f"{cfg.name} + {out / artifact.WEIGHTS}", meta=meta, gist=rows.gist.detach(),
                     template=run_template(out, meta), family=model_family(model.config),

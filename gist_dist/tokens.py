@@ -4,6 +4,8 @@ Two ways to hold the gist embeddings, one per objective:
 - fine-tune: the vocabulary grows by k rows (`init_gist_embeddings`), trained with the model;
 - distill: the vocabulary is untouched and a separate [k, hidden] parameter (`GistEmbedding`)
   is spliced in at the gist positions, PEFT prompt-tuning style; training and inference share it.
+  With distill.layer_offsets it also carries one trained [k, hidden] offset per decoder layer
+  (`GistLayerOffsets`), P-tuning v2 style.
 ZeRO-3 gathering is passed in as a context (`zero.gather`).
 """
 from __future__ import annotations
@@ -56,8 +58,9 @@ class GistEmbedding(nn.Module):
     """k trainable rows that replace the embeddings of the gist ids (which must be consecutive, as
     `add_gist_tokens` makes them: the row is the id's offset from the first)."""
 
-    def __init__(self, gist_ids: list[int], init: torch.Tensor):
+    def __init__(self, gist_ids: list[int], init: torch.Tensor, offsets: "GistLayerOffsets | None" = None):
         super().__init__()
+        self.offsets = offsets  # told where the gist tokens are in each forward
         ids = list(gist_ids)
         if ids != list(range(ids[0], ids[0] + len(ids))):
             raise ValueError(f"gist ids must be consecutive, got {ids}")
@@ -76,4 +79,56 @@ class GistEmbedding(nn.Module):
         is_gist = torch.isin(input_ids, self.gist_ids)
         emb = embedding(torch.where(is_gist, torch.zeros_like(input_ids), input_ids))
         index = (input_ids - self.gist_ids[0]).clamp(0, len(self.gist_ids) - 1)
+        if self.offsets is not None:
+            self.offsets.where = (is_gist.nonzero(as_tuple=True), index[is_gist])
         return torch.where(is_gist[..., None], self.gist[index].to(emb.dtype), emb)
+
+
+class _LayerOffset(nn.Module):
+    """One decoder layer's k offsets; a module of its own so that ZeRO-3 gathers it when it is called."""
+
+    def __init__(self, rows: torch.Tensor):
+        super().__init__()
+        self.rows = nn.Parameter(rows.clone())
+
+    def forward(self, hidden: torch.Tensor, where) -> torch.Tensor:
+        positions, row = where
+        return hidden.index_put(positions, self.rows[row].to(hidden.dtype), accumulate=True)
+
+
+class GistLayerOffsets(nn.Module):
+    """Deep gist tokens: a trained offset added to the residual stream at each gist position as it
+    enters every decoder layer after the first (P-tuning v2's deep prompts; what enters the first is
+    the gist rows themselves, and an offset after the last layer would reach no later token). Input rows
+    alone are prompt tuning, which small models learn poorly; with the offsets every layer's keys/values
+    at the gist positions are trained. The cache still keeps k tokens per prompt; the artifact grows by
+    (layers - 1) x k x hidden.
+
+    Attached by forward pre-hooks on the decoder's layers. `GistEmbedding` sets `where` (positions, row)
+    when it splices the rows in, and the decoder's forward hook clears it, so a forward without the
+    gist rows (the teacher, a cached decoding step) is left alone. Activation checkpointing would rerun
+    the layers after that clear, so the config refuses the two together."""
+
+    def __init__(self, decoder: nn.Module, init: torch.Tensor):
+        super().__init__()
+        later = decoder.layers[1:]
+        if init.shape[0] != len(later):
+            raise ValueError(f"{init.shape[0]} layer offsets for {len(later)} decoder layers after the first")
+        self.layers = nn.ModuleList(_LayerOffset(rows) for rows in init)
+        self.where = None
+        for layer, offset in zip(later, self.layers):
+            layer.register_forward_pre_hook(self._hook(offset), with_kwargs=True)
+        decoder.register_forward_hook(lambda *_: setattr(self, "where", None))
+
+    def _hook(self, offset: _LayerOffset):
+        def add(_module, args, kwargs):
+            if self.where is None:
+                return None
+            if args:
+                return (offset(args[0], self.where), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": offset(kwargs["hidden_states"], self.where)}
+        return add
+
+    def stacked(self) -> torch.Tensor:
+        """[layers - 1, k, hidden]: the artifact's layer_offsets (call inside zero.gather of `parameters()`)."""
+        return torch.stack([layer.rows.detach() for layer in self.layers])

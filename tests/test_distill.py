@@ -64,17 +64,21 @@ def test_wrong_base_model_fails_clearly(distill_run, tmp_path):
     assert "trained for base model" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("mask_prefix", ["hidden", "visible"])
-def test_compress_one_prompt_end_to_end(tmp_path, mask_prefix):
+@pytest.mark.parametrize("mask_prefix, layer_offsets", [("hidden", False), ("visible", True)])
+def test_compress_one_prompt_end_to_end(tmp_path, mask_prefix, layer_offsets):
     """visible: the chat header before the gist (SmolLM2's tokenizer: its system turn's opening)
-    stays visible to the queries in training, and the artifact tells inference so."""
+    stays visible to the queries in training, and the artifact tells inference so. With
+    distill.layer_offsets the artifact carries them and generate / fidelity use it."""
     prompt = tmp_path / "system.txt"
     task = generate(1, "seen", seed=5)[0]
     prompt.write_text("You are a helpful assistant. " * 12 + task["instruction"])
     out = tmp_path / "run"
     torchrun(["compress", "--prompt-file", prompt, "--num-gist", "2", "--num-queries", "16", "--answer-tokens", "6",
-              "--config", TINY, f"output_dir={out}", "train.max_steps=8", "train.lr=0.05", f"mask_prefix={mask_prefix}"])
+              "--config", TINY, f"output_dir={out}", "train.max_steps=8", "train.lr=0.05", f"mask_prefix={mask_prefix}",
+              f"distill.layer_offsets={str(layer_offsets).lower()}"])
     meta = json.loads((out / artifact.CONFIG).read_text())
+    assert meta["layer_offsets"] is layer_offsets
+    assert ("layer_offsets" in load_file(str(out / artifact.WEIGHTS))) is layer_offsets
     gm = GistModel.load(out)
     header = gm.template.prefix
     assert meta["template"] != "alpaca" and header  # the chat template: a header precedes the gist

@@ -1,7 +1,8 @@
 """objective=distill: the backbone is frozen and only k gist embeddings train, by KL to the teacher
 (the same frozen model seeing the full prompt) on the response tokens.
 
-The trainable part is one [k, hidden] parameter spliced in at the gist positions (tokens.GistEmbedding);
+The trainable part is one [k, hidden] parameter spliced in at the gist positions (tokens.GistEmbedding),
+and with distill.layer_offsets one more per decoder layer (tokens.GistLayerOffsets);
 the backbone's vocabulary is never resized, so every backbone weight stays bit-for-bit what it was
 (checked with digests of the gathered weights when train.verify_frozen is on). The student sees the
 prompt + gist under the gist mask (distill.student=gist_mask) or only the gist (no_prompt, compress).
@@ -17,7 +18,8 @@ from torch import nn
 from .. import artifact, dist, zero
 from ..batches import ShardedBatches
 from ..data import IGNORE
-from ..tokens import GistEmbedding, mean_embedding
+from ..config import ConfigError
+from ..tokens import GistEmbedding, GistLayerOffsets, mean_embedding
 from ..packing import join, pack
 from .base import Method, label_tokens
 from .finetune import label_targets, labelled_rows, lm_head_rows
@@ -165,7 +167,13 @@ class Distill(Method):
         d = self.cfg.distill
         init = mean_embedding(model, zero.gather).expand(self.cfg.num_gist, -1)
         module = self.loss_module(model, self.tokens.gist_ids, init, d.temperature, d.lm_weight, d.cache_teacher)
-        return module, [module.gist_rows.gist]
+        if d.layer_offsets:
+            decoder = model.get_decoder()  # encoder-decoder models are refused by their method's check
+            if not hasattr(decoder, "layers"):
+                raise ConfigError(f"distill.layer_offsets: {model.config.model_type}'s decoder keeps no .layers to hook")
+            zeros = torch.zeros(len(decoder.layers) - 1, *init.shape, dtype=init.dtype, device=init.device)
+            module.gist_rows.offsets = GistLayerOffsets(decoder, zeros)  # zeros: training starts as plain prompt tuning
+        return module, list(module.gist_rows.parameters())
 
     def start(self, module):
         embedding = module.model.get_input_embeddings().weight
@@ -188,12 +196,13 @@ class Distill(Method):
 
     def export(self, engine, module, out, meta, last_loss):
         """OUTPUT_DIR/gist.safetensors + gist_config.json: the artifact `gist-dist generate` loads."""
-        param = module.gist_rows.gist
-        with zero.gather([param]):
-            gist = param.detach().clone()
+        rows = module.gist_rows
+        with zero.gather(list(rows.parameters())):
+            gist = rows.gist.detach().clone()
+            offsets = rows.offsets.stacked().clone() if rows.offsets is not None else None
         if dist.is_main():
             cfg, tok = self.cfg, self.tokens.tokenizer
-            artifact.save(out, gist, {
+            artifact.save(out, gist, layer_offsets=offsets, meta={
                 "base_fingerprint": meta["base_fingerprint"], "base_model": cfg.model.name,
                 "num_gist": cfg.num_gist, "gist_tokens": tok.convert_ids_to_tokens(self.tokens.gist_ids),
                 "hidden_size": gist.shape[1], "tokenizer": cfg.model.tokenizer or cfg.model.name,

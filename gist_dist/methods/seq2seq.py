@@ -86,6 +86,9 @@ class Seq2Seq:
         if cfg.model.attention == "flex":
             raise ConfigError("model.attention=flex is not supported for encoder-decoder (T5) models: their "
                               "relative position bias needs the dense mask; use model.attention=dense or auto")
+        if cfg.distill.layer_offsets:
+            raise ConfigError("distill.layer_offsets needs a decoder-only model; it is not implemented for "
+                              "encoder-decoder (T5) models")
 
     def wrap(self, model):
         self.start_id = model.config.decoder_start_token_id
