@@ -39,8 +39,7 @@ def cmd_compress(args) -> int:
     from .config import load_config
     from .trainer import run
 
-    # compress is distillation: the config is checked as such (e.g. distill.layer_offsets)
-    overrides = ["objective=distill", f"num_gist={args.num_gist}", *args.overrides]
+    overrides = [f"num_gist={args.num_gist}", *args.overrides]
     cfg = compress.prepare(load_config(args.config, overrides), args.prompt_file, args.queries,
                            args.num_queries, args.answer_tokens, args.heldout, args.heldout_queries)
     summary = run(cfg)

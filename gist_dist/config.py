@@ -185,8 +185,6 @@ class RunConfig:
             (self.distill.temperature > 0, "distill.temperature must be > 0"),
             (0.0 <= self.distill.lm_weight <= 1.0, "distill.lm_weight must be in [0, 1]"),
             (self.distill.student in ("gist_mask", "no_prompt"), "distill.student must be gist_mask or no_prompt"),
-            (not self.distill.layer_offsets or self.objective == "distill",
-             "distill.layer_offsets is for objective=distill (fine-tuning trains every layer already)"),
             (not (self.distill.layer_offsets and self.train.activation_checkpointing),
              "distill.layer_offsets cannot be combined with train.activation_checkpointing (the recomputed layers "
              "would miss the offsets)"),

@@ -38,7 +38,6 @@ BAD_OVERRIDES = [
     (["zero.stage=2", "zero.offload_param=cpu"], "zero.offload_param needs zero.stage=3"),
     (["zero.stage=5"], "zero.stage must be 0-3"),
     (["max_steps"], "override 'max_steps' is not key=value"),
-    (["distill.layer_offsets=true"], "distill.layer_offsets is for objective=distill"),
     (["mode=distill", "distill.layer_offsets=true", "train.activation_checkpointing=true"],
      "distill.layer_offsets cannot be combined with train.activation_checkpointing"),
 ]

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, gist_dist, torchrun
+from conftest import T5, TINY, gist_dist, torchrun
 from safetensors.torch import load_file
 from test_resume import fresh_dir_resuming_from, losses
 
@@ -119,9 +119,11 @@ def test_export_refuses_offsets_in_one_line(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "e.safetensors").exists()
 
 
-def test_encoder_decoder_model_is_refused_in_one_line(tmp_path):
-    from conftest import T5
-    proc = gist_dist(["train", T5, "objective=distill", "distill.layer_offsets=true", f"output_dir={tmp_path / 'r'}"],
-                     check=False)
-    assert proc.returncode == 2 and "distill.layer_offsets needs a decoder-only model" in proc.stderr
+@pytest.mark.parametrize("config, args, message", [
+    (T5, ["objective=distill"], "distill.layer_offsets needs a decoder-only model"),
+    (TINY, ["objective=finetune"], "distill.layer_offsets is for objective=distill"),
+])
+def test_refused_in_one_line_before_anything_is_written(tmp_path, config, args, message):
+    proc = gist_dist(["train", config, *args, "distill.layer_offsets=true", f"output_dir={tmp_path / 'r'}"], check=False)
+    assert proc.returncode == 2 and message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()

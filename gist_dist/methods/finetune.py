@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import dist, zero
 from ..atomic import atomic_dir
+from ..config import ConfigError
 from ..data import IGNORE
 from ..tokens import GistEmbedding, init_gist_embeddings
 from .base import Method
@@ -78,6 +79,12 @@ def with_gist_rows(model, state: dict, gist_ids: list[int], gist: torch.Tensor) 
 class Finetune(Method):
     name = "finetune"
     loss_module = CausalLMLoss  # what wraps the model (the encoder-decoder family swaps it)
+
+    @classmethod
+    def check(cls, cfg):
+        # here, not in RunConfig.validate: compress loads a fine-tune config and makes it distill afterwards
+        if cfg.distill.layer_offsets:
+            raise ConfigError("distill.layer_offsets is for objective=distill (fine-tuning trains every layer already)")
 
     def encode(self, template, records, stats, split):
         self.prefix = len(template.fixed_head) if self.cfg.mask_prefix == "visible" else 0
