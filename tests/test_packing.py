@@ -1,5 +1,5 @@
 """Packing: per-token losses and gradients packed equal unpacked (fp32, 1e-5), for the three masks
-and distill; the BlockMask's dense form equals the 4D mask, it skips exactly the blocks the 4D mask
+and distill (with and without layer offsets); the BlockMask's dense form equals the 4D mask, it skips exactly the blocks the 4D mask
 blocks, flex forward (CPU) matches sdpa, and model.attention=auto picks flex only on CUDA."""
 import random
 
@@ -18,6 +18,7 @@ from gist_dist.methods.distill import DistillLoss
 from gist_dist.methods.finetune import labelled_rows, lm_head_rows
 from gist_dist.model import load_model
 from gist_dist.packing import best_fit, join, pack
+from gist_dist.tokens import GistLayerOffsets
 from gist_dist.trainer import attention_backend
 
 V = 49160  # tiny shape with room for up to 8 gist ids at the top of the vocabulary
@@ -78,7 +79,8 @@ def test_packed_token_losses_and_gradients_equal_unpacked(tiny, seed, n, k, capa
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5 * float(grads[0].abs().max()))
 
 
-def test_packed_distill_loss_and_gradient_equal_unpacked(tiny):
+@pytest.mark.parametrize("layer_offsets", [False, True])
+def test_packed_distill_loss_and_gradient_equal_unpacked(tiny, layer_offsets):
     rng = random.Random(3)
     pairs = []
     for i in range(6):
@@ -87,22 +89,33 @@ def test_packed_distill_loss_and_gradient_equal_unpacked(tiny):
                    "labels": None}
         teacher["labels"] = [IGNORE] * (len(teacher["input_ids"]) - len(student["input_ids"])) + student["labels"]
         pairs.append({"teacher": teacher, "student": student, "key": str(i)})
-    init = tiny.get_input_embeddings().weight[:2].detach()
-    module = DistillLoss(tiny, GIST[:2], init + 0.01, temperature=2.0, lm_weight=0.25)
+    # deep gist tokens hook the decoder's layers for good, so they get a model of their own
+    model = load_model(ModelConfig(name="configs/models/tiny.yaml"), vocab_min=V).eval() if layer_offsets else tiny
+    init = model.get_input_embeddings().weight[:2].detach()
+    module = DistillLoss(model, GIST[:2], init + 0.01, temperature=2.0, lm_weight=0.25)
+    if layer_offsets:  # nonzero offsets, so that each layer's addition shows in the loss
+        decoder = model.get_decoder()
+        rows = 0.05 * torch.randn(len(decoder.layers) - 1, *init.shape, generator=torch.Generator().manual_seed(1))
+        module.gist_rows.offsets = GistLayerOffsets(decoder, rows)
+    params = list(module.gist_rows.parameters())
+    assert len(params) == (len(model.get_decoder().layers) if layer_offsets else 1)  # rows + an offset per later layer
     out = []
     for batch in (pairs, pack(pairs, 60, lambda e: max(len(e["teacher"]["input_ids"]), len(e["student"]["input_ids"])),
                               lambda ps: {"teacher": join([p["teacher"] for p in ps]),
                                           "student": join([p["student"] for p in ps])})):
         t, s = batch_of([e["teacher"] for e in batch]), batch_of([e["student"] for e in batch])
-        module.gist_rows.gist.grad = None
+        for p in params:
+            p.grad = None
         with torch.enable_grad():
             loss = module(teacher=model_inputs(t, GIST[:2], "pos_control"), student=model_inputs(s, GIST[:2], "gist"),
                           labels_t=t["labels"], labels_s=s["labels"])
             loss.backward()
-        out.append((float(loss), module.gist_rows.gist.grad.clone()))
+        out.append((float(loss), [p.grad.clone() for p in params]))
     assert len(batch) < len(pairs)  # something was packed together
     assert abs(out[0][0] - out[1][0]) <= 1e-5 * abs(out[0][0])
-    torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-5, atol=1e-5 * float(out[0][1].abs().max()))
+    for unpacked, packed in zip(out[0][1], out[1][1]):
+        assert unpacked.abs().max() > 0  # every offset reaches the loss
+        torch.testing.assert_close(packed, unpacked, rtol=1e-5, atol=1e-5 * float(unpacked.abs().max()))
 
 
 @pytest.mark.parametrize("mask", MASKS)
