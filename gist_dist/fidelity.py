@@ -6,7 +6,9 @@ gist. On the answer tokens (teacher-forced) we report KL(teacher || x) and greed
 agreement (argmax equal), for the student and the baseline. Then what a user sees: the student's
 and the baseline's free greedy answers against the teacher's (the held-out record's answer, made
 by the same greedy decoder with the same token budget): exact match and ROUGE-L per answer, their
-means in fidelity.json, every answer in fidelity_answers.jsonl.
+means in fidelity.json, every answer in fidelity_answers.jsonl. Held-out queries are few (benchmark 4
+has 20), so fidelity.json also gives 95% bootstrap intervals over the queries: a query's tokens agree
+or not together, so the query, not the token, is what is resampled.
 """
 from __future__ import annotations
 
@@ -36,21 +38,46 @@ def _answer_logits(gm: GistModel, rec: dict, mode: str) -> torch.Tensor:
     return labelled_rows(logits[None], torch.tensor([ex["labels"]], device=logits.device))[0].float()
 
 
-def measure(gm: GistModel, records: list[dict]) -> dict:
+def measure(gm: GistModel, records: list[dict]) -> tuple[dict, list[dict]]:
+    """Teacher-forced KL and next-token agreement over all answer tokens, and per record its token
+    count and agreeing tokens (for the query bootstrap)."""
     sums = {"student": [0.0, 0], "baseline": [0.0, 0]}
-    n_tokens = 0
+    per_record = []
     for rec in records:
         teacher = _answer_logits(gm, rec, "teacher")
         t_logp = teacher.log_softmax(-1)
-        n_tokens += len(teacher)
+        row = {"answer_tokens": len(teacher)}
         for name in sums:
             other = _answer_logits(gm, rec, name)
             kl = (t_logp.exp() * (t_logp - other.log_softmax(-1))).sum(-1)
+            row[f"{name}_agreeing"] = int((other.argmax(-1) == teacher.argmax(-1)).sum())
             sums[name][0] += float(kl.sum())
-            sums[name][1] += int((other.argmax(-1) == teacher.argmax(-1)).sum())
+            sums[name][1] += row[f"{name}_agreeing"]
+        per_record.append(row)
+    n_tokens = sum(r["answer_tokens"] for r in per_record)
     return {"records": len(records), "answer_tokens": n_tokens,
             **{f"{name}_kl": s[0] / n_tokens for name, s in sums.items()},
-            **{f"{name}_agreement": s[1] / n_tokens for name, s in sums.items()}}
+            **{f"{name}_agreement": s[1] / n_tokens for name, s in sums.items()}}, per_record
+
+
+def query_intervals(rows: list[dict], n: int = 1000, seed: int = 0) -> dict:
+    """95% bootstrap intervals over the held-out queries: agreement as agreeing / answer tokens of the
+    drawn queries (a ratio, as the point estimate is), free-answer ROUGE-L and exact match as means."""
+    import numpy as np
+    draws = np.random.default_rng(seed).integers(0, len(rows), size=(n, len(rows)))
+
+    def interval(values, weights=None):
+        v = np.array(values, dtype=float)[draws]
+        stat = v.mean(-1) if weights is None else v.sum(-1) / np.array(weights, dtype=float)[draws].sum(-1)
+        return [float(x) for x in np.percentile(stat, [2.5, 97.5])]
+
+    tokens = [r["answer_tokens"] for r in rows]
+    out = {"resampled": "held-out queries", "n_boot": n, "seed": seed}
+    for who in ("student", "baseline"):
+        out[f"{who}_agreement"] = interval([r[f"{who}_agreeing"] for r in rows], tokens)
+        for metric in ("exact_match", "rougeL"):
+            out[f"{who}_answer_{metric}"] = interval([r[f"{who}_{metric}"] for r in rows])
+    return out
 
 
 def free_answers(gm: GistModel, records: list[dict], max_new_tokens: int, batch_size: int = 8) -> dict:
@@ -85,9 +112,11 @@ def evaluate_heldout(run_dir: str | Path) -> dict:
     records = [json.loads(line) for line in (run / "compress_data" / "heldout.jsonl").read_text().splitlines()]
     max_new = gm.meta.get("answer_tokens", ANSWER_TOKENS)
     means, rows = compare_answers(free_answers(gm, records, max_new), [r["output"].strip() for r in records])
-    result = {**measure(gm, records), **means, "answer_max_new_tokens": max_new, "num_gist": gm.meta["num_gist"],
-              "prompt_tokens": gm.meta.get("prompt_tokens"), "compression_ratio": gm.meta.get("compression_ratio"),
-              "template": gm.template.template}
+    forced, per_record = measure(gm, records)
+    rows = [{**row, **counts} for row, counts in zip(rows, per_record)]
+    result = {**forced, **means, "intervals_95": query_intervals(rows), "answer_max_new_tokens": max_new,
+              "num_gist": gm.meta["num_gist"], "prompt_tokens": gm.meta.get("prompt_tokens"),
+              "compression_ratio": gm.meta.get("compression_ratio"), "template": gm.template.template}
     write_text(run / "fidelity_answers.jsonl",
                "".join(json.dumps({"query": r["input"], **row}) + "\n" for r, row in zip(records, rows)))
     write_text(run / "fidelity.json", json.dumps(result, indent=2))

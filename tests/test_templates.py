@@ -135,11 +135,31 @@ def test_fidelity_reports_free_answers(compressed):
             assert 0.0 <= result[f"{who}_answer_{metric}"] <= 1.0
     rows = [json.loads(line) for line in (run / "fidelity_answers.jsonl").read_text().splitlines()]
     assert [r["teacher"] for r in rows] == [json.loads(h)["output"] for h in held]
+    assert sum(r["answer_tokens"] for r in rows) == result["answer_tokens"]
+    for who in ("student", "baseline"):  # the per-query counts add up to the pooled figure, inside its interval
+        assert sum(r[f"{who}_agreeing"] for r in rows) / result["answer_tokens"] == result[f"{who}_agreement"]
+        for key in (f"{who}_agreement", f"{who}_answer_rougeL", f"{who}_answer_exact_match"):
+            low, high = result["intervals_95"][key]
+            assert low <= result[key] <= high
     gm = GistModel.load(run)
     assert rows[0]["student"] == gm.generate(rows[0]["query"], max_new_tokens=result["answer_max_new_tokens"])
     assert gm.template.template == "chat_system"
     prompt, _ = gm.prompt_and_tail("hi")
     assert gm.tok.decode(prompt) == "<|im_start|>system\n<GIST_0><GIST_1>"  # gist where the system text was
+
+
+def test_query_intervals_resample_whole_queries():
+    from gist_dist.fidelity import query_intervals
+    row = {"answer_tokens": 10, "student_agreeing": 9, "baseline_agreeing": 7, "student_exact_match": 1.0,
+           "baseline_exact_match": 0.0, "student_rougeL": 0.5, "baseline_rougeL": 0.25}
+    same = query_intervals([row] * 5)
+    assert same["student_agreement"] == [0.9, 0.9] and same["baseline_answer_rougeL"] == [0.25, 0.25]
+    # a long query agreeing everywhere and a short one nowhere: every draw's agreement is a ratio of
+    # pooled tokens (10/11 at most, 0 at least), not a mean of per-query ratios
+    rows = [{**row, "answer_tokens": 10, "student_agreeing": 10}, {**row, "answer_tokens": 1, "student_agreeing": 0}]
+    wide = query_intervals(rows * 3, n=2000, seed=1)
+    low, high = wide["student_agreement"]
+    assert 0.5 < low < 10 / 11 < high <= 1.0 and wide == query_intervals(rows * 3, n=2000, seed=1)
 
 
 def test_an_empty_prediction_scores_zero(tok_gist):
