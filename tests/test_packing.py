@@ -1,6 +1,7 @@
 """Packing: per-token losses and gradients packed equal unpacked (fp32, 1e-5), for the three masks
-and distill (with and without layer offsets); the BlockMask's dense form equals the 4D mask, it skips exactly the blocks the 4D mask
-blocks, flex forward (CPU) matches sdpa, and model.attention=auto picks flex only on CUDA."""
+and distill (with and without layer offsets); the BlockMask's dense form equals the 4D mask, it skips
+exactly the blocks the 4D mask blocks, flex forward (CPU) matches sdpa, and model.attention=auto picks
+flex only on CUDA."""
 import random
 
 import pytest

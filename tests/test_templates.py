@@ -154,8 +154,8 @@ def test_query_intervals_resample_whole_queries():
            "baseline_exact_match": 0.0, "student_rougeL": 0.5, "baseline_rougeL": 0.25}
     same = query_intervals([row] * 5)
     assert same["student_agreement"] == [0.9, 0.9] and same["baseline_answer_rougeL"] == [0.25, 0.25]
-    # a long query agreeing everywhere and a short one nowhere: every draw's agreement is a ratio of
-    # pooled tokens (10/11 at most, 0 at least), not a mean of per-query ratios
+    # a long query agreeing everywhere and a short one nowhere (pooled: 10/11): each draw's agreement
+    # pools its queries' tokens; a mean of per-query ratios (1 or 0) would put the low end near 1/6
     rows = [{**row, "answer_tokens": 10, "student_agreeing": 10}, {**row, "answer_tokens": 1, "student_agreeing": 0}]
     wide = query_intervals(rows * 3, n=2000, seed=1)
     low, high = wide["student_agreement"]
