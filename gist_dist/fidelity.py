@@ -41,23 +41,22 @@ def _answer_logits(gm: GistModel, rec: dict, mode: str) -> torch.Tensor:
 def measure(gm: GistModel, records: list[dict]) -> tuple[dict, list[dict]]:
     """Teacher-forced KL and next-token agreement over all answer tokens, and per record its token
     count and agreeing tokens (for the query bootstrap)."""
-    sums = {"student": [0.0, 0], "baseline": [0.0, 0]}
+    kl_sums = {"student": 0.0, "baseline": 0.0}
     per_record = []
     for rec in records:
         teacher = _answer_logits(gm, rec, "teacher")
         t_logp = teacher.log_softmax(-1)
         row = {"answer_tokens": len(teacher)}
-        for name in sums:
+        for name in kl_sums:
             other = _answer_logits(gm, rec, name)
-            kl = (t_logp.exp() * (t_logp - other.log_softmax(-1))).sum(-1)
+            kl_sums[name] += float((t_logp.exp() * (t_logp - other.log_softmax(-1))).sum())
             row[f"{name}_agreeing"] = int((other.argmax(-1) == teacher.argmax(-1)).sum())
-            sums[name][0] += float(kl.sum())
-            sums[name][1] += row[f"{name}_agreeing"]
         per_record.append(row)
     n_tokens = sum(r["answer_tokens"] for r in per_record)
     return {"records": len(records), "answer_tokens": n_tokens,
-            **{f"{name}_kl": s[0] / n_tokens for name, s in sums.items()},
-            **{f"{name}_agreement": s[1] / n_tokens for name, s in sums.items()}}, per_record
+            **{f"{name}_kl": kl / n_tokens for name, kl in kl_sums.items()},
+            **{f"{name}_agreement": sum(r[f"{name}_agreeing"] for r in per_record) / n_tokens for name in kl_sums}}, \
+        per_record
 
 
 def query_intervals(rows: list[dict], n: int = 1000, seed: int = 0) -> dict:
