@@ -6,7 +6,7 @@ export HF_HOME ?= $(CURDIR)/.cache/hf
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test setup setup-test
+.PHONY: demo test test-fast lint format setup setup-test
 
 setup:
 	@./scripts/bootstrap.sh
@@ -25,5 +25,16 @@ demo: setup
 ## at a time (ranks waiting on each other, on Slurm, on imports). Each file runs whole on one worker
 ## (tests/conftest.py says why). TEST_WORKERS=0: one process, in order.
 TEST_WORKERS ?= 2
-test: setup-test
+test: setup-test lint
 	@$(VENV)/bin/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) $(PYTEST_ARGS)
+
+## make test-fast: the unit tests alone (no process launches, no multi-rank runs): the inner loop, under 2 minutes.
+test-fast: setup-test
+	@GIST_DIST_TEST_FAST=1 $(VENV)/bin/python -m pytest -q -n 2 -m "not slow and not gpu" $(PYTEST_ARGS)
+
+## make lint: ruff's lint and format checks (120 columns, pyproject.toml); make format rewrites in place.
+lint: setup-test
+	@$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: setup-test
+	@$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .

@@ -45,9 +45,10 @@ def memory_mb(key: str) -> float:
 def worker(mode: str, data: str, rank: int, world: int):
     import datasets  # noqa: F401 - a fixed cost, imported before the baseline in both modes
 
-    from gist_dist.batches import ShardedBatches
+    from gist_dist.data.batches import ShardedBatches
     from gist_dist.config import ModelConfig
-    from gist_dist.data import DataStats, GistTemplate, _iter_file, load_records
+    from gist_dist.data import DataStats, GistTemplate, load_records
+    from gist_dist.data.sources import iter_file
     from gist_dist.model import load_tokenizer
     from gist_dist.tokens import add_gist_tokens
 
@@ -57,7 +58,7 @@ def worker(mode: str, data: str, rank: int, world: int):
     base, t0 = memory_mb("VmRSS"), time.time()
     stats = DataStats()
     if mode == "eager":  # the representation before the cache: lists of dicts of Python objects
-        records = list(_iter_file(Path(data), stats, False, {}))
+        records = list(iter_file(Path(data), stats, False, {}))
         examples = [ex for ex in (template.encode(r, stats) for r in records) if ex is not None]
     else:
         records = load_records(data, stats=stats)

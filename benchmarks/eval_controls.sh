@@ -25,7 +25,7 @@ for mode in $MODES; do
   dir=$OUT/$mode
   if [ ! -d "$dir/final" ]; then
     /usr/bin/time -f "train $mode: %e s wall" $BIN/torchrun --nproc_per_node "$TRAIN_NPROC" --master_port "$PORT" \
-      $BIN/gist-dist train "${COMMON[@]}" train.micro_batch_size=$MICRO_BATCH mode=$mode output_dir=$dir
+      $BIN/gist-dist train "${COMMON[@]}" train.micro_batch_size=$MICRO_BATCH mask=$mode output_dir=$dir
   fi
 done
 [ "${TRAIN_ONLY:-0}" = 1 ] && exit 0
@@ -33,7 +33,7 @@ for mode in gist pos_control neg_control; do
   dir=$OUT/$mode
   if [ ! -f "$dir/eval.json" ]; then
     /usr/bin/time -f "eval $mode: %e s wall" $BIN/torchrun --nproc_per_node "$NPROC" --master_port "$PORT" $BIN/gist-dist eval \
-      "${COMMON[@]}" mode=$mode output_dir=$dir
+      "${COMMON[@]}" mask=$mode output_dir=$dir
   fi
 done
 $BIN/gist-dist eval --compare "$OUT/gist" "$OUT/pos_control" "$OUT/neg_control" --out "$OUT/controls.md"

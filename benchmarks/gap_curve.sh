@@ -27,9 +27,9 @@ for steps in $STEPS; do
     [ -f "$snap/eval.json" ] && continue
     dir=$OUT/$mode
     /usr/bin/time -f "train $mode to step $steps: %e s wall" $BIN/torchrun --standalone --nproc_per_node 2 \
-      $BIN/gist-dist train "${COMMON[@]}" mode=$mode train.max_steps=$steps output_dir=$dir
+      $BIN/gist-dist train "${COMMON[@]}" mask=$mode train.max_steps=$steps output_dir=$dir
     /usr/bin/time -f "eval $mode at step $steps: %e s wall" $BIN/torchrun --standalone --nproc_per_node 2 \
-      $BIN/gist-dist eval "${COMMON[@]}" mode=$mode train.max_steps=$steps output_dir=$dir
+      $BIN/gist-dist eval "${COMMON[@]}" mask=$mode train.max_steps=$steps output_dir=$dir
     mkdir -p "$snap"
     cp "$dir/eval.json" "$dir/eval_outputs.jsonl" "$snap/"
   done
@@ -44,9 +44,9 @@ for spec in ${GIST_VARIANTS:-}; do
   dir=$OUT/$name
   if [ ! -f "$dir/eval.json" ]; then
     /usr/bin/time -f "train $name to step $last: %e s wall" $BIN/torchrun --standalone --nproc_per_node 2 \
-      $BIN/gist-dist train "${COMMON[@]}" mode=gist train.max_steps=$last "${extra[@]}" output_dir=$dir
+      $BIN/gist-dist train "${COMMON[@]}" mask=gist train.max_steps=$last "${extra[@]}" output_dir=$dir
     /usr/bin/time -f "eval $name at step $last: %e s wall" $BIN/torchrun --standalone --nproc_per_node 2 \
-      $BIN/gist-dist eval "${COMMON[@]}" mode=gist train.max_steps=$last "${extra[@]}" output_dir=$dir
+      $BIN/gist-dist eval "${COMMON[@]}" mask=gist train.max_steps=$last "${extra[@]}" output_dir=$dir
   fi
   echo "== $name after $last steps"
   $BIN/gist-dist eval --compare "$dir" "$OUT/at-$last/pos_control" "$OUT/at-$last/neg_control" --out "$OUT/compare-$name.md"

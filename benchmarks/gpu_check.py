@@ -165,7 +165,7 @@ def write_data(work: Path, s: dict) -> dict:
 
 
 def run_config(work: Path, s: dict, model_dir: Path, tokenizer: str, files: dict) -> Path:
-    cfg = {"mode": "gist", "num_gist": s["num_gist"], "output_dir": str(work / "default"),
+    cfg = {"mask": "gist", "num_gist": s["num_gist"], "output_dir": str(work / "default"),
            "model": {"name": str(model_dir), "tokenizer": tokenizer, "dtype": s["dtype"]},
            "data": {"train": str(files["train"]), "eval": str(files["train"]), "max_length": s["max_length"]},
            "train": {"micro_batch_size": s["micro_batch"], "max_steps": s["steps"], "lr": 1e-4, "warmup_steps": 1,
@@ -263,7 +263,7 @@ def main() -> int:
             subprocess.run(["rm", "-rf", str(run_dir / "checkpoints"), str(run_dir / "final")])
 
     # 4. the train variants
-    variants = {"gist": [], "gist_ckpt": ["train.activation_checkpointing=true"], "distill": ["mode=distill"]}
+    variants = {"gist": [], "gist_ckpt": ["train.activation_checkpointing=true"], "distill": ["objective=distill"]}
     for name, extra in variants.items():
         train_variant(name, extra, s["micro_batch"])
 
@@ -273,7 +273,7 @@ def main() -> int:
         check.step("eval", {"ok": False, "skipped": "time budget spent or no distill run"})
     else:
         t = time.time()
-        proc = sh(check, [*CLI, "eval", config, "mode=distill", f"output_dir={distill_dir}",
+        proc = sh(check, [*CLI, "eval", config, "objective=distill", f"output_dir={distill_dir}",
                           f"data.eval_splits=check:{files['eval']}"], left())
         entry = {"ok": False, "eval_seconds": round(time.time() - t, 1)}
         if proc.returncode == 0:

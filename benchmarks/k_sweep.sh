@@ -31,12 +31,12 @@ variant() {  # NAME OVERRIDES...: train then evaluate OUT/NAME, unless its eval 
     $BIN/gist-dist eval "${COMMON[@]}" "$@" output_dir="$OUT/$name"
 }
 
-variant pos_control mode=pos_control
-variant neg_control mode=neg_control
+variant pos_control mask=pos_control
+variant neg_control mask=neg_control
 names=()
-for k in $KS; do variant "gist-k$k" mode=gist num_gist="$k"; names+=("gist-k$k"); done
-[ "${DISTILL:-1}" = 1 ] && { variant distill mode=distill train.lr="$DISTILL_LR"; names+=(distill); }
-[ "${DISTILL_FT:-0}" = 1 ] && { variant distill-ft mode=distill train.lr="$DISTILL_LR" model.name="$OUT/pos_control/final"
+for k in $KS; do variant "gist-k$k" mask=gist num_gist="$k"; names+=("gist-k$k"); done
+[ "${DISTILL:-1}" = 1 ] && { variant distill objective=distill train.lr="$DISTILL_LR"; names+=(distill); }
+[ "${DISTILL_FT:-0}" = 1 ] && { variant distill-ft objective=distill train.lr="$DISTILL_LR" model.name="$OUT/pos_control/final"
                                names+=(distill-ft); }
 for name in "${names[@]}"; do
   echo "== $name vs the controls"

@@ -15,7 +15,7 @@ import sys
 import time
 
 from gist_dist import dist
-from gist_dist.batches import ShardedBatches
+from gist_dist.data.batches import ShardedBatches
 from gist_dist.config import load_config
 from gist_dist.trainer import Trainer
 from padding_bound import padding_bound  # this folder's script: the same bound, no training

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from gist_dist.batches import ShardedBatches
+from gist_dist.data.batches import ShardedBatches
 from gist_dist.config import load_config
 from gist_dist.data import GistTemplate, load_records
 from gist_dist.methods import METHODS, Tokens

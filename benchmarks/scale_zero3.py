@@ -213,7 +213,7 @@ def predict(cfg, world: int, baseline_gb: float) -> dict:
     tok_size = len(load_tokenizer(cfg.model))
     model, config = meta_model(cfg, tok_size)
     shape = shape_of(cfg.model.name, config=config)  # vocab = max(shape, tokenizer), as load_model does
-    setup = plan.Setup(nodes=1, gpus_per_node=world, mode="distill", dtype="fp32", num_gist=cfg.num_gist,
+    setup = plan.Setup(nodes=1, gpus_per_node=world, objective="distill", dtype="fp32", num_gist=cfg.num_gist,
                        micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.max_length).validate()
     states, act = plan.model_states(shape, setup), plan.activations(shape, setup)
     in_ram = states["gpu_total"] + act

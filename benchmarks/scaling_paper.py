@@ -32,9 +32,9 @@ INTER_NODE_GBPS = 20.0
 
 def step(model: str, mode: str, nodes: int, mb: int, seq: int, mfu: float) -> dict:
     shape = shape_of(model)
-    setup = plan.Setup(nodes=nodes, gpus_per_node=GPUS, mode=mode, micro_batch=mb, seq_len=seq)
+    setup = plan.Setup(nodes=nodes, gpus_per_node=GPUS, objective=mode, micro_batch=mb, seq_len=seq)
     p = plan.plan(model, setup)
-    ckpt = plan.plan(model, plan.Setup(nodes=nodes, gpus_per_node=GPUS, mode=mode, micro_batch=mb,
+    ckpt = plan.plan(model, plan.Setup(nodes=nodes, gpus_per_node=GPUS, objective=mode, micro_batch=mb,
                                        seq_len=seq, checkpointing=True))
     flops = 3 * mb * forward_flops(shape, seq, 0, logits=seq)
     compute_s = flops / (mfu * PEAK_TFLOPS * 1e12)
@@ -68,7 +68,7 @@ def tables(mb: int, seq: int, mfu: float) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for model in MODELS:
         for nodes in NODES:
-            for mode in ("gist", "distill"):
+            for mode in ("finetune", "distill"):
                 r = step(model, mode, nodes, mb, seq, mfu)
                 fits = "yes" if r["fits"] else ("with ckpt" if r["fits_ckpt"] else "no")
                 out.append(f"| {model} | {nodes} x {GPUS} | {mode} | {r['mem_gib']:.1f} ({r['mem_ckpt_gib']:.1f}) | "

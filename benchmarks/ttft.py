@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from gist_dist.analysis import flops
 from gist_dist.data import GistTemplate, load_records
-from gist_dist.inference import first_token_input, forward_after, strategy_cache
+from gist_dist.analysis.strategies import first_token_input, forward_after, strategy_cache
 from gist_dist.model import resolve_model_path
 from gist_dist.analysis.report import measure_peak_gflops
 

@@ -37,15 +37,15 @@ run() {  # NAME STEPS OVERRIDES...: train OUT/NAME to STEPS (resuming its checkp
   echo "$steps" > "$OUT/$name/.steps"
 }
 
-run pos_control "$S1" mode=pos_control
+run pos_control "$S1" mask=pos_control
 [ -d "$OUT/stage1" ] || cp -r "$OUT/pos_control/final" "$OUT/stage1"  # stage 1's model, before pos_control goes on
-run pos_control "$TOTAL" mode=pos_control
-run neg_control "$TOTAL" mode=neg_control
-run distill-ft "$S2" mode=distill train.lr="$DISTILL_LR" model.name="$OUT/stage1"
-run gist-ft "$S2" mode=gist model.name="$OUT/stage1"
-run neg-ft "$S2" mode=neg_control model.name="$OUT/stage1"
+run pos_control "$TOTAL" mask=pos_control
+run neg_control "$TOTAL" mask=neg_control
+run distill-ft "$S2" objective=distill train.lr="$DISTILL_LR" model.name="$OUT/stage1"
+run gist-ft "$S2" mask=gist model.name="$OUT/stage1"
+run neg-ft "$S2" mask=neg_control model.name="$OUT/stage1"
 names=(distill-ft gist-ft)
-[ "${JOINT:-1}" = 1 ] && { run gist "$TOTAL" mode=gist; names+=(gist); }
+[ "${JOINT:-1}" = 1 ] && { run gist "$TOTAL" mask=gist; names+=(gist); }
 for name in "${names[@]}"; do
   echo "== $name vs the controls at $TOTAL steps"
   $BIN/gist-dist eval --compare "$OUT/$name" "$OUT/pos_control" "$OUT/neg_control" --out "$OUT/compare-$name.md"

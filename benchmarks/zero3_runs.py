@@ -3,7 +3,7 @@
   plain    DeepSpeed ZeRO-3 with its default settings (configs/zero3_plain.json), 2 ranks
   tuned    gist-dist's ZeRO-3 (configs/zero3.json: buckets/prefetch/persistence sized from the model), 2 ranks
   single   the tuned config on 1 rank (the per-rank memory a replicated model needs)
-  distill  the tuned config, 2 ranks, mode=distill (P2: frozen backbone, KL to the full-prompt teacher)
+  distill  the tuned config, 2 ranks, objective=distill (P2: frozen backbone, KL to the full-prompt teacher)
 
     python benchmarks/zero3_runs.py --data ../shared/data/alpaca_train.json [--steps 6] [--runs plain,tuned,single,distill]
 
@@ -26,7 +26,7 @@ RUNS = {
     "plain": (2, ["zero.json=configs/zero3_plain.json"]),
     "tuned": (2, []),
     "single": (1, []),
-    "distill": (2, ["mode=distill"]),
+    "distill": (2, ["objective=distill"]),
 }
 
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from .atomic import replace_file
 
 WEIGHTS, CONFIG = "gist.safetensors", "gist_config.json"
+FINAL_META = "gist_model.json"  # a fine-tuned run's final/: which gist tokens and mask
 
 
 class ArtifactError(ValueError):
@@ -42,19 +43,10 @@ def model_fingerprint(model_config, embedding: torch.Tensor) -> str:
     return f"v2:{config_sha}:" + ",".join(f"{v:.6g}" for v in sample)
 
 
-def _legacy_fingerprint(model_config, embedding: torch.Tensor) -> str:
-    """The first format (artifacts written before v2): sha256 over the config and the whole fp32 embedding."""
-    h = hashlib.sha256()
-    keep = {k: v for k, v in sorted(model_config.to_dict().items()) if k in FINGERPRINT_KEYS}
-    h.update(json.dumps(keep, sort_keys=True).encode())
-    h.update(embedding.detach().float().contiguous().cpu().numpy())
-    return h.hexdigest()
-
-
 def fingerprints_match(saved: str | None, current: str) -> bool:
     """Same config hash and every sampled entry equal within 2^-7 relative (bf16's rounding, with margin)."""
-    if not saved or not saved.startswith("v2:") or not current.startswith("v2:"):
-        return saved == current
+    if not saved or not saved.startswith("v2:"):
+        return False
     (_, sha_a, vals_a), (_, sha_b, vals_b) = saved.split(":", 2), current.split(":", 2)
     a = torch.tensor([float(v) for v in vals_a.split(",")])
     b = torch.tensor([float(v) for v in vals_b.split(",")])
@@ -72,8 +64,6 @@ class BaseModel:
         self.fingerprint = model_fingerprint(model_config, embedding)
 
     def matches(self, saved: str | None) -> bool:
-        if saved and not saved.startswith("v2:"):  # an artifact from before v2
-            return saved == _legacy_fingerprint(self.config, self.embedding)
         return fingerprints_match(saved, self.fingerprint)
 
 

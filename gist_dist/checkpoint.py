@@ -144,7 +144,7 @@ def optimizer_state_in_memory(engine):
 def restore_swapped_optimizer_state(engine, checkpoints: Path, tag: str):
     """After DeepSpeed's load (0.19.8) with the optimizer on NVMe, the Adam state in use is not the
     checkpoint's: the step count starts over and the moments differ, and a sub-group too small to be
-    swapped (a distill run's gist rows) also loses its fp32 weights (docs/benchmarks.md). Write this
+    swapped (a distill run's gist rows) also loses its fp32 weights (docs/reliability.md). Write this
     rank's saved fp32 partitions and Adam state back, into the swapped-in tensors where they swap,
     and refresh the working partitions from them."""
     opt = engine.optimizer

@@ -133,7 +133,7 @@ def cmd_flops(args) -> int:
 
 def cmd_plan(args) -> int:
     from .analysis.plan import Setup, format_plan, plan, to_json
-    setup = Setup(nodes=args.nodes, gpus_per_node=args.gpus_per_node, mode=args.mode, dtype=args.dtype,
+    setup = Setup(nodes=args.nodes, gpus_per_node=args.gpus_per_node, objective=args.objective, dtype=args.dtype,
                   offload=args.offload, num_gist=args.num_gist, micro_batch=args.micro_batch, seq_len=args.seq_len,
                   target_len=args.target_len,
                   checkpointing=args.checkpointing, gpu_mem_gb=args.gpu_mem_gb)
@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--model", default="llama-7b", help="llama-7b|llama-13b|llama-70b|flan-t5-xxl, a shape YAML or HF config")
     pl.add_argument("--nodes", type=int, default=1)
     pl.add_argument("--gpus-per-node", type=int, default=8)
-    pl.add_argument("--mode", default="gist", help="gist (whole model trains) or distill (gist embeddings only)")
+    pl.add_argument("--objective", default="finetune", choices=("finetune", "distill"),
+                    help="finetune (the whole model trains) or distill (gist embeddings only)")
     pl.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
     pl.add_argument("--offload", default="none", help="none or cpu (params + optimizer states to host memory)")
     pl.add_argument("--num-gist", type=int, default=1)

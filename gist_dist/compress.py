@@ -25,7 +25,7 @@ from . import dist
 from .atomic import write_text
 from .config import ConfigError, RunConfig
 from .data import DataError, GistTemplate
-from .datagen import write_jsonl
+from .data.datagen import write_jsonl
 from .inference import greedy
 from .model import load_model, load_tokenizer
 
@@ -201,7 +201,7 @@ def prepare(cfg: RunConfig, prompt_file: str, queries_file: str | None, n_querie
                                num_train=0, num_eval=0, template=kind)
     # one fixed prompt and data set: the teacher runs once per example (cache_teacher)
     distill = dataclasses.replace(cfg.distill, student="no_prompt", cache_teacher=True)
-    return dataclasses.replace(cfg, objective="distill", mask="gist", mode="", data=data, distill=distill).validate()
+    return dataclasses.replace(cfg, objective="distill", mask="gist", data=data, distill=distill).validate()
 
 
 def record_prompt_meta(cfg: RunConfig):

@@ -6,20 +6,21 @@ the CLI turns that into exit code 2 before anything is written.
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
-OBJECTIVES = ("finetune", "distill")  # gist_dist/methods/: what trains and by which loss
-MASKS = ("gist", "pos_control", "neg_control")  # gist_dist/masks.py: what later tokens may see
-# The first interface's single `mode` key, still accepted: -> (objective, mask)
-MODE_ALIASES = {"gist": ("finetune", "gist"), "pos_control": ("finetune", "pos_control"),
-                "neg_control": ("finetune", "neg_control"), "distill": ("distill", "gist")}
-LOG_BACKENDS = ("jsonl", "tensorboard", "wandb")
-TEMPLATES = ("alpaca", "chat", "chat_system")  # gist_dist/data.py GistTemplate: the text around the gist
+Objective = Literal["finetune", "distill"]  # gist_dist/methods/: what trains and by which loss
+Mask = Literal["gist", "pos_control", "neg_control"]  # gist_dist/masks.py: what later tokens may see
+Template = Literal["alpaca", "chat", "chat_system"]  # gist_dist/data/template.py: the text around the gist
+LogBackend = Literal["jsonl", "tensorboard", "wandb"]
+OBJECTIVES, MASKS, TEMPLATES, LOG_BACKENDS = (typing.get_args(t) for t in (Objective, Mask, Template, LogBackend))
+# The removed `mode` key, for the one line that says what to write instead
+REMOVED_MODE = {"gist": "objective=finetune mask=gist", "pos_control": "objective=finetune mask=pos_control",
+                "neg_control": "objective=finetune mask=neg_control", "distill": "objective=distill"}
 
 
 class ConfigError(ValueError):
@@ -32,12 +33,12 @@ class ModelConfig:
     # shape file (configs/models/*.yaml) for a randomly initialised LLaMA.
     name: str = "smollm2"
     tokenizer: str = ""  # defaults to the model's; shape files need one (e.g. "smollm2")
-    dtype: str = "auto"  # auto: fp32 on CPU, bf16 on GPU
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
     attn_implementation: str = "sdpa"
     # How the gist mask reaches attention in training: dense (a 4D float mask: CPU, sdpa/eager),
     # flex (FlexAttention BlockMask: skips fully masked blocks; CUDA only, no CPU backward), auto:
     # flex on CUDA, dense elsewhere.
-    attention: str = "auto"
+    attention: Literal["auto", "dense", "flex"] = "auto"
     seed: int = 0  # init seed for shape models
 
 
@@ -52,10 +53,10 @@ class DataConfig:
     num_train: int = 0
     num_eval: int = 0
     max_length: int = 256
-    overlong: str = "truncate"  # truncate | drop
-    template: str = "alpaca"  # alpaca (the paper's) | chat | chat_system (the tokenizer's chat template)
-    packing: bool = False  # several examples per row of up to max_length tokens (gist_dist/packing.py)
-    bad_records: str = "error"  # error | skip (counted)
+    overlong: Literal["truncate", "drop"] = "truncate"  # an example longer than max_length: its answer cut, or left out
+    template: Template = "alpaca"  # alpaca (the paper's) | chat | chat_system (the tokenizer's chat template)
+    packing: bool = False  # several examples per row of up to max_length tokens (gist_dist/data/packing.py)
+    bad_records: Literal["error", "skip"] = "error"  # a malformed record stops the run, or is counted and skipped
     seed: int = 0
 
 
@@ -63,10 +64,11 @@ class DataConfig:
 class DistillConfig:
     temperature: float = 1.0
     lm_weight: float = 0.0  # mix: (1-w) * KL + w * LM loss
-    student: str = "gist_mask"  # gist_mask | no_prompt
+    # gist_mask: the student sees the prompt and gist under the gist mask; no_prompt: only the gist (compress)
+    student: Literal["gist_mask", "no_prompt"] = "gist_mask"
     cache_teacher: bool = False  # keep teacher logits per training example (fixed data, e.g. compress)
     # also train one [k, hidden] offset per decoder layer (after the first) at the gist positions (deep prompts):
-    # far more capacity for the same k cached tokens (docs/benchmarks.md, benchmark 4); decoder-only models
+    # more capacity for the same k cached tokens (docs/recipes.md); decoder-only models
     layer_offsets: bool = False
 
 
@@ -100,27 +102,26 @@ class TrainConfig:
 @dataclass
 class ZeroConfig:
     json: str = "configs/zero3.json"  # DeepSpeed config with "auto" values
-    stage: int = 3
+    stage: Literal[0, 1, 2, 3] = 3
     persistence_threshold: int = -1  # -1: auto (10 * hidden)
-    offload_param: str = "none"  # none | cpu | nvme
-    offload_optimizer: str = "none"
-    nvme_path: str = ""
+    offload_param: Literal["none", "cpu", "nvme"] = "none"  # where ZeRO-3 keeps the parameters between uses
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"  # where the Adam state and fp32 weights live
+    nvme_path: str = ""  # the folder for nvme offload (a fast local disk)
 
 
 @dataclass
 class LogConfig:
-    backends: list = field(default_factory=lambda: ["jsonl"])  # jsonl | tensorboard | wandb (offline)
-    progress: str = "auto"  # auto: a tqdm bar on a terminal, plain lines every train.log_every steps otherwise; bar | lines
+    backends: list[LogBackend] = field(default_factory=lambda: ["jsonl"])  # jsonl is required; wandb runs offline
+    progress: Literal["auto", "bar", "lines"] = "auto"  # auto: a tqdm bar on a terminal, plain lines every train.log_every steps otherwise; bar | lines
 
 
 @dataclass
 class RunConfig:
-    objective: str = "finetune"  # finetune: the whole model with the LM loss | distill: only gist embeddings, by KL
-    mask: str = "gist"  # gist | pos_control | neg_control (distill: the student's mask, gist)
-    mode: str = ""  # alias of the first interface: gist | pos_control | neg_control | distill
+    objective: Objective = "finetune"  # finetune: the whole model with the LM loss | distill: only gist embeddings, by KL
+    mask: Mask = "gist"  # what later tokens may see (distill: the student's mask, gist)
     # visible: the template's fixed leading tokens (BOS, "Instruction:", a chat header) stay visible to
     # every query under gist and neg_control too (an attention sink that carries no prompt); masks.py
-    mask_prefix: str = "hidden"
+    mask_prefix: Literal["hidden", "visible"] = "hidden"
     num_gist: int = 1
     output_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -138,25 +139,10 @@ class RunConfig:
         """One word for logs and records: the mask when fine-tuning, else the objective."""
         return self.mask if self.objective == "finetune" else self.objective
 
-    def _resolve_mode(self):
-        if not self.mode:
-            return
-        if self.mode not in MODE_ALIASES:
-            raise ConfigError(f"mode must be one of {', '.join(MODE_ALIASES)}, got {self.mode!r}")
-        objective, mask = MODE_ALIASES[self.mode]
-        for key, implied, default in (("objective", objective, "finetune"), ("mask", mask, "gist")):
-            if getattr(self, key) not in (implied, default):
-                raise ConfigError(f"mode={self.mode} means {key}={implied}, but {key}={getattr(self, key)} was given")
-        self.objective, self.mask, self.mode = objective, mask, ""
-
     def validate(self) -> "RunConfig":
-        self._resolve_mode()
         checks = [
-            (self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"),
-            (self.mask in MASKS, f"mask must be one of {', '.join(MASKS)}, got {self.mask!r}"),
             (self.objective != "distill" or self.mask == "gist",
              f"objective=distill trains a student under the gist mask; mask={self.mask} is for objective=finetune"),
-            (self.mask_prefix in ("hidden", "visible"), f"mask_prefix must be hidden or visible, got {self.mask_prefix!r}"),
             (1 <= self.num_gist <= 64, f"num_gist must be between 1 and 64, got {self.num_gist}"),
             (self.train.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
             (self.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
@@ -169,35 +155,23 @@ class RunConfig:
             (self.train.save_every >= 0, "train.save_every must be >= 0 (0: only at the end)"),
             (self.train.eval_every >= 0, "train.eval_every must be >= 0 (0: only at the end)"),
             (self.data.max_length >= 8, "data.max_length must be >= 8"),
-            (self.data.overlong in ("truncate", "drop"), "data.overlong must be truncate or drop"),
-            (self.data.template in TEMPLATES, f"data.template must be one of {', '.join(TEMPLATES)}, got {self.data.template!r}"),
-            (self.model.attention in ("auto", "dense", "flex"), "model.attention must be auto, dense or flex"),
-            (self.data.bad_records in ("error", "skip"), "data.bad_records must be error or skip"),
-            (self.zero.stage in (0, 1, 2, 3), f"zero.stage must be 0-3, got {self.zero.stage}"),
-            (self.zero.offload_param in ("none", "cpu", "nvme"), "zero.offload_param must be none, cpu or nvme"),
             (self.zero.offload_param == "none" or self.zero.stage == 3,
              "zero.offload_param needs zero.stage=3"),
             (self.zero.offload_param != "nvme" or self.zero.nvme_path, "zero.offload_param=nvme needs zero.nvme_path"),
-            (self.zero.offload_optimizer in ("none", "cpu", "nvme"), "zero.offload_optimizer must be none, cpu or nvme"),
             (self.zero.offload_optimizer == "none" or self.zero.stage >= 1, "zero.offload_optimizer needs zero.stage >= 1"),
             (self.zero.offload_optimizer != "nvme" or (self.zero.nvme_path and self.zero.stage == 3),
              "zero.offload_optimizer=nvme needs zero.stage=3 and zero.nvme_path"),
             (self.distill.temperature > 0, "distill.temperature must be > 0"),
             (0.0 <= self.distill.lm_weight <= 1.0, "distill.lm_weight must be in [0, 1]"),
-            (self.distill.student in ("gist_mask", "no_prompt"), "distill.student must be gist_mask or no_prompt"),
             (not (self.distill.layer_offsets and self.train.activation_checkpointing),
              "distill.layer_offsets cannot be combined with train.activation_checkpointing (the recomputed layers "
              "would miss the offsets)"),
-            (self.model.dtype in ("auto", "fp32", "bf16", "fp16"), "model.dtype must be auto, fp32, bf16 or fp16"),
             (self.timeout_s > 0, "timeout_s must be > 0"),
             (set(self.data.columns) <= {"instruction", "input", "output"},
              f"data.columns: keys must be instruction, input or output, got {sorted(self.data.columns)}"),
             (self.data.num_train >= 0 and self.data.num_eval >= 0, "data.num_train and data.num_eval must be >= 0 (0: all)"),
             (self.train.log_every >= 1, "train.log_every must be >= 1"),
             ("jsonl" in self.log.backends, "log.backends must include jsonl (metrics.jsonl is what resume and reports read)"),
-            (set(self.log.backends) <= set(LOG_BACKENDS),
-             f"log.backends: unknown backend in {self.log.backends} (known: {', '.join(LOG_BACKENDS)})"),
-            (self.log.progress in ("auto", "bar", "lines"), "log.progress must be auto, bar or lines"),
         ]
         for ok, message in checks:
             if not ok:
@@ -205,9 +179,26 @@ class RunConfig:
         return self
 
 
+def _flow_yaml(value, key: str):
+    """A command-line value in YAML's flow syntax ("[a, b]", "{k: v}") as YAML reads it; other values as they are."""
+    if not (isinstance(value, str) and value.lstrip().startswith(("[", "{"))):
+        return value
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise ConfigError(f"{key}: not valid YAML flow syntax: {value!r}") from None
+
+
 def _coerce(value, typ, key: str):
     """Check/convert one value to the declared field type (strings from the command line too)."""
     origin = typing.get_origin(typ)
+    if origin is Literal:
+        choices = typing.get_args(typ)
+        for choice in choices:  # "3" from the command line is the choice 3
+            if value == choice and type(value) is type(choice) or isinstance(value, str) and not isinstance(choice, str) and value == str(choice):
+                return choice
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    value = _flow_yaml(value, key) if typ is list or origin in (list, dict) or typ is dict else value
     if typ is bool:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
@@ -238,9 +229,10 @@ def _coerce(value, typ, key: str):
             return str(value)
     elif typ is list or origin is list:
         if isinstance(value, str):  # a,b,c from the command line
-            return [item.strip() for item in value.split(",") if item.strip()]
+            value = [item.strip() for item in value.split(",") if item.strip()]
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return list(value)
+            item = (typing.get_args(typ) or (str,))[0]
+            return [_coerce(v, item, key) for v in value]
     elif typ is dict or origin is dict:
         if isinstance(value, dict):
             return {str(k): str(v) for k, v in value.items()}
@@ -257,6 +249,9 @@ def _apply(obj, updates: dict, prefix: str = ""):
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in updates.items():
         full = f"{prefix}{key}"
+        if full == "mode":
+            hint = REMOVED_MODE.get(str(value), "objective=finetune|distill and mask=gist|pos_control|neg_control")
+            raise ConfigError(f"mode={value} was removed: write {hint} instead")
         if key not in names:
             raise ConfigError(f"unknown config key {full!r} (known: {', '.join(sorted(names))})")
         current = getattr(obj, key)

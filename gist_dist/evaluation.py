@@ -12,14 +12,14 @@ example via the same rouge module, exact match), and the 2.5 / 97.5 percentiles 
 
 The run's model is DIR/final/ (objective=finetune) or the base model + DIR/gist.safetensors (distill),
 loaded by inference.load_run, replicated on every rank or partitioned with ZeRO-3 (`--zero3`,
-generate with synced_gpus). Encoder-decoder runs (T5) answer through seq2seq_inference's gist cache;
+generate with synced_gpus). Encoder-decoder runs (T5) answer through inference.seq2seq's gist cache;
 their kv_bytes count the cached encoder states (per layer + final output at the kept positions).
 Records are sorted by prompt length and cut into batches once, globally; rank r takes batches
 r, r + world, ... so every batch (and so every answer) is the same at any world size; rank 0
 gathers the answers back into the original order, scores them and writes DIR/eval.json,
 DIR/eval.md and DIR/eval_outputs.jsonl.
 
-eval.json: {run, mode, num_gist, model, world_size, zero3, max_new_tokens, batch_size,
+eval.json: {run, mask, num_gist, model, world_size, zero3, max_new_tokens, batch_size,
   splits: {NAME: {source, n, dropped_overlong, generate_s, rougeL, rouge1, rouge2, exact_match,
                   prompt_tokens: {mean, median, max}, compression_ratio: {mean, median, max},
                   kv_bytes_per_prompt: {cached, full_prompt}}}}
@@ -41,7 +41,7 @@ from .inference import RunModel, load_run
 from .model import resolve_dtype
 
 ROUGE_MODULE = Path(__file__).resolve().parent / "metrics" / "rouge.py"
-CONTROL_MODES = MASKS  # the three runs a comparison needs
+CONTROL_MASKS = MASKS  # the three runs a comparison needs
 
 
 def eval_splits(cfg: RunConfig) -> dict[str, str]:
@@ -137,7 +137,7 @@ def run_eval(cfg: RunConfig, zero3: bool = False) -> dict | None:
                                   columns=cfg.data.columns) for name, src in splits.items()}
     em = load_run_model(cfg, zero3)
     template = GistTemplate(em.tok, em.gist_ids, cfg.data.max_length, "drop", em.template or cfg.data.template)
-    result = {"run": str(cfg.output_dir), "mode": em.mask, "num_gist": len(em.gist_ids), "model": em.source,
+    result = {"run": str(cfg.output_dir), "mask": em.mask, "num_gist": len(em.gist_ids), "model": em.source,
               "world_size": dist.world(), "zero3": zero3, "max_new_tokens": cfg.eval_max_new_tokens,
               "batch_size": cfg.eval_batch_size, "splits": {}}
     outputs = []
@@ -177,7 +177,7 @@ def run_eval(cfg: RunConfig, zero3: bool = False) -> dict | None:
 
 def format_markdown(result: dict) -> str:
     lines = [f"# Evaluation of {result['run']}", "",
-             f"mode {result['mode']}, {result['num_gist']} gist token(s), model {result['model']}, "
+             f"mode {result['mask']}, {result['num_gist']} gist token(s), model {result['model']}, "
              f"{result['world_size']} rank(s){' ZeRO-3' if result['zero3'] else ''}, greedy, "
              f"max {result['max_new_tokens']} new tokens", "",
              "| split | n | ROUGE-L | exact match | prompt tokens mean / median / max | "
@@ -218,7 +218,7 @@ def bootstrap_gap(scores: dict[str, list[float]], n: int = 1000, seed: int = 0) 
     """Paired bootstrap 95% interval of the share of the gap: resample the examples (the same draw for
     the three runs), recompute each run's mean and the share. Draws with pos = neg are left out (counted)."""
     import numpy as np
-    per_run = np.array([scores[mode] for mode in CONTROL_MODES], dtype=float)  # [3, examples]
+    per_run = np.array([scores[mode] for mode in CONTROL_MASKS], dtype=float)  # [3, examples]
     draws = np.random.default_rng(seed).integers(0, per_run.shape[1], size=(n, per_run.shape[1]))
     gist, pos, neg = per_run[:, draws].mean(-1)  # [3, n]
     ok = pos != neg
@@ -234,7 +234,7 @@ def compare_runs(gist_dir, pos_dir, neg_dir, metrics=("rougeL", "exact_match"), 
     """Per split (present in all three eval.json files): each mode's score, the normalised one, and its
     paired bootstrap 95% interval ("interval": None where the runs' eval_outputs.jsonl are missing or
     hold different examples)."""
-    dirs = dict(zip(CONTROL_MODES, (gist_dir, pos_dir, neg_dir)))
+    dirs = dict(zip(CONTROL_MASKS, (gist_dir, pos_dir, neg_dir)))
     results = {}
     for mode, d in dirs.items():
         path = Path(d) / "eval.json"
@@ -246,11 +246,11 @@ def compare_runs(gist_dir, pos_dir, neg_dir, metrics=("rougeL", "exact_match"), 
     table = {}
     for split in splits:
         table[split] = {}
-        paired = [examples[mode].get(split) for mode in CONTROL_MODES]
+        paired = [examples[mode].get(split) for mode in CONTROL_MASKS]
         paired = paired if all(paired) and all(p["reference"] == paired[0]["reference"] for p in paired) else None
         for metric in metrics:
-            score = {mode: results[mode]["splits"][split][metric] for mode in CONTROL_MODES}
-            interval = paired and bootstrap_gap({m: p[metric] for m, p in zip(CONTROL_MODES, paired)}, n_boot, seed)
+            score = {mode: results[mode]["splits"][split][metric] for mode in CONTROL_MASKS}
+            interval = paired and bootstrap_gap({m: p[metric] for m, p in zip(CONTROL_MASKS, paired)}, n_boot, seed)
             table[split][metric] = {**score, "normalised": gap_recovered(*score.values()), "interval": interval,
                                     "n": len(paired[0]["reference"]) if paired else None}
     return {"runs": {mode: str(d) for mode, d in dirs.items()}, "splits": table}

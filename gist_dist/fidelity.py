@@ -6,8 +6,8 @@ gist. On the answer tokens (teacher-forced) we report KL(teacher || x) and greed
 agreement (argmax equal), for the student and the baseline. Then what a user sees: the student's
 and the baseline's free greedy answers against the teacher's (the held-out record's answer, made
 by the same greedy decoder with the same token budget): exact match and ROUGE-L per answer, their
-means in fidelity.json, every answer in fidelity_answers.jsonl. Held-out queries are few (benchmark 4
-has 20), so fidelity.json also gives 95% bootstrap intervals over the queries: a query's tokens agree
+means in fidelity.json, every answer in fidelity_answers.jsonl. Held-out queries are few (tens,
+not thousands), so fidelity.json also gives 95% bootstrap intervals over the queries: a query's tokens agree
 or not together, so the query, not the token, is what is resampled.
 """
 from __future__ import annotations

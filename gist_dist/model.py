@@ -10,7 +10,6 @@ holds the whole model.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib.util
 import json
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from filelock import FileLock
 
 DEFAULT_MODEL = "smollm2"
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +31,7 @@ def cache_dir() -> Path:
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    if name == "auto":  # CPUs multiply bf16 ~400x slower than fp32: compute in fp32 there
+    if name == "auto":  # CPUs without bf16 units multiply it far slower than fp32
         if not torch.cuda.is_available():
             return torch.float32
         # V100 / T4 have no bf16: fp16 there, with DeepSpeed's dynamic loss scaling (engine.py)
@@ -63,18 +63,11 @@ def save_model_folder(model, folder: Path) -> None:
     save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})  # tied tensors once
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
-
-
 def _convert_gguf(gguf: Path, target: Path) -> Path:
     """Dequantize a GGUF once into a plain fp32 safetensors folder (reloads in about a second)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _file_lock(target.parent / (target.name + ".lock")):  # several ranks may race here
+    with FileLock(target.parent / (target.name + ".lock")):  # several ranks may race here
         if (target / "config.json").exists():
             return target
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
@@ -135,9 +128,6 @@ def config_from_shape(path: str, vocab_min: int = 0):
     shape["vocab_size"] = max(shape.get("vocab_size", 0), vocab_min)
     family = load_shape(path).get("model_type", "llama")
     return (T5Config if family == "t5" else LlamaConfig)(**shape)
-
-
-llama_config_from_shape = config_from_shape  # the name callers used before shape files had families
 
 
 MATERIALIZE_MAX_PARAMS = 500_000_000
@@ -234,7 +224,7 @@ def materialize_shape(config, seed: int) -> Path:
 
     key = hashlib.sha256((config.to_json_string(use_diff=False) + str(seed)).encode()).hexdigest()[:16]
     target = cache_dir() / f"shape-{key}"
-    with _file_lock(cache_dir() / f"shape-{key}.lock"):
+    with FileLock(cache_dir() / f"shape-{key}.lock"):
         if not (target / "config.json").exists():
             torch.manual_seed(seed)
             with _without_zero3():

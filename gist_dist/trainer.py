@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from . import dist, preempt, zero
-from .batches import ShardedBatches
+from .data.batches import ShardedBatches
 from .checkpoint import Checkpointer
 from .config import ConfigError, RunConfig, to_dict
 from .data import DataError, DataStats, GistTemplate, load_records
@@ -110,8 +110,8 @@ class Trainer:
         self.rank_param_bytes = dist.all_gather_object(held)
         self.n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainable)
 
-        # fused: one kernel over each flat ZeRO partition; on this CPU its step takes 0.40x the time of the default
-        # foreach AdamW (docs/benchmarks.md, step profile), and torch's fused CUDA kernel on GPUs
+        # fused: one kernel over each flat ZeRO partition instead of foreach's per-tensor ops, on CPU and CUDA
+        # alike (docs/results.md, step profile)
         groups = self.method.param_groups(self.module, trainable)  # train.gist_lr: the gist rows have their own
         optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -164,7 +164,7 @@ class Trainer:
                  + f"; eval records: {e.records} used of {e.source_records} in {cfg.data.eval}")
         if self.start_step == 0:
             self.metrics.record({
-                "event": "start", "world_size": env.world_size, "mode": cfg.run_kind, "objective": cfg.objective,
+                "event": "start", "world_size": env.world_size, "objective": cfg.objective,
                 "mask": cfg.mask, "num_gist": cfg.num_gist, "eval_loss_before": self.evaluate(),
                 "trainable_params": self.n_trainable, "build_s": self.build_s, "data": s.as_dict(),
                 "eval_data": e.as_dict(), "rank_param_bytes": self.rank_param_bytes,

@@ -36,7 +36,7 @@ def pytest_configure(config):
 # go out in this order, the longest first, so both workers end together: test_slurm, then the files
 # sharing tiny_gist_run (one trains it while the other worker runs test_slurm), then the rest.
 LONGEST_FIRST = ("test_slurm", "tiny_gist_run", "test_faults", "test_resume", "test_gpu_check", "test_distill",
-                 "test_seq2seq_train", "test_launchers", "test_checkpointing", "test_seq2seq_inference")
+                 "test_seq2seq_train", "test_launchers", "test_activation_checkpointing", "test_seq2seq_inference")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -70,8 +70,14 @@ def free_port() -> int:
     raise RuntimeError("the tests' port range 30000-32767 is used up")
 
 
+# `make test-fast`: unit tests only. Every process the tests launch goes through run(), which skips there.
+FAST = os.environ.get("GIST_DIST_TEST_FAST") == "1"
+
+
 def run(cmd: list[str], timeout: int = 600, env: dict | None = None, check: bool = True, cwd=ROOT):
     """Run a command; on failure show its output so the test report says why."""
+    if FAST:
+        pytest.skip("launches processes (make test runs it)")
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)

@@ -3,7 +3,7 @@ neither repeats nor skips an example of the epoch (plain and pinned-to-rank layo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gist_dist.batches import ShardedBatches
+from gist_dist.data.batches import ShardedBatches
 
 
 def take(world: int, n_batches: int, make, state=None) -> tuple[list[int], dict]:

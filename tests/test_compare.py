@@ -3,27 +3,27 @@ import json
 import random
 
 import pytest
-
 from conftest import gist_dist
+
 from gist_dist.evaluation import compare_runs, exact_match, format_comparison, rouge
 
 QUALITY = {"gist": 0.6, "pos_control": 0.8, "neg_control": 0.2}  # chance of answering right
 
 
 def write_runs(root, n, seed=0):
-    """Three runs over the same n references; each prediction is the reference with the mode's
+    """Three runs over the same n references; each prediction is the reference with the mask's
     chance, else another answer; eval.json holds the scores of eval_outputs.jsonl as eval writes them."""
     rng = random.Random(seed)
     refs = [f"answer {i} is {rng.choice(['red', 'blue', 'green'])}" for i in range(n)]
     dirs = []
-    for mode, p in QUALITY.items():
+    for mask, p in QUALITY.items():
         preds = [r if rng.random() < p else rng.choice(["answer is red", "no idea", r.split()[-1]]) for r in refs]
-        d = root / f"{mode}_{n}"
+        d = root / f"{mask}_{n}"
         d.mkdir()
         d.joinpath("eval_outputs.jsonl").write_text("".join(json.dumps(
             {"split": "dev", "index": i, "instruction": "x", "input": "", "reference": r, "prediction": q}) + "\n"
             for i, (r, q) in enumerate(zip(refs, preds))))
-        d.joinpath("eval.json").write_text(json.dumps({"mode": mode, "splits": {"dev": {
+        d.joinpath("eval.json").write_text(json.dumps({"mask": mask, "splits": {"dev": {
             "rougeL": rouge(preds, refs)["rougeL"], "exact_match": exact_match(preds, refs)}}}))
         dirs.append(d)
     return dirs

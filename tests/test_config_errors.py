@@ -32,13 +32,17 @@ BAD_OVERRIDES = [
     (["train.keep_checkpoints=0"], "train.keep_checkpoints must be >= 1"),
     (["train.save_every=-1"], "train.save_every must be >= 0"),
     (["timeout_s=0"], "timeout_s must be > 0"),
-    (["mode=gisty"], "mode must be one of"),
-    (["mask_prefix=shown"], "mask_prefix must be hidden or visible"),
-    (["data.overlong=clip"], "data.overlong must be truncate or drop"),
+    (["mask=gisty"], "mask must be one of gist, pos_control, neg_control, got 'gisty'"),
+    (["mode=pos_control"], "mode=pos_control was removed: write objective=finetune mask=pos_control instead"),
+    (["mode=distill"], "mode=distill was removed: write objective=distill instead"),
+    (["log.backends=[jsonl,nope]"], "log.backends must be one of jsonl, tensorboard, wandb, got 'nope'"),
+    (["log.backends=[jsonl"], "log.backends: not valid YAML flow syntax"),
+    (["mask_prefix=shown"], "mask_prefix must be one of hidden, visible, got 'shown'"),
+    (["data.overlong=clip"], "data.overlong must be one of truncate, drop, got 'clip'"),
     (["zero.stage=2", "zero.offload_param=cpu"], "zero.offload_param needs zero.stage=3"),
-    (["zero.stage=5"], "zero.stage must be 0-3"),
+    (["zero.stage=5"], "zero.stage must be one of 0, 1, 2, 3, got '5'"),
     (["max_steps"], "override 'max_steps' is not key=value"),
-    (["mode=distill", "distill.layer_offsets=true", "train.activation_checkpointing=true"],
+    (["objective=distill", "distill.layer_offsets=true", "train.activation_checkpointing=true"],
      "distill.layer_offsets cannot be combined with train.activation_checkpointing"),
 ]
 
@@ -66,6 +70,19 @@ def test_bad_yaml_file(text, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
     assert not out.exists()
+
+
+def test_an_old_config_with_mode_gets_one_line_saying_what_to_write(tmp_path):
+    cfg = tmp_path / "old.yaml"
+    cfg.write_text("mode: neg_control\n")
+    with pytest.raises(ConfigError, match="^mode=neg_control was removed: write objective=finetune mask=neg_control instead$"):
+        load_config(str(cfg))
+
+
+def test_overrides_in_yaml_flow_syntax_read_as_yaml():
+    cfg = load_config(TINY, ["log.backends=[jsonl, tensorboard]", "data.columns={instruction: question}", "zero.stage=2"])
+    assert cfg.log.backends == ["jsonl", "tensorboard"] and cfg.data.columns == {"instruction": "question"}
+    assert cfg.zero.stage == 2 and load_config(TINY, ["log.backends=jsonl,wandb"]).log.backends == ["jsonl", "wandb"]
 
 
 def test_missing_config_file(tmp_path, capsys):

@@ -3,11 +3,10 @@ import json
 
 import pytest
 
-from gist_dist import datagen
 from gist_dist.config import ModelConfig
-from gist_dist.data import IGNORE, DataError, DataStats, GistTemplate, load_records, pad_batch
-from gist_dist.tokens import add_gist_tokens
+from gist_dist.data import IGNORE, DataError, DataStats, GistTemplate, datagen, load_records, pad_batch
 from gist_dist.model import load_tokenizer
+from gist_dist.tokens import add_gist_tokens
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +102,7 @@ def test_bos_comes_first_only_when_the_tokenizer_adds_one():
     """The rule: BOS first iff the tokenizer itself puts it there (LLaMA-style); SmolLM2 adds none."""
     from tokenizers.processors import TemplateProcessing
 
-    from gist_dist.data import sequence_start
+    from gist_dist.data.template import sequence_start
     tok = load_tokenizer(ModelConfig(name="smollm2"))
     gist = add_gist_tokens(tok, 1)
     rec = {"instruction": "Say hi.", "input": "", "output": "hi"}

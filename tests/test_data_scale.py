@@ -11,8 +11,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from gist_dist.batches import ShardedBatches
-from gist_dist.data import DataError, DataStats, Examples, GistTemplate, Records, load_records
+from gist_dist.data import DataError, DataStats, Examples, GistTemplate, load_records
+from gist_dist.data.cache import Records
+from gist_dist.data.batches import ShardedBatches
 
 N = 100_000
 
@@ -118,6 +119,7 @@ def _two_processes(path, bad_records, cache):
     return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
 
 
+@pytest.mark.slow
 def test_two_processes_started_together_build_the_cache_once(big_jsonl, tmp_path):
     results = _two_processes(big_jsonl, "skip", tmp_path / "shared_cache")
     assert [(r["records"], r["bad"]) for r in results] == [(N, 3)] * 2
@@ -129,6 +131,7 @@ def test_two_processes_started_together_build_the_cache_once(big_jsonl, tmp_path
                                              "enclosed in double quotes)"] * 2
 
 
+@pytest.mark.slow
 def test_two_processes_load_a_saved_dataset_folder_once(tmp_path):
     """A `datasets` source (a save_to_disk folder): the first process builds the cache, the other reads it."""
     import datasets

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import torch
 
 from gist_dist import dist
@@ -152,6 +151,7 @@ def test_inconsistent_env_is_one_line_naming_the_variables(env, named):
     assert named in message and "variables seen:" in message
 
 
+@pytest.mark.slow
 def test_cli_reports_launch_error_in_one_line_and_exits_nonzero(tmp_path):
     """The real console script: a bad environment fails before anything is built or written."""
     out = tmp_path / "run"

@@ -3,12 +3,12 @@ import json
 
 import pytest
 import torch
+from conftest import TINY, gist_dist, torchrun
 from safetensors.torch import load_file
 
-from conftest import TINY, gist_dist, torchrun
 from gist_dist import artifact
 from gist_dist.config import ModelConfig
-from gist_dist.datagen import generate
+from gist_dist.data.datagen import generate
 from gist_dist.inference import GistModel
 from gist_dist.model import load_model
 
@@ -20,7 +20,7 @@ def rows(run):
 @pytest.fixture(scope="module")
 def distill_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("distill")
-    torchrun(["train", TINY, "mode=distill", "num_gist=2", f"output_dir={out}", "train.lr=0.01",
+    torchrun(["train", TINY, "objective=distill", "num_gist=2", f"output_dir={out}", "train.lr=0.01",
               "train.max_steps=30"])
     return out
 
@@ -100,12 +100,11 @@ def test_compress_one_prompt_end_to_end(tmp_path, mask_prefix, layer_offsets):
 
 def test_teacher_cache_gives_the_same_loss():
     """Cached teacher rows (kept in bf16) reproduce the uncached distillation loss."""
-    from gist_dist.data import pad_batch
+    from gist_dist.data import GistTemplate, pad_batch
     from gist_dist.masks import model_inputs
     from gist_dist.methods.distill import DistillLoss
-    from gist_dist.data import GistTemplate
-    from gist_dist.tokens import add_gist_tokens
     from gist_dist.model import load_tokenizer
+    from gist_dist.tokens import add_gist_tokens
 
     tok = load_tokenizer(ModelConfig(name="smollm2"))
     n = len(tok)
@@ -161,11 +160,12 @@ def test_artifact_trained_in_fp32_loads_onto_a_base_in_another_dtype(distill_run
         artifact.load(distill_run, expected_fingerprint=artifact.BaseModel(other.config, other.get_input_embeddings().weight))
 
 
-def test_artifacts_of_the_first_fingerprint_format_still_load(tmp_path):
+def test_artifact_with_a_fingerprint_of_an_unknown_format_is_refused(tmp_path):
     base = load_model(ModelConfig(name="configs/models/tiny.yaml"), vocab_min=49152)
     weight = base.get_input_embeddings().weight
-    artifact.save(tmp_path, torch.zeros(1, 64), {"num_gist": 1, "base_fingerprint": artifact._legacy_fingerprint(base.config, weight)})
-    assert artifact.load(tmp_path, expected_fingerprint=artifact.BaseModel(base.config, weight))[0].shape == (1, 64)
+    artifact.save(tmp_path, torch.zeros(1, 64), {"num_gist": 1, "base_fingerprint": "0" * 64})
+    with pytest.raises(artifact.ArtifactError, match="trained for base model"):
+        artifact.load(tmp_path, expected_fingerprint=artifact.BaseModel(base.config, weight))
 
 
 @pytest.mark.parametrize("template", ["alpaca", "chat_system"])

@@ -4,15 +4,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import TINY, copy_of, gist_dist, torchrun
 
-from gist_dist.inference import generate_uncached
 from gist_dist.config import load_config
 from gist_dist.data import GistTemplate, load_records
 from gist_dist.evaluation import compare_runs, gap_recovered, load_run_model, rouge
-from gist_dist.tokens import add_gist_tokens, init_gist_embeddings
+from gist_dist.inference import generate_uncached
 from gist_dist.model import load_model, load_tokenizer
-
-from conftest import TINY, copy_of, gist_dist, torchrun
+from gist_dist.tokens import add_gist_tokens, init_gist_embeddings
 
 MAX_NEW = 8
 
@@ -36,11 +35,11 @@ def test_gap_recovered_and_compare(tmp_path):
     assert gap_recovered(0.5, 0.5, 0.1) == pytest.approx(1.0)
     assert gap_recovered(0.2, 0.2, 0.2) is None
     dirs = []
-    for mode, score in (("gist", 0.25), ("pos_control", 0.4), ("neg_control", 0.1)):
-        d = tmp_path / mode
+    for mask, score in (("gist", 0.25), ("pos_control", 0.4), ("neg_control", 0.1)):
+        d = tmp_path / mask
         d.mkdir()
-        d.joinpath("eval.json").write_text(json.dumps({"mode": mode, "splits": {
-            "dev": {"rougeL": score, "exact_match": score / 2}, f"only_{mode}": {"rougeL": 1.0, "exact_match": 1.0}}}))
+        d.joinpath("eval.json").write_text(json.dumps({"mask": mask, "splits": {
+            "dev": {"rougeL": score, "exact_match": score / 2}, f"only_{mask}": {"rougeL": 1.0, "exact_match": 1.0}}}))
         dirs.append(d)
     table = compare_runs(*dirs)["splits"]
     assert list(table) == ["dev"]  # splits all three runs share
@@ -56,7 +55,7 @@ def test_eval_after_training(tiny_gist_run, tmp_path):
               "eval_batch_size=4"])
     result, outputs = read_eval(run)
     assert (run / "eval.md").is_file()
-    assert result["world_size"] == 2 and result["mode"] == "gist" and result["model"].endswith("final")
+    assert result["world_size"] == 2 and result["mask"] == "gist" and result["model"].endswith("final")
     assert list(result["splits"]) == ["seen", "unseen"] and all(s["n"] == 12 for s in result["splits"].values())
     assert len(outputs) == 24 and [o["split"] for o in outputs] == ["seen"] * 12 + ["unseen"] * 12
     for s in result["splits"].values():
@@ -81,8 +80,8 @@ def run_with_known_answers(tmp_path_factory):
     init_gist_embeddings(model, gist_ids, num_old, len(tok))
     model.save_pretrained(run / "final")
     tok.save_pretrained(run / "final")
-    (run / "final" / "gist_config.json").write_text(json.dumps(  # the name and keys runs before 2026-12-03 wrote
-        {"mode": "gist", "num_gist": cfg.num_gist, "gist_tokens": tok.convert_ids_to_tokens(gist_ids)}))
+    (run / "final" / "gist_model.json").write_text(json.dumps(
+        {"mask": "gist", "num_gist": cfg.num_gist, "gist_tokens": tok.convert_ids_to_tokens(gist_ids)}))
     em = load_run_model(cfg)  # loaded back the way eval loads it
     template = GistTemplate(em.tok, em.gist_ids, cfg.data.max_length)
     splits = {}
@@ -131,8 +130,8 @@ def test_eval_of_a_distill_run(tmp_path):
     from gist_dist.inference import GistModel
 
     run = tmp_path / "distill"
-    torchrun(["train", TINY, "mode=distill", f"output_dir={run}", "train.max_steps=2"], nproc=1)
-    result = run_eval(load_config(TINY, ["mode=distill", f"output_dir={run}", "data.num_eval=4",
+    torchrun(["train", TINY, "objective=distill", f"output_dir={run}", "train.max_steps=2"], nproc=1)
+    result = run_eval(load_config(TINY, ["objective=distill", f"output_dir={run}", "data.num_eval=4",
                                          f"eval_max_new_tokens={MAX_NEW}"]))
     assert result["model"].endswith("gist.safetensors") and result["splits"]["seen"]["n"] == 4
     outputs = [json.loads(line) for line in (run / "eval_outputs.jsonl").read_text().splitlines()]
@@ -141,22 +140,22 @@ def test_eval_of_a_distill_run(tmp_path):
     assert [o["prediction"] for o in outputs] == expected and all(expected)
 
 
-@pytest.mark.parametrize("mode", ["gist", "distill"])
-def test_eval_of_a_visible_prefix_run(tmp_path, mode):
+@pytest.mark.parametrize("objective", ["finetune", "distill"])
+def test_eval_of_a_visible_prefix_run(tmp_path, objective):
     """mask_prefix=visible end to end: a 2-rank ZeRO-3 fine-tune (final/gist_model.json) or distill
     (the artifact's metadata) records the prefix (2 tokens: "Instruction:"), and eval's cached answers
     equal the uncached reference under the same rule; compression counts only what the gist replaces."""
     from gist_dist import artifact
     from gist_dist.evaluation import run_eval
 
-    run = tmp_path / mode
+    run = tmp_path / objective
     # a tiny lr keeps the tiny model near its prompt-sensitive init, so answers are not all eos
-    torchrun(["train", TINY, f"output_dir={run}", f"mode={mode}", "mask_prefix=visible", "train.max_steps=2",
+    torchrun(["train", TINY, f"output_dir={run}", f"objective={objective}", "mask_prefix=visible", "train.max_steps=2",
               "train.lr=1e-6"])
-    meta = (json.loads((run / "final" / "gist_model.json").read_text()) if mode == "gist"
+    meta = (json.loads((run / "final" / "gist_model.json").read_text()) if objective == "finetune"
             else artifact.load(run)[1])
     assert meta["mask_prefix_tokens"] == 2
-    cfg = load_config(TINY, [f"output_dir={run}", f"mode={mode}", "data.num_eval=6", f"eval_max_new_tokens={MAX_NEW}"])
+    cfg = load_config(TINY, [f"output_dir={run}", f"objective={objective}", "data.num_eval=6", f"eval_max_new_tokens={MAX_NEW}"])
     result = run_eval(cfg)
     _, outputs = read_eval(run)
     em = load_run_model(cfg)

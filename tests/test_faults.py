@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import BIN, ROOT, TINY, free_port, torchrun
 
+pytestmark = pytest.mark.slow  # every test launches ranks
+
 STEPS, SAVE_EVERY = 8, 4
 ARGS = [f"train.max_steps={STEPS}", f"train.save_every={SAVE_EVERY}"]
 REQUEUE_EXIT_CODE = 75

@@ -1,13 +1,13 @@
 """Encoder-decoder (T5) FLOPs: analytic vs FlopCounterMode per strategy (the gist strategy through
-seq2seq_inference's own request path), cache bytes, parameter counts, the CLI."""
+inference.seq2seq's own request path), cache bytes, parameter counts, the CLI."""
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-
 from conftest import gist_dist
+
 from gist_dist.analysis import flops
 
 LENGTHS = [(5, 3), (26, 11), (40, 1)]  # (instruction tokens, input tokens after the gist)
@@ -50,8 +50,8 @@ def test_next_token_flops_match_counter():
 
 
 def test_cache_bytes_are_what_the_inference_cache_holds():
-    """kv_bytes_per_token is what seq2seq_inference keeps per gist position of a real built cache."""
-    from gist_dist.seq2seq_inference import build_seq2seq_cache
+    """kv_bytes_per_token is what inference.seq2seq keeps per gist position of a real built cache."""
+    from gist_dist.inference.seq2seq import build_seq2seq_cache
     net = flops.load_eager("t5-tiny")
     gist = [net.config.vocab_size - 2, net.config.vocab_size - 1]
     cache = build_seq2seq_cache(net, [list(range(30, 47)) + gist], gist, "gist")

@@ -13,9 +13,9 @@ import torch
 import yaml
 from conftest import ROOT, T5, TINY, torchrun
 
-from gist_dist.batches import ShardedBatches
 from gist_dist.config import ConfigError, load_config
 from gist_dist.data import GistTemplate, load_records
+from gist_dist.data.batches import ShardedBatches
 from gist_dist.methods import METHODS, Tokens, method_for
 from gist_dist.methods.finetune import CausalLMLoss, with_gist_rows
 from gist_dist.model import load_model, load_tokenizer
@@ -90,7 +90,7 @@ def test_gist_rows_train_at_their_lr_and_the_export_computes_what_was_trained(ti
 
 def test_gist_lr_is_refused_where_it_has_no_meaning():
     with pytest.raises(ConfigError, match="train.gist_lr is for objective=finetune"):
-        load_config(TINY, ["mode=distill", "train.gist_lr=0.01"])
+        load_config(TINY, ["objective=distill", "train.gist_lr=0.01"])
     with pytest.raises(ConfigError, match="train.gist_lr must be >= 0"):
         load_config(TINY, ["train.gist_lr=-1"])
     with pytest.raises(ConfigError, match="train.gist_lr is not implemented for encoder-decoder"):

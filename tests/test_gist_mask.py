@@ -11,7 +11,7 @@ from gist_dist.masks import allowed_attention, make_attention_mask, position_ids
 GIST = [1000, 1001, 1002]
 
 
-def reference_allowed(ids, att, gist_ids, mode, prefix=0):
+def reference_allowed(ids, att, gist_ids, mask, prefix=0):
     """Straight from the definition, one (query, key) pair at a time; `prefix`: the first real
     tokens of the row stay visible to every query (mask_prefix=visible)."""
     B, T = ids.shape
@@ -25,9 +25,9 @@ def reference_allowed(ids, att, gist_ids, mode, prefix=0):
                     ok = True  # every row attends to itself (padded rows: only that)
                 elif k > q or not att[b, k] or not att[b, q]:
                     ok = False
-                elif not g or mode == "pos_control" or q <= g[-1] or k in real[:prefix]:
+                elif not g or mask == "pos_control" or q <= g[-1] or k in real[:prefix]:
                     ok = True
-                elif mode == "gist":
+                elif mask == "gist":
                     ok = k >= g[0]  # after the gist: nothing before the first gist token
                 else:  # neg_control: after the gist: neither prompt nor gist
                     ok = k > g[-1]
@@ -52,16 +52,16 @@ def random_batch(rng, B=5, T=14, k=2, left_pad=False):
     return ids, att
 
 
-@pytest.mark.parametrize("mode", ["gist", "pos_control", "neg_control"])
+@pytest.mark.parametrize("mask", ["gist", "pos_control", "neg_control"])
 @pytest.mark.parametrize("left_pad", [False, True])
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("prefix", [0, 1, 2])
-def test_masks_match_definition(mode, left_pad, k, prefix):
-    rng = random.Random(f"{mode}{left_pad}{k}{prefix}")
+def test_masks_match_definition(mask, left_pad, k, prefix):
+    rng = random.Random(f"{mask}{left_pad}{k}{prefix}")
     for _ in range(5):
         ids, att = random_batch(rng, k=k, left_pad=left_pad)
-        got = allowed_attention(ids, att, GIST[:k], mode, prefix=prefix)
-        want = reference_allowed(ids, att, GIST[:k], mode, prefix)
+        got = allowed_attention(ids, att, GIST[:k], mask, prefix=prefix)
+        want = reference_allowed(ids, att, GIST[:k], mask, prefix)
         # padded query rows are never read; compare real rows exactly
         real = att.bool()[:, None, :, None].expand_as(got)
         assert torch.equal(got[real], want[real])
@@ -115,13 +115,13 @@ def test_controls_bound_the_gist():
     prompt_a, prompt_b = torch.randint(0, 1000, (1, 6)), torch.randint(0, 1000, (1, 6))
     post = torch.randint(0, 1000, (1, 5))
 
-    def post_logits(prompt, mode, gist_embed_scale=1.0):
+    def post_logits(prompt, mask, gist_embed_scale=1.0):
         ids = torch.cat([prompt, torch.tensor([GIST[:k]]), post], 1)
         att = torch.ones_like(ids)
         emb = model.get_input_embeddings()(ids)
         emb[:, 6] *= gist_embed_scale
         with torch.no_grad():
-            return model(inputs_embeds=emb, attention_mask=make_attention_mask(ids, att, GIST[:k], mode),
+            return model(inputs_embeds=emb, attention_mask=make_attention_mask(ids, att, GIST[:k], mask),
                          position_ids=position_ids_from(att)).logits[:, 6 + k:]
 
     assert not torch.allclose(post_logits(prompt_a, "pos_control"), post_logits(prompt_b, "pos_control"))

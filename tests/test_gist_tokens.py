@@ -3,8 +3,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from gist_dist.config import ModelConfig
-from gist_dist.tokens import add_gist_tokens, gist_token_strings, init_gist_embeddings
 from gist_dist.model import load_tokenizer
+from gist_dist.tokens import add_gist_tokens, gist_token_strings, init_gist_embeddings
 
 
 def test_gist_tokens_are_new_special_tokens():

@@ -10,7 +10,6 @@ import subprocess
 
 import pytest
 import torch
-
 from conftest import BIN, ROOT, TINY, gist_dist, torchrun
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
@@ -42,11 +41,11 @@ def test_eval_cache_equals_uncached_on_cuda_and_any_local_rank(tmp_path):
     """Distill run; `eval` (gist KV cache, replicated and ZeRO-3) == `generate` (uncached loop under the gist
     mask), answer for answer. A stale LOCAL_RANK past the last GPU picks LOCAL_RANK % device_count."""
     run = tmp_path / "distill"
-    torchrun(["train", TINY, TOKENIZER, "mode=distill", f"output_dir={run}", "train.max_steps=2"], nproc=1)
+    torchrun(["train", TINY, TOKENIZER, "objective=distill", f"output_dir={run}", "train.max_steps=2"], nproc=1)
     inputs = ["apple river stone", "cloud piano tiger lemon", "candle forest", "silver window rocket garden"]
     split = tmp_path / "check.jsonl"
     split.write_text("".join(json.dumps({"instruction": INSTRUCTION, "input": x, "output": x}) + "\n" for x in inputs))
-    args = ["eval", TINY, TOKENIZER, "mode=distill", f"output_dir={run}", f"data.eval_splits=check:{split}", "eval_max_new_tokens=8"]
+    args = ["eval", TINY, TOKENIZER, "objective=distill", f"output_dir={run}", f"data.eval_splits=check:{split}", "eval_max_new_tokens=8"]
     stale = {"LOCAL_RANK": str(torch.cuda.device_count())}
     gist_dist(args, env=stale)
     replicated = [json.loads(x)["prediction"] for x in (run / "eval_outputs.jsonl").read_text().splitlines()]

@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from gist_dist.config import ModelConfig
 from gist_dist.data import IGNORE, DataError, DataStats, GistTemplate, load_records, pad_batch
 from gist_dist.masks import allowed_attention, make_attention_mask
-from gist_dist.tokens import add_gist_tokens
 from gist_dist.model import load_tokenizer
+from gist_dist.tokens import add_gist_tokens
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 FIELDS = ("instruction", "input", "output")

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import BIN, ROOT, TINY, free_port, run
 
 pytestmark = pytest.mark.slow

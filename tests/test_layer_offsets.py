@@ -23,7 +23,7 @@ from gist_dist.model import load_model, load_tokenizer
 from gist_dist.tokens import GistEmbedding, GistLayerOffsets, add_gist_tokens
 
 STEPS, SAVE_EVERY, K = 8, 4, 2
-ARGS = ["mode=distill", f"num_gist={K}", "distill.layer_offsets=true", "train.lr=0.01",
+ARGS = ["objective=distill", f"num_gist={K}", "distill.layer_offsets=true", "train.lr=0.01",
         f"train.max_steps={STEPS}", f"train.save_every={SAVE_EVERY}"]
 
 

@@ -6,14 +6,14 @@ import torch.nn.functional as F
 
 from gist_dist.config import ModelConfig
 from gist_dist.data import IGNORE, GistTemplate, pad_batch
-from gist_dist.datagen import generate
+from gist_dist.data.datagen import generate
 from gist_dist.masks import model_inputs
 from gist_dist.methods.distill import DistillLoss
 from gist_dist.methods.finetune import CausalLMLoss
 from gist_dist.model import load_model, load_tokenizer
 from gist_dist.tokens import add_gist_tokens, init_gist_embeddings
 
-MODELS = ["configs/models/tiny.yaml", "smollm2"]
+MODELS = ["configs/models/tiny.yaml", pytest.param("smollm2", marks=pytest.mark.slow)]  # the real model: make test
 
 
 def _setup(name, num_gist=2):

@@ -10,15 +10,14 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gist_dist.config import ModelConfig
+from gist_dist.config import ConfigError, ModelConfig
 from gist_dist.data import IGNORE, pad_batch
-from gist_dist.config import ConfigError
+from gist_dist.data.packing import best_fit, join, pack
 from gist_dist.masks import MASKS, allowed_attention, make_block_mask, mask_mod, model_inputs
 from gist_dist.methods.base import segment_ids
 from gist_dist.methods.distill import DistillLoss
 from gist_dist.methods.finetune import labelled_rows, lm_head_rows
 from gist_dist.model import load_model
-from gist_dist.packing import best_fit, join, pack
 from gist_dist.tokens import GistLayerOffsets
 from gist_dist.trainer import attention_backend
 
@@ -119,6 +118,7 @@ def test_packed_distill_loss_and_gradient_equal_unpacked(tiny, layer_offsets):
         torch.testing.assert_close(packed, unpacked, rtol=1e-5, atol=1e-5 * float(unpacked.abs().max()))
 
 
+@pytest.mark.slow  # compiles flex_attention
 @pytest.mark.parametrize("mask", MASKS)
 def test_block_mask_dense_form_equals_the_4d_mask_and_flex_matches_sdpa(tiny, mask):
     from torch.nn.attention.flex_attention import create_mask

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY, torchrun
 
-from gist_dist.batches import ShardedBatches
 from gist_dist.config import load_config
 from gist_dist.data import GistTemplate, load_records
+from gist_dist.data.batches import ShardedBatches
 from gist_dist.masks import model_inputs
 from gist_dist.methods import METHODS, Tokens
 from gist_dist.methods.base import to_device
@@ -32,7 +32,7 @@ def rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-DISTILL_ARGS = ["mode=distill", "num_gist=2", "train.lr=1e-2"]  # teacher and student rows packed alike
+DISTILL_ARGS = ["objective=distill", "num_gist=2", "train.lr=1e-2"]  # teacher and student rows packed alike
 
 
 @pytest.fixture(scope="module")

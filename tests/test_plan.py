@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import gist_dist
+
 from gist_dist.analysis.flops import load_eager, shape_of
 from gist_dist.analysis.plan import Setup, activations, comm_bytes_per_step, plan
 
@@ -31,7 +31,7 @@ def test_model_states_within_10_percent_of_deepspeed(model, nodes, gpus, offload
     ds_cpu, ds_gpu, _ = estimate_zero3_model_states_mem_needs(
         total, largest, num_gpus_per_node=gpus, num_nodes=nodes, cpu_offload=offload == "cpu",
         cpu_offload_params=offload == "cpu", zero_init=True, additional_buffer_factor=1.0)
-    ours = plan(model, Setup(nodes=nodes, gpus_per_node=gpus, mode="gist", dtype="bf16", offload=offload))
+    ours = plan(model, Setup(nodes=nodes, gpus_per_node=gpus, objective="finetune", dtype="bf16", offload=offload))
     assert ours["params"] == total and ours["largest_module_params"] == largest
     assert ours["gpu_model_states"] == pytest.approx(ds_gpu, rel=0.10)
     if offload == "cpu":
@@ -39,8 +39,8 @@ def test_model_states_within_10_percent_of_deepspeed(model, nodes, gpus, offload
 
 
 def test_distill_keeps_only_partitioned_frozen_weights():
-    gist = plan("llama-7b", Setup(nodes=4, gpus_per_node=8, mode="gist"))
-    distill = plan("llama-7b", Setup(nodes=4, gpus_per_node=8, mode="distill", num_gist=2))
+    gist = plan("llama-7b", Setup(nodes=4, gpus_per_node=8, objective="finetune"))
+    distill = plan("llama-7b", Setup(nodes=4, gpus_per_node=8, objective="distill", num_gist=2))
     n, h = shape_of("llama-7b").params(), shape_of("llama-7b").hidden
     assert distill["trainable_params"] == 2 * h
     assert distill["gpu_bytes"]["parameters"] == gist["gpu_bytes"]["parameters"] == 2 * n / 32
@@ -50,8 +50,8 @@ def test_distill_keeps_only_partitioned_frozen_weights():
 
 def test_t5_distill_trains_only_the_gist_rows():
     shape = shape_of("flan-t5-xxl")
-    gist = plan("flan-t5-xxl", Setup(nodes=2, gpus_per_node=8, mode="gist"))
-    distill = plan("flan-t5-xxl", Setup(nodes=2, gpus_per_node=8, mode="distill", num_gist=4))
+    gist = plan("flan-t5-xxl", Setup(nodes=2, gpus_per_node=8, objective="finetune"))
+    distill = plan("flan-t5-xxl", Setup(nodes=2, gpus_per_node=8, objective="distill", num_gist=4))
     assert gist["trainable_params"] == shape.params() and distill["trainable_params"] == 4 * shape.hidden
     assert distill["gpu_bytes"]["parameters"] == gist["gpu_bytes"]["parameters"] == 2 * shape.params() / 16
     assert distill["gpu_bytes"]["optimizer"] == 12 * 4 * shape.hidden / 16
@@ -63,34 +63,34 @@ def test_t5_distill_trains_only_the_gist_rows():
 
 def test_comm_volume_gist_vs_distill():
     shape = shape_of("llama-13b")
-    gist = comm_bytes_per_step(shape, "gist", world=16)
+    gist = comm_bytes_per_step(shape, "finetune", world=16)
     distill = comm_bytes_per_step(shape, "distill", world=16, num_gist=4)
     ring = 15 / 16
     assert gist["all_gather"] == pytest.approx(2 * 2 * shape.params() * ring)   # forward + backward
     assert gist["reduce_scatter"] == pytest.approx(2 * shape.params() * ring)
     assert distill["all_gather"] == pytest.approx(3 * 2 * shape.params() * ring)  # teacher, student, backward
     assert distill["reduce_scatter"] == pytest.approx(2 * 4 * shape.hidden * ring)
-    assert comm_bytes_per_step(shape, "gist", world=1)["total"] == 0
+    assert comm_bytes_per_step(shape, "finetune", world=1)["total"] == 0
 
 
 def test_fit_verdict_follows_the_gpu_count():
-    assert not plan("llama-70b", Setup(nodes=1, gpus_per_node=1, mode="gist"))["fits"]
-    assert plan("llama-70b", Setup(nodes=8, gpus_per_node=8, mode="gist", checkpointing=True))["fits"]
+    assert not plan("llama-70b", Setup(nodes=1, gpus_per_node=1, objective="finetune"))["fits"]
+    assert plan("llama-70b", Setup(nodes=8, gpus_per_node=8, objective="finetune", checkpointing=True))["fits"]
     small = plan("llama-7b", Setup(micro_batch=8, seq_len=2048, gpu_mem_gb=24))
     ckpt = plan("llama-7b", Setup(micro_batch=8, seq_len=2048, gpu_mem_gb=24, checkpointing=True))
     assert ckpt["gpu_bytes"]["activations"] < small["gpu_bytes"]["activations"] / 4
 
 
 def test_cli_contract_answers_without_weights():
-    out = gist_dist(["plan", "--model", "llama-7b", "--nodes", "4", "--gpus-per-node", "8", "--mode", "distill"],
+    out = gist_dist(["plan", "--model", "llama-7b", "--nodes", "4", "--gpus-per-node", "8", "--objective", "distill"],
                     timeout=600)
     assert "fits in 80 GiB" in out.stdout
     js = json.loads(gist_dist(["plan", "--model", "llama-7b", "--nodes", "4", "--gpus-per-node", "8",
-                               "--mode", "distill", "--json"], timeout=600).stdout)
+                               "--objective", "distill", "--json"], timeout=600).stdout)
     assert js["world"] == 32 and js["fits"] and js["comm_bytes_per_step"]["forward_passes"] == 2
 
 
-@pytest.mark.parametrize("args", [["--mode", "train"], ["--nodes", "0"], ["--offload", "nvme"]])
+@pytest.mark.parametrize("args", [["--objective", "train"], ["--nodes", "0"], ["--offload", "nvme"]])
 def test_cli_bad_input(args):
     proc = gist_dist(["plan", "--model", "llama-7b", *args], check=False, timeout=600)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == ""

@@ -7,8 +7,8 @@ import statistics
 
 import matplotlib.image
 import pytest
-
 from conftest import TINY, gist_dist
+
 from gist_dist.analysis.flops import forward_flops, shape_of
 from gist_dist.analysis.summary import read_metrics, summarize
 

@@ -137,7 +137,7 @@ def test_distill_checkpoints_leave_out_the_frozen_backbone_and_resume(tmp_path):
     """Packed distill (teacher and student rows packed alike): it saves only what trains (the gist
     embeddings + their optimizer state); the frozen backbone comes back from the base model, so
     resuming still reproduces every loss exactly."""
-    args = ["mode=distill", "num_gist=2", f"train.max_steps={STEPS}", f"train.save_every={SAVE_EVERY}",
+    args = ["objective=distill", "num_gist=2", f"train.max_steps={STEPS}", f"train.save_every={SAVE_EVERY}",
             "data.packing=true", "train.lr=0.01"]
     full = tmp_path / "full"
     proc = torchrun(["train", TINY, f"output_dir={full}", *args])

@@ -8,18 +8,23 @@ import json
 import matplotlib.image
 import pytest
 import torch
+from conftest import T5_DISTILL_ARGS, T5_GIST_ARGS, TINY, copy_of, torchrun
 from transformers import T5ForConditionalGeneration
 
 from gist_dist.analysis.report import write_report
 from gist_dist.config import ModelConfig, load_config
 from gist_dist.data import GistTemplate, load_records
 from gist_dist.evaluation import load_run_model, run_eval
+from gist_dist.inference.seq2seq import (
+    build_seq2seq_cache,
+    decoder_logits,
+    encode_after_cache,
+    encode_full,
+    generate_uncached_seq2seq,
+    greedy_seq2seq,
+)
 from gist_dist.model import ROOT, config_from_shape, load_tokenizer
-from gist_dist.seq2seq_inference import (build_seq2seq_cache, decoder_logits, encode_after_cache, encode_full,
-                                         generate_uncached_seq2seq, greedy_seq2seq)
 from gist_dist.tokens import add_gist_tokens
-
-from conftest import T5_DISTILL_ARGS, T5_GIST_ARGS, TINY, copy_of, torchrun
 
 T5_SHAPE = str(ROOT / "configs" / "models" / "t5-tiny.yaml")
 T5_CONFIG = str(ROOT / "configs" / "t5-tiny.yaml")  # the training engineer's run config
@@ -184,13 +189,14 @@ def t5_run(tmp_path_factory):
     return run, splits
 
 
+@pytest.mark.slow
 def test_eval_of_a_t5_run_gives_its_uncached_answers(t5_run):
     """gist-dist eval of a T5 folder: the cached answers are the uncached reference, exactly."""
     run, splits = t5_run
     result = run_eval(load_config(TINY, [f"output_dir={run}", f"eval_max_new_tokens={MAX_NEW}", "eval_batch_size=4",
                                          "data.eval_splits=" + ",".join(f"{k}:{v}" for k, v in splits.items())]))
     _, outputs = read_eval(run)
-    assert result["mode"] == "gist" and [o["prediction"] for o in outputs] == [o["reference"] for o in outputs]
+    assert result["mask"] == "gist" and [o["prediction"] for o in outputs] == [o["reference"] for o in outputs]
     for s in result["splits"].values():
         assert s["n"] == 10 and s["exact_match"] == 1.0 and s["rougeL"] == pytest.approx(1.0)
         assert s["kv_bytes_per_prompt"]["cached"] < s["kv_bytes_per_prompt"]["full_prompt"]

@@ -4,11 +4,11 @@ import random
 
 import pytest
 import torch
+from test_gist_mask import GIST, random_batch
 from transformers import T5ForConditionalGeneration
 
 from gist_dist.model import config_from_shape
 from gist_dist.seq2seq_masks import cross_keys, encoder_allowed, seq2seq_masks
-from test_gist_mask import GIST, random_batch
 
 
 def reference(ids, att, gist_ids, mask):

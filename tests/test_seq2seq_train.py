@@ -9,16 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import T5, TINY, torchrun
+from conftest import T5_DISTILL_ARGS as DISTILL_ARGS
+from conftest import T5_GIST_ARGS as GIST_ARGS
+from conftest import T5_SAVE_EVERY as SAVE_EVERY
+from conftest import T5_STEPS as STEPS
 from safetensors.torch import load_file
+from test_resume import fresh_dir_resuming_from
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from conftest import T5, T5_DISTILL_ARGS as DISTILL_ARGS, T5_GIST_ARGS as GIST_ARGS, T5_SAVE_EVERY as SAVE_EVERY, \
-    T5_STEPS as STEPS, TINY, torchrun
-from test_resume import fresh_dir_resuming_from
 from gist_dist import artifact
-from gist_dist.batches import ShardedBatches
 from gist_dist.config import ConfigError, ModelConfig, load_config
 from gist_dist.data import GistTemplate, load_records
+from gist_dist.data.batches import ShardedBatches
 from gist_dist.methods import Tokens, method_for
 from gist_dist.methods.seq2seq import Seq2SeqLMLoss, split
 from gist_dist.model import load_model, load_tokenizer
@@ -134,7 +137,7 @@ def test_logit_light_loss_equals_hf_loss(mask):
 
 def test_gist_training_loss_falls(gist_run):
     start, steps, end = log(gist_run)
-    assert start["world_size"] == 2 and start["mode"] == "gist" and end["event"] == "end"
+    assert start["world_size"] == 2 and start["mask"] == "gist" and end["event"] == "end"
     assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
     losses = [r["loss"] for r in steps]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
@@ -185,14 +188,14 @@ def test_resume_is_bit_exact(objective, gist_run, distill_run, tmp_path):
         assert torch.equal(load_file(out / artifact.WEIGHTS)["gist"], load_file(run / artifact.WEIGHTS)["gist"])
 
 
-@pytest.mark.parametrize("mode", ["pos_control", "neg_control"])
-def test_control_fine_tunes_train_and_export(mode, tmp_path):
+@pytest.mark.parametrize("mask", ["pos_control", "neg_control"])
+def test_control_fine_tunes_train_and_export(mask, tmp_path):
     """The two bounds train like gist under 2-rank ZeRO-3, and export says which mask they were trained with."""
-    torchrun(["train", T5, f"output_dir={tmp_path}", f"mode={mode}", "train.max_steps=4"])
+    torchrun(["train", T5, f"output_dir={tmp_path}", f"mask={mask}", "train.max_steps=4"])
     start, steps, end = log(tmp_path)
-    assert (start["world_size"], start["mode"], start["mask"], end["event"]) == (2, mode, mode, "end")
+    assert (start["world_size"], start["objective"], start["mask"], end["event"]) == (2, "finetune", mask, "end")
     assert steps[-1]["eval_loss"] < start["eval_loss_before"]
-    assert json.loads((tmp_path / "final" / "gist_model.json").read_text())["mask"] == mode
+    assert json.loads((tmp_path / "final" / "gist_model.json").read_text())["mask"] == mask
     assert AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "final").config.is_encoder_decoder
 
 

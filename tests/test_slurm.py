@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import BIN, ROOT, TINY, free_port
+
 from gist_dist.dist import slurm_port  # the port launchers/trainer_env.sh derives too
 
 pytestmark = pytest.mark.slow
@@ -360,7 +360,7 @@ def test_sweep_array_over_srun_pmix_then_dependent_report(slurm, tmp_path):
     # and the job requeued, which evaluates from the start again.
     (run_dir / "eval.json").unlink()
     log = tmp_path / "eval.out"
-    job = slurm.sbatch(["--ntasks=2", f"--output={log}", ROOT / "slurm" / "eval.sbatch", "mode=gist", "num_gist=2",
+    job = slurm.sbatch(["--ntasks=2", f"--output={log}", ROOT / "slurm" / "eval.sbatch", "mask=gist", "num_gist=2",
                         "data.num_eval=4", "eval_max_new_tokens=4"], env={**env, "OUTPUT_DIR": str(run_dir)})
     slurm.wait_for(job, lambda _: f"{job}.0" in slurm.cmd(["squeue", "-h", "-s", "-j", job, "-o", "%i"]).stdout.split(),
                    "the evaluation step")

@@ -3,8 +3,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import ROOT, TINY
+
 from gist_dist import artifact, compress
 from gist_dist.config import ConfigError, ModelConfig, load_config
 from gist_dist.data import IGNORE, DataError, GistTemplate

@@ -5,8 +5,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gist_dist.data import GistTemplate, model_inputs, pad_batch
-from gist_dist.datagen import generate
+from gist_dist.data import GistTemplate, pad_batch
+from gist_dist.data.datagen import generate
+from gist_dist.masks import model_inputs
 
 
 def read_metrics(run: Path):
@@ -16,7 +17,7 @@ def read_metrics(run: Path):
 
 def test_loss_falls_and_metrics_are_complete(tiny_gist_run):
     start, steps = read_metrics(tiny_gist_run)
-    assert start["world_size"] == 2 and start["mode"] == "gist"
+    assert start["world_size"] == 2 and start["mask"] == "gist"
     assert [r["step"] for r in steps] == list(range(1, 21))
     losses = [r["loss"] for r in steps]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5

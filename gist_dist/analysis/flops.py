@@ -45,7 +45,7 @@ T5 strategies for instruction P, k gist tokens and input X, counting the request
 output token (encoder + one decoder step from the start token):
     none       (P+k+X, 0, P+k+X)  the masked full prompt encoded every time, cross-attention over all
     gist       (X,     k, k+X)    prompt + gist encoded once (build_gist_cache = encoder(P+k, 0)); per
-                                  request only X is encoded (seq2seq_inference.encode_after_cache):
+                                  request only X is encoded (inference.seq2seq.encode_after_cache):
                                   each layer's self-attention reads the k gist positions as extra
                                   keys, their keys/values projected from the layer's kept gist states;
                                   the decoder cross-attends the k kept gist outputs + X (cross k, v of
@@ -65,8 +65,8 @@ from pathlib import Path
 
 from ..atomic import write_text
 from ..config import ConfigError
-from ..inference import STRATEGIES
-from ..model import ROOT, is_shape_file, llama_config_from_shape, resolve_model_path
+from .strategies import STRATEGIES
+from ..model import ROOT, is_shape_file, config_from_shape, resolve_model_path
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 SEQ2SEQ_STRATEGIES = ("none", "gist", "no_prompt")
@@ -213,7 +213,7 @@ def model_shape_path(name: str) -> str:
 def hf_config(name: str):
     path = model_shape_path(name)
     if is_shape_file(path):
-        return llama_config_from_shape(path)
+        return config_from_shape(path)
     from transformers import AutoConfig
     try:
         return AutoConfig.from_pretrained(path)
@@ -342,7 +342,7 @@ def measured_flops(model, prompt: list[int], tail: list[int], gist_ids: list[int
     CPU sdpa dispatches to a fused kernel torch's counter has no formula for.
     """
     from torch.utils.flop_counter import FlopCounterMode
-    from ..inference import first_token_input, forward_after, strategy_cache
+    from .strategies import first_token_input, forward_after, strategy_cache
 
     cache = strategy_cache(model, prompt, gist_ids, strategy, prefix)
     with FlopCounterMode(display=False) as counter:
@@ -418,12 +418,12 @@ def measured_seq2seq_flops(model, new: int, cached: int, seen: int) -> int:
     """FlopCounterMode's count of one T5 request up to its first output token (lengths only; ids zero).
 
     cached == 0: HF's own forward (encoder over `new` tokens, one decoder step from the start token).
-    cached > 0 (gist cache): inference's own request path, seq2seq_inference.encode_after_cache, over a
+    cached > 0 (gist cache): inference's own request path, inference.seq2seq.encode_after_cache, over a
     cache of `cached` kept gist positions (zeros: FLOPs depend on lengths only), then one decoder step
     over the `cached` + `new` encoder states. Building the cache is not counted."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
-    from ..seq2seq_inference import Seq2SeqGistCache, encode_after_cache
+    from ..inference.seq2seq import Seq2SeqGistCache, encode_after_cache
     c, device, dtype = model.config, model.device, model.dtype
     ids = torch.zeros(1, new, dtype=torch.long, device=device)
     start = torch.zeros(1, 1, dtype=torch.long, device=device)

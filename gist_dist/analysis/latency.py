@@ -6,7 +6,7 @@ Plain HF forward passes with `past_key_values`, no `generate`, so every strategy
     gist         cache = forward(instruction + gist), keep only the k gist entries; forward(tail)
 The gist prefix keeps its original positions (the tail starts at P + k), which is what the
 training mask implies: dropping the prompt's cache entries and continuing with those positions
-gives the masked full-sequence logits (DESIGN.md, "mask proof").
+gives the masked full-sequence logits (tests/test_gist_kv_cache.py).
 The cache is built once per prompt and is not part of the time to first token: that is the point
 of caching (the paper's Table 3 measures the same way).
 """
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from ..inference import STRATEGIES, first_token_input, forward_after, strategy_cache
+from .strategies import STRATEGIES, first_token_input, forward_after, strategy_cache
 
 
 def _timed(fn) -> float:
@@ -83,7 +83,7 @@ def latency_for(model: str, num_gist: int, *, data: str = "", n: int = 4, prompt
 
     from ..config import ConfigError
     from .flops import model_shape_path, shape_of, tokenizer_for
-    from ..model import is_shape_file, llama_config_from_shape, local_device, resolve_dtype
+    from ..model import is_shape_file, config_from_shape, local_device, resolve_dtype
 
     shape = shape_of(model)
     if shape.params() > 2e9:
@@ -92,7 +92,7 @@ def latency_for(model: str, num_gist: int, *, data: str = "", n: int = 4, prompt
     dtype = resolve_dtype("auto")
     if is_shape_file(path):  # random weights: timing depends on shapes only
         torch.manual_seed(0)
-        net = AutoModelForCausalLM.from_config(llama_config_from_shape(path), dtype=dtype, attn_implementation="sdpa")
+        net = AutoModelForCausalLM.from_config(config_from_shape(path), dtype=dtype, attn_implementation="sdpa")
     else:
         net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     net = net.to(local_device()).eval()

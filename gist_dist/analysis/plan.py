@@ -6,7 +6,7 @@ Model states per GPU, W = nodes * gpus_per_node GPUs, N parameters, T of them tr
     gradients    4 * T / W         the fp32 gradient partition the optimizer steps on
     optimizer    (8 + m) * T / W   Adam's two fp32 moments, plus an fp32 master copy (m = 4) when p < 4
     working      (p + p_g) * Lmax  the largest module gathered whole (params, and its grads before the
-                                   reduce-scatter when it trains: p_g = p in gist mode, 0 in distill)
+                                   reduce-scatter when it trains: p_g = p when fine-tuning, 0 in distill)
 With bf16 and full training that is 18 bytes per parameter / W + 4 * Lmax: DeepSpeed's own estimator
 (deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs) uses the same 18, i.e. the
 ZeRO paper's 16 bytes (Rajbhandari et al. 2020, K = 12) with the gradient held in fp32 instead of
@@ -54,7 +54,7 @@ RESERVE = 0.10  # share of GPU memory kept for the CUDA context, buckets and fra
 class Setup:
     nodes: int = 1
     gpus_per_node: int = 8
-    mode: str = "gist"
+    objective: str = "finetune"  # finetune: every weight trains; distill: only the gist rows
     dtype: str = "bf16"
     offload: str = "none"
     num_gist: int = 1
@@ -71,7 +71,7 @@ class Setup:
     def validate(self) -> "Setup":
         checks = [
             (self.nodes >= 1 and self.gpus_per_node >= 1, "--nodes and --gpus-per-node must be >= 1"),
-            (self.mode in ("gist", "distill"), f"--mode must be gist or distill, got {self.mode!r}"),
+            (self.objective in ("finetune", "distill"), f"--objective must be finetune or distill, got {self.objective!r}"),
             (self.dtype in DTYPE_BYTES, f"--dtype must be one of {', '.join(DTYPE_BYTES)}"),
             (self.offload in ("none", "cpu"), f"--offload must be none or cpu, got {self.offload!r}"),
             (self.num_gist >= 1 and self.micro_batch >= 1 and self.seq_len >= 1 and self.target_len >= 1,
@@ -84,17 +84,17 @@ class Setup:
         return self
 
 
-def trainable_params(shape: Shape | Seq2SeqShape, mode: str, num_gist: int) -> int:
-    return shape.params() if mode == "gist" else num_gist * shape.hidden
+def trainable_params(shape: Shape | Seq2SeqShape, objective: str, num_gist: int) -> int:
+    return shape.params() if objective == "finetune" else num_gist * shape.hidden
 
 
 def model_states(shape: Shape | Seq2SeqShape, setup: Setup) -> dict:
     """Bytes of parameters, gradients, optimizer states and the gathered working set (see above)."""
     p, w = DTYPE_BYTES[setup.dtype], setup.world
-    n, t = shape.params(), trainable_params(shape, setup.mode, setup.num_gist)
+    n, t = shape.params(), trainable_params(shape, setup.objective, setup.num_gist)
     master = 4 if p < 4 else 0
     sharded = {"parameters": p * n / w, "gradients": 4 * t / w, "optimizer": (8 + master) * t / w}
-    working = (p + (p if setup.mode == "gist" else 0)) * shape.largest_module_params()
+    working = (p + (p if setup.objective == "finetune" else 0)) * shape.largest_module_params()
     gpu = {**sharded, "working": working} if setup.offload == "none" else \
         {"parameters": 0.0, "gradients": 0.0, "optimizer": 0.0, "working": working}
     cpu_per_node = sum(sharded.values()) * setup.gpus_per_node if setup.offload == "cpu" else 0.0
@@ -137,7 +137,7 @@ def activations(shape: Shape | Seq2SeqShape, setup: Setup) -> float:
     return shape.layers * per_layer + logits
 
 
-def comm_bytes_per_step(shape: Shape | Seq2SeqShape, mode: str, world: int, dtype: str = "bf16", micro_batches: int = 1,
+def comm_bytes_per_step(shape: Shape | Seq2SeqShape, objective: str, world: int, dtype: str = "bf16", micro_batches: int = 1,
                         num_gist: int = 1) -> dict:
     """Bytes each rank sends (and receives) per optimizer step under ZeRO-3, ring collectives.
 
@@ -149,9 +149,9 @@ def comm_bytes_per_step(shape: Shape | Seq2SeqShape, mode: str, world: int, dtyp
     DeepSpeed reduces gradients at every micro batch's backward, so both scale with micro_batches.
     """
     p, ring = DTYPE_BYTES[dtype], (world - 1) / world
-    forwards = 1 if mode == "gist" else 2
+    forwards = 1 if objective == "finetune" else 2
     gather = (forwards + 1) * shape.params() * p * ring * micro_batches
-    scatter = trainable_params(shape, mode, num_gist) * p * ring * micro_batches
+    scatter = trainable_params(shape, objective, num_gist) * p * ring * micro_batches
     return {"all_gather": gather, "reduce_scatter": scatter, "total": gather + scatter,
             "forward_passes": forwards, "world": world, "dtype": dtype}
 
@@ -166,18 +166,18 @@ def plan(model: str, setup: Setup) -> dict:
         "model": model, "shape": shape.describe(), "params": shape.params(),
         "tokens": f"{setup.seq_len} encoder + {setup.target_len} decoder tokens" if isinstance(shape, Seq2SeqShape)
         else f"{setup.seq_len} tokens", "largest_module_params": shape.largest_module_params(),
-        "trainable_params": trainable_params(shape, setup.mode, setup.num_gist), "setup": setup.__dict__,
+        "trainable_params": trainable_params(shape, setup.objective, setup.num_gist), "setup": setup.__dict__,
         "world": setup.world, "gpu_bytes": {**states["gpu"], "activations": act}, "gpu_model_states": states["gpu_total"],
         "gpu_total": total, "cpu_bytes_per_node": states["cpu_per_node"],
         "fits": total <= (1 - RESERVE) * setup.gpu_mem_gb * GiB,
-        "comm_bytes_per_step": comm_bytes_per_step(shape, setup.mode, setup.world, setup.dtype, 1, setup.num_gist),
+        "comm_bytes_per_step": comm_bytes_per_step(shape, setup.objective, setup.world, setup.dtype, 1, setup.num_gist),
     }
 
 
 def format_plan(r: dict) -> str:
     s, g = r["setup"], r["gpu_bytes"]
     lines = [
-        f"{r['model']}: {r['params'] / 1e9:.3f} B params ({r['trainable_params']:,} trainable, mode {s['mode']}), "
+        f"{r['model']}: {r['params'] / 1e9:.3f} B params ({r['trainable_params']:,} trainable, objective {s['objective']}), "
         f"ZeRO-3 over {s['nodes']} node(s) x {s['gpus_per_node']} GPU(s) = {r['world']}, {s['dtype']}, offload {s['offload']}",
         f"per GPU (GiB): parameters {g['parameters'] / GiB:.2f}, gradients {g['gradients'] / GiB:.2f}, "
         f"optimizer {g['optimizer'] / GiB:.2f}, gathered working set {g['working'] / GiB:.2f}",

@@ -68,7 +68,7 @@ def training_stats(rows: list[dict]) -> dict:
     per_rank_tps = [statistics.fmean(r["rank_tokens_per_s"][i] for r in timed) for i in range(ranks)]
     per_rank_mem = [max(r["rank_peak_mem_gb"][i] for r in steps) for i in range(ranks)]
     return {
-        "world_size": start.get("world_size", ranks), "mode": start.get("mode"), "num_gist": start.get("num_gist"),
+        "world_size": start.get("world_size", ranks), "objective": start.get("objective"), "mask": start.get("mask"), "num_gist": start.get("num_gist"),
         "launcher": start.get("launcher"), "trainable_params": start.get("trainable_params"), "steps": len(steps),
         "tokens_per_s": sum(per_rank_tps), "rank_tokens_per_s": per_rank_tps,
         "step_time_s_mean": statistics.fmean(r["step_time_s"] for r in timed),
@@ -165,7 +165,7 @@ def format_markdown(report: dict, plots: list[str]) -> str:
     for run in report["runs"]:
         t, m = run["train"], run["mfu"]
         lines += [f"## {run['run_dir']}", "",
-                  f"mode {t['mode']}, k={t['num_gist']}, {t['world_size']} rank(s) via {t['launcher']}, "
+                  f"{t['objective']} under the {t['mask']} mask, k={t['num_gist']}, {t['world_size']} rank(s) via {t['launcher']}, "
                   f"{t['steps']} steps, loss {t['first_loss']:.4f} -> {t['last_loss']:.4f}"
                   + (f", eval loss {t['eval_curve'][-1][1]:.4f}" if t["eval_curve"] else ""), "",
                   "| rank | tokens/s | peak memory GB |", "|---:|---:|---:|"]

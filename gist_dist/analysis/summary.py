@@ -24,12 +24,12 @@ def summarize(run_dir: str | Path) -> str:
     evals = [r["eval_loss"] for r in steps if "eval_loss" in r]
     out = Path(run_dir)
     lines = [
-        f"run:          {out} (mode={start.get('mode')}, k={start.get('num_gist')}, ranks={start.get('world_size')})",
+        f"run:          {out} (objective={start.get('objective')}, mask={start.get('mask')}, k={start.get('num_gist')}, ranks={start.get('world_size')})",
         f"loss:         {steps[0]['loss']:.4f} (step 1) -> {steps[-1]['loss']:.4f} (step {steps[-1]['step']})",
         f"eval loss:    {evals[-1]:.4f}" if evals else "eval loss:    (none logged)",
         "tokens/s:     " + ", ".join(f"rank {i}: {v:.0f}" for i, v in enumerate(per_rank)) + f" (total {sum(per_rank):.0f})",
         f"step time:    {sum(r['step_time_s'] for r in timed) / len(timed):.2f} s (mean after step 1)",
-        f"peak memory:  " + ", ".join(f"rank {i}: {v:.2f} GB" for i, v in enumerate(steps[-1]["rank_peak_mem_gb"])),
+        "peak memory:  " + ", ".join(f"rank {i}: {v:.2f} GB" for i, v in enumerate(steps[-1]["rank_peak_mem_gb"])),
         f"outputs:      {out / 'metrics.jsonl'}, {out / 'checkpoints'}, "
         + (f"{out / 'final'}" if (out / "final").exists() else f"{out / 'gist.safetensors'}"),
     ]

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..batches import ShardedBatches
+from ..data.batches import ShardedBatches
 from ..config import RunConfig
 from ..data import IGNORE, pad_batch
 from ..masks import model_inputs
-from ..packing import join, pack
+from ..data.packing import join, pack
 
 
 @dataclass

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import artifact, dist, zero
-from ..batches import ShardedBatches
+from ..data.batches import ShardedBatches
 from ..data import IGNORE
 from ..config import ConfigError
 from ..tokens import GistEmbedding, GistLayerOffsets, mean_embedding
-from ..packing import join, pack
+from ..data.packing import join, pack
 from .base import Method, label_tokens
 from .finetune import label_targets, labelled_rows, lm_head_rows
 
@@ -206,5 +206,5 @@ class Distill(Method):
                 "base_fingerprint": meta["base_fingerprint"], "base_model": cfg.model.name,
                 "num_gist": cfg.num_gist, "gist_tokens": tok.convert_ids_to_tokens(self.tokens.gist_ids),
                 "hidden_size": gist.shape[1], "tokenizer": cfg.model.tokenizer or cfg.model.name,
-                "mode": "distill", "final_loss": last_loss, "temperature": cfg.distill.temperature,
+                "final_loss": last_loss, "temperature": cfg.distill.temperature,
                 "student": cfg.distill.student, "template": cfg.data.template, "mask_prefix_tokens": self.prefix})

@@ -9,14 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import dist, zero
+from .. import artifact, dist, zero
 from ..atomic import atomic_dir
 from ..config import ConfigError
 from ..data import IGNORE
 from ..tokens import GistEmbedding, init_gist_embeddings
 from .base import Method
 
-FINAL_META = "gist_model.json"  # final/: which gist tokens and mask (the distill artifact has gist_config.json)
 
 
 def label_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -130,8 +129,8 @@ class Finetune(Method):
         with atomic_dir(out / "final") as tmp:
             module.model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             tok.save_pretrained(tmp)
-            (tmp / FINAL_META).write_text(json.dumps(
-                {"mask": cfg.mask, "mode": cfg.mask, "num_gist": cfg.num_gist, "gist_tokens": gist_tokens,
+            (tmp / artifact.FINAL_META).write_text(json.dumps(
+                {"mask": cfg.mask, "num_gist": cfg.num_gist, "gist_tokens": gist_tokens,
                  "mask_prefix_tokens": self.prefix}, indent=2))
             (tmp / "README.md").write_text(self.model_card(cfg, gist_tokens))
 

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY, torchrun
 
 
@@ -15,13 +14,13 @@ def _losses(out) -> list[float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["gist", "distill"])
-def test_checkpointing_gives_the_same_losses_on_two_zero3_ranks(tmp_path, mode):
+@pytest.mark.parametrize("objective", ["finetune", "distill"])
+def test_checkpointing_gives_the_same_losses_on_two_zero3_ranks(tmp_path, objective):
     """Step 1's loss is the forward; steps 2-3 follow from the gradients and updates of the steps before."""
     runs = {}
     for ckpt in (False, True):
         out = tmp_path / f"ckpt{int(ckpt)}"
-        torchrun(["train", TINY, f"output_dir={out}", f"mode={mode}", "train.max_steps=3", "data.num_train=64",
+        torchrun(["train", TINY, f"output_dir={out}", f"objective={objective}", "train.max_steps=3", "data.num_train=64",
                   f"train.activation_checkpointing={str(ckpt).lower()}", "train.verify_frozen=false",
                   "train.lr=0.01", "zero.persistence_threshold=0"])
         runs[ckpt] = _losses(out)
@@ -73,8 +72,8 @@ def test_checkpointed_activations_match_the_planner():
     assert activations(shape, setup) < full
 
 
-@pytest.mark.parametrize("mode", ["gist", "distill"])
-def test_checkpointing_recomputes_every_layer_and_keeps_the_gradients(mode):
+@pytest.mark.parametrize("objective", ["finetune", "distill"])
+def test_checkpointing_recomputes_every_layer_and_keeps_the_gradients(objective):
     """Through the objectives' own loss modules, enabled as the Trainer does: with checkpointing the
     forward keeps fewer bytes for backward (the layers' activations are dropped), and the gradients of
     what trains are those without it (fp32, 1e-6), so backward recomputed them: the 2-rank test above
@@ -86,7 +85,7 @@ def test_checkpointing_recomputes_every_layer_and_keeps_the_gradients(mode):
     from gist_dist.tokens import add_gist_tokens
     from gist_dist.trainer import enable_activation_checkpointing
 
-    cfg = load_config(TINY, [f"mode={mode}"])
+    cfg = load_config(TINY, [f"objective={objective}"])
     tok = load_tokenizer(cfg.model)
     num_old = len(tok)
     tokens = Tokens(tok, add_gist_tokens(tok, cfg.num_gist), num_old, tok.pad_token_id)

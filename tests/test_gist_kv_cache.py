@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY
 
-from gist_dist.inference import GistKVCache, build_cache, generate_from_cache, generate_uncached
 from gist_dist.config import load_config
 from gist_dist.data import GistTemplate, load_records
-from gist_dist.tokens import add_gist_tokens, init_gist_embeddings
+from gist_dist.inference import GistKVCache, build_cache, generate_from_cache, generate_uncached
 from gist_dist.model import load_model, load_tokenizer
-
-from conftest import TINY
+from gist_dist.tokens import add_gist_tokens, init_gist_embeddings
 
 NEW_TOKENS = 10
 
@@ -33,16 +32,16 @@ def tiny():
     return model.eval(), tok, gist_ids, prompts, tails
 
 
-@pytest.mark.parametrize("mode", ["gist", "pos_control", "neg_control"])
-def test_cached_generation_equals_uncached(tiny, mode):
+@pytest.mark.parametrize("mask", ["gist", "pos_control", "neg_control"])
+def test_cached_generation_equals_uncached(tiny, mask):
     model, tok, gist_ids, prompts, tails = tiny
-    cache = build_cache(model, prompts, gist_ids, mode)
+    cache = build_cache(model, prompts, gist_ids, mask)
     cached = generate_from_cache(model, cache, tails, NEW_TOKENS, tok.eos_token_id, tok.pad_token_id)
-    uncached = generate_uncached(model, prompts, tails, gist_ids, mode, NEW_TOKENS, tok.eos_token_id)
+    uncached = generate_uncached(model, prompts, tails, gist_ids, mask, NEW_TOKENS, tok.eos_token_id)
     assert cached == uncached
     assert all(len(a) > 0 for a in cached)
     kept = {"gist": [len(gist_ids)] * len(prompts), "pos_control": [len(p) for p in prompts],
-            "neg_control": [0] * len(prompts)}[mode]
+            "neg_control": [0] * len(prompts)}[mask]
     assert cache.attention_mask.sum(-1).tolist() == kept
 
 
@@ -89,26 +88,26 @@ def test_prompts_must_end_with_the_gist(tiny):
         build_cache(model, [prompts[0][:-1]], gist_ids, "gist")
 
 
-@pytest.mark.parametrize("mode", ["gist", "neg_control"])
-def test_visible_prefix_is_kept_once_and_cached_equals_uncached(tiny, mode, tmp_path):
+@pytest.mark.parametrize("mask", ["gist", "neg_control"])
+def test_visible_prefix_is_kept_once_and_cached_equals_uncached(tiny, mask, tmp_path):
     """mask_prefix=visible: the template's fixed head ("Instruction:") stays visible after the gist; its
     keys/values are the same whatever the prompt, cached answers equal the uncached masked reference,
     and the bytes report counts the prefix once (shared_nbytes), not per prompt."""
     model, tok, gist_ids, prompts, tails = tiny
     n = len(GistTemplate(tok, gist_ids, max_length=1 << 20).fixed_head)
     assert n == 2 and all(p[:n] == prompts[0][:n] for p in prompts)
-    cache = build_cache(model, prompts, gist_ids, mode, prefix=n)
+    cache = build_cache(model, prompts, gist_ids, mask, prefix=n)
     assert cache.shared == n
     for layer_keys, layer_values in zip(cache.keys, cache.values):
         for row in range(1, len(prompts)):  # rows are left-padded by different amounts: same entries anyway
             assert torch.allclose(layer_keys[row, :, :n], layer_keys[0, :, :n], atol=1e-6)
             assert torch.allclose(layer_values[row, :, :n], layer_values[0, :, :n], atol=1e-6)
     cached = generate_from_cache(model, cache, tails, NEW_TOKENS, tok.eos_token_id, tok.pad_token_id)
-    uncached = generate_uncached(model, prompts, tails, gist_ids, mode, NEW_TOKENS, tok.eos_token_id, prefix=n)
+    uncached = generate_uncached(model, prompts, tails, gist_ids, mask, NEW_TOKENS, tok.eos_token_id, prefix=n)
     assert cached == uncached
-    assert cached != generate_uncached(model, prompts, tails, gist_ids, mode, NEW_TOKENS, tok.eos_token_id)
+    assert cached != generate_uncached(model, prompts, tails, gist_ids, mask, NEW_TOKENS, tok.eos_token_id)
     per_token = cache.bytes_per_token()
-    kept = len(gist_ids) if mode == "gist" else 0
+    kept = len(gist_ids) if mask == "gist" else 0
     assert cache.nbytes() == [kept * per_token] * len(prompts) and cache.shared_nbytes() == n * per_token
     assert cache.full_prompt_nbytes() == [(len(p) - len(gist_ids) - n) * per_token for p in prompts]
     cache.row(2).save(tmp_path / "row.safetensors")  # a saved row keeps its prefix and says so

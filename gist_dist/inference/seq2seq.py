@@ -32,9 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import pad_batch
-from .inference import _cut_at_eos, _device_dtype, padded_prompts
-from .seq2seq_masks import cross_keys, seq2seq_masks
+from ..data import pad_batch
+from ..seq2seq_masks import cross_keys, seq2seq_masks
+from .decoding import cut_at_eos, device_dtype, padded_prompts
 
 
 @dataclass
@@ -87,7 +87,7 @@ def run_encoder_layers(model, x, mask, prefix: list[torch.Tensor]):
 
 
 def _empty_layers(model, batch: int) -> list[torch.Tensor]:
-    device, dtype = _device_dtype(model)
+    device, dtype = device_dtype(model)
     d = model.config.d_model
     return [torch.zeros(batch, 0, d, device=device, dtype=dtype) for _ in range(model.config.num_layers)]
 
@@ -99,7 +99,7 @@ def build_seq2seq_cache(model, prompts: list[list[int]], gist_ids: list[int], ma
     if mask == "pos_control":
         raise ValueError("pos_control: every prompt state depends on the input, nothing can be cached "
                          "(answer with greedy_seq2seq, which takes the uncached path)")
-    device, dtype = _device_dtype(model)
+    device, dtype = device_dtype(model)
     k = len(gist_ids)
     batch = padded_prompts(prompts, gist_ids)
     lengths = batch["attention_mask"].sum(-1)
@@ -119,7 +119,7 @@ def encode_after_cache(model, cache: Seq2SeqGistCache, inputs: list[list[int]], 
     """A request's encoder work alone: its input tokens (right-padded) encoded as queries over
     [cached gist ; input] at every layer. Returns (encoder states [B, k + n, d] = [cached gist outputs ;
     input outputs], cross-attention mask [B, k + n], 1 where the decoder may look)."""
-    device, dtype = _device_dtype(model)
+    device, dtype = device_dtype(model)
     batch = pad_batch([{"input_ids": list(t)} for t in inputs], pad_id=pad_id)
     ids, att = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     B, n = ids.shape
@@ -136,7 +136,7 @@ def encode_full(model, prompts: list[list[int]], inputs: list[list[int]], gist_i
                 embed=None):
     """The masked uncached path: prompt + gist + input (right-padded) through HF's encoder under the
     seq2seq mask. Returns (encoder states [B, S, d], cross-attention mask [B, S])."""
-    device, dtype = _device_dtype(model)
+    device, dtype = device_dtype(model)
     batch = pad_batch([{"input_ids": list(p) + list(t)} for p, t in zip(prompts, inputs)], pad_id=0)
     ids, att = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     masks = seq2seq_masks(ids, att, gist_ids, mask, dtype)
@@ -167,13 +167,17 @@ def generate_from_encoder(model, states, cross_mask, max_new_tokens: int, eos_id
                               use_cache=True)
     out = model.generate(encoder_outputs=_encoder_outputs(states), attention_mask=cross_mask,
                          generation_config=config, synced_gpus=synced_gpus)
-    return [_cut_at_eos(row.tolist(), eos_id) for row in out[:, 1:]]  # column 0: the decoder start
+    return [cut_at_eos(row.tolist(), eos_id) for row in out[:, 1:]]  # column 0: the decoder start
 
 
 def greedy_seq2seq(model, prompts: list[list[int]], tails: list[list[int]], gist_ids: list[int], mask: str,
-                   max_new_tokens: int, eos_id: int, pad_id: int = 0, embed=None, synced_gpus: bool = False):
-    """inference.greedy for encoder-decoder models: prompts (ending in the gist ids) cached under
-    `mask` (pos_control: encoded whole with each input), answers after each tail. Returns (answers, cache)."""
+                   max_new_tokens: int, eos_id: int, pad_id: int = 0, embed=None, synced_gpus: bool = False,
+                   prefix: int = 0):
+    """causal.greedy for encoder-decoder models: prompts (ending in the gist ids) cached under
+    `mask` (pos_control: encoded whole with each input), answers after each tail. Returns (answers, cache).
+    `prefix` must be 0: mask_prefix=visible is refused for T5 at config time."""
+    if prefix:
+        raise ValueError("mask_prefix=visible is not implemented for encoder-decoder (T5) models")
     if mask == "pos_control":
         states, cross = encode_full(model, prompts, tails, gist_ids, mask, embed)
         lengths = torch.tensor([len(p) for p in prompts])
@@ -189,7 +193,7 @@ def generate_uncached_seq2seq(model, prompts, tails, gist_ids, mask: str, max_ne
                               embed=None) -> list[list[int]]:
     """Reference: the full masked encoder input, then a decoder rerun over the whole answer every step
     (no gist cache, no decoder KV cache). Slow; for checking the cached path."""
-    device, _ = _device_dtype(model)
+    device, _ = device_dtype(model)
     states, cross = encode_full(model, prompts, tails, gist_ids, mask, embed)
     decoder = torch.full((len(prompts), 1), model.config.decoder_start_token_id, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
@@ -199,4 +203,4 @@ def generate_uncached_seq2seq(model, prompts, tails, gist_ids, mask: str, max_ne
         done |= nxt == eos_id
         if done.all():
             break
-    return [_cut_at_eos(row.tolist(), eos_id) for row in decoder[:, 1:]]
+    return [cut_at_eos(row.tolist(), eos_id) for row in decoder[:, 1:]]

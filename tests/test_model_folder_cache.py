@@ -1,10 +1,8 @@
 """The model cache is filled by whichever rank takes its lock first: under a real 2-rank gloo group,
 rank 1 materializes the shapes (LLaMA and T5) while rank 0 waits, then both load the same weights."""
-import os
-import sys
 import textwrap
 
-from conftest import ROOT, run, BIN, free_port
+from conftest import BIN, ROOT, free_port, run
 
 SCRIPT = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
