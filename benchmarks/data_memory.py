@@ -11,6 +11,7 @@ tokenizer's own transient peak does not hide the data's) while loading, encoding
 batches; "data" is the difference. Mapped Arrow pages count in the lazy ranks' RSS although the
 page cache shares them between ranks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,11 @@ def write_jsonl(path: Path, n: int):
     with open(path, "w") as fh:
         for i in range(n):
             w = [words[(i * 7 + j) % len(words)] for j in range(40)]
-            rec = {"instruction": f"Rewrite the list {i} in reverse order, keeping every word.",
-                   "input": " ".join(w[:12]), "output": " ".join(reversed(w[:12])) + f" (list {i})"}
+            rec = {
+                "instruction": f"Rewrite the list {i} in reverse order, keeping every word.",
+                "input": " ".join(w[:12]),
+                "output": " ".join(reversed(w[:12])) + f" (list {i})",
+            }
             fh.write(json.dumps(rec) + "\n")
 
 
@@ -45,9 +49,9 @@ def memory_mb(key: str) -> float:
 def worker(mode: str, data: str, rank: int, world: int):
     import datasets  # noqa: F401 - a fixed cost, imported before the baseline in both modes
 
-    from gist_dist.data.batches import ShardedBatches
     from gist_dist.config import ModelConfig
     from gist_dist.data import DataStats, GistTemplate, load_records
+    from gist_dist.data.batches import ShardedBatches
     from gist_dist.data.sources import iter_file
     from gist_dist.model import load_tokenizer
     from gist_dist.tokens import add_gist_tokens
@@ -65,17 +69,37 @@ def worker(mode: str, data: str, rank: int, world: int):
         examples = template.encode_all(records, stats)
     batches = ShardedBatches(examples, 4, rank, world, seed=0)
     tokens = sum(len(e["input_ids"]) for _ in range(100) for e in next(batches))
-    print(json.dumps({"mode": mode, "rank": rank, "records": len(records), "examples": len(examples),
-                      "batch_tokens": tokens, "base_mb": round(base, 1), "peak_mb": round(memory_mb("VmHWM"), 1),
-                      "data_mb": round(memory_mb("VmHWM") - base, 1), "seconds": round(time.time() - t0, 1),
-                      "notes": [n.split(":")[0] for n in stats.notes]}), flush=True)
+    print(
+        json.dumps(
+            {
+                "mode": mode,
+                "rank": rank,
+                "records": len(records),
+                "examples": len(examples),
+                "batch_tokens": tokens,
+                "base_mb": round(base, 1),
+                "peak_mb": round(memory_mb("VmHWM"), 1),
+                "data_mb": round(memory_mb("VmHWM") - base, 1),
+                "seconds": round(time.time() - t0, 1),
+                "notes": [n.split(":")[0] for n in stats.notes],
+            }
+        ),
+        flush=True,
+    )
 
 
 def run(mode: str, data: Path, ranks: int, cache: Path) -> list[dict]:
     env = {**os.environ, "GIST_DIST_DATA_CACHE": str(cache), "TOKENIZERS_PARALLELISM": "false"}
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", mode, "--data", str(data), "--rank", str(r),
-                               "--ranks", str(ranks)], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-             for r in range(ranks)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--worker", mode, "--data", str(data), "--rank", str(r), "--ranks", str(ranks)],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(ranks)
+    ]
     out = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
     if any(p.returncode for p in procs):
         raise SystemExit(f"{mode}: a rank failed")
@@ -97,8 +121,10 @@ def main():
         results = {m: run(m, data, args.ranks, Path(tmp) / f"cache-{m}") for m in ("eager", "lazy")}
     for rows in results.values():
         for r in rows:
-            print(f"{r['mode']:5} rank {r['rank']}: peak {r['peak_mb']:7.1f} MB  before data {r['base_mb']:6.1f} MB  "
-                  f"data {r['data_mb']:6.1f} MB  {r['seconds']:5.1f} s  {r['examples']} examples  {r['notes']}")
+            print(
+                f"{r['mode']:5} rank {r['rank']}: peak {r['peak_mb']:7.1f} MB  before data {r['base_mb']:6.1f} MB  "
+                f"data {r['data_mb']:6.1f} MB  {r['seconds']:5.1f} s  {r['examples']} examples  {r['notes']}"
+            )
     for key in ("peak_mb", "data_mb"):
         eager, lazy = (max(r[key] for r in results[m]) for m in ("eager", "lazy"))
         print(f"eager/lazy {key} (worst rank): {eager:.1f} / {lazy:.1f} = {eager / max(lazy, 0.1):.2f}x")

@@ -24,6 +24,7 @@ sequence length. Distill counts the same 6N: teacher forward 2N + student forwar
 backward through frozen weights (input gradients only) 2N. Recomputation under checkpointing is not
 counted (model FLOPs, not hardware FLOPs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,19 +45,45 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "gist_dist.cli"]
-WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point "
-         "number group problem fact river stone cloud piano tiger lemon candle forest silver window rocket garden "
-         "orange pencil marble castle dragon ocean violet summer winter bridge meadow falcon copper harbor").split()
+WORDS = (
+    "time person year way day thing man world life hand part child eye woman place work week case point "
+    "number group problem fact river stone cloud piano tiger lemon candle forest silver window rocket garden "
+    "orange pencil marble castle dragon ocean violet summer winter bridge meadow falcon copper harbor"
+).split()
 INSTRUCTION = "Repeat the words of the input in reverse order."
 
 # name -> settings; gpu: ~2.5k-token batches so the matmuls, not the launch, set the pace.
 SETTINGS = {
-    "gpu": dict(shape="configs/models/llama-1b.yaml", dtype="bf16", steps=8, micro_batch=8, max_length=512,
-                words=(140, 100, 100), num_gist=4, eval_n=4, new_tokens=8, queries=8, deadline_s=460, timeout_s=240,
-                packed=(2048, 2)),
-    "dry": dict(shape="configs/models/tiny.yaml", dtype="fp32", steps=2, micro_batch=2, max_length=64,
-                words=(12, 8, 8), num_gist=2, eval_n=3, new_tokens=4, queries=4, deadline_s=0, timeout_s=300,
-                packed=(128, 1)),
+    "gpu": dict(
+        shape="configs/models/llama-1b.yaml",
+        dtype="bf16",
+        steps=8,
+        micro_batch=8,
+        max_length=512,
+        words=(140, 100, 100),
+        num_gist=4,
+        eval_n=4,
+        new_tokens=8,
+        queries=8,
+        deadline_s=460,
+        timeout_s=240,
+        packed=(2048, 2),
+    ),
+    "dry": dict(
+        shape="configs/models/tiny.yaml",
+        dtype="fp32",
+        steps=2,
+        micro_batch=2,
+        max_length=64,
+        words=(12, 8, 8),
+        num_gist=2,
+        eval_n=3,
+        new_tokens=4,
+        queries=4,
+        deadline_s=0,
+        timeout_s=300,
+        packed=(128, 1),
+    ),
 }
 
 
@@ -96,8 +123,15 @@ def sh(check: Check, cmd: list, timeout: int, stdin: str | None = None) -> subpr
     worker too, which would hold the GPU) and counts as a failure (rc 124)."""
     cmd = [str(c) for c in cmd]
     check.log("$ " + " ".join(cmd))
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(stdin or "", timeout=max(timeout, 1))
         rc = proc.returncode
@@ -113,8 +147,20 @@ def sh(check: Check, cmd: list, timeout: int, stdin: str | None = None) -> subpr
 
 
 def torchrun(args: list) -> list:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
-            "--master_port", free_port(), "-m", "gist_dist.cli", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "1",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        free_port(),
+        "-m",
+        "gist_dist.cli",
+        *args,
+    ]
 
 
 def matmul_peak(device: str, dtype: torch.dtype, n: int, iters: int) -> float:
@@ -128,12 +174,13 @@ def matmul_peak(device: str, dtype: torch.dtype, n: int, iters: int) -> float:
     for _ in range(iters):
         a @ b
     sync()
-    return 2 * n ** 3 * iters / (time.perf_counter() - t0)
+    return 2 * n**3 * iters / (time.perf_counter() - t0)
 
 
 def build_model(shape_file: str, target: Path, dtype: torch.dtype, device: str) -> dict:
     """Random weights for a shape file, saved once as an HF folder (transformers alone)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
+
     shape = {k: v for k, v in yaml.safe_load((ROOT / shape_file).read_text()).items() if k not in ("name", "notes")}
     config = LlamaConfig(**shape)
     torch.manual_seed(0)
@@ -143,8 +190,14 @@ def build_model(shape_file: str, target: Path, dtype: torch.dtype, device: str) 
     total = sum(p.numel() for p in model.parameters())
     del model
     embed = config.vocab_size * config.hidden_size
-    return {"shape": shape_file, "params": total, "matmul_params": total - (0 if config.tie_word_embeddings else embed),
-            "layers": config.num_hidden_layers, "hidden": config.hidden_size, "vocab": config.vocab_size}
+    return {
+        "shape": shape_file,
+        "params": total,
+        "matmul_params": total - (0 if config.tie_word_embeddings else embed),
+        "layers": config.num_hidden_layers,
+        "hidden": config.hidden_size,
+        "vocab": config.vocab_size,
+    }
 
 
 def write_data(work: Path, s: dict) -> dict:
@@ -153,8 +206,10 @@ def write_data(work: Path, s: dict) -> dict:
     rng = random.Random(0)
     words = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
     n_ins, n_in, n_out = s["words"]
-    train = [{"instruction": words(n_ins), "input": words(n_in), "output": words(n_out)}
-             for _ in range(s["micro_batch"] * (s["steps"] + 2))]
+    train = [
+        {"instruction": words(n_ins), "input": words(n_in), "output": words(n_out)}
+        for _ in range(s["micro_batch"] * (s["steps"] + 2))
+    ]
     inputs = [words(rng.randint(3, 6)) for _ in range(s["eval_n"])]
     evals = [{"instruction": INSTRUCTION, "input": x, "output": " ".join(x.split()[::-1])} for x in inputs]
     files = {"train": work / "train.jsonl", "eval": work / "eval.jsonl", "prompt": work / "system_prompt.txt"}
@@ -165,12 +220,22 @@ def write_data(work: Path, s: dict) -> dict:
 
 
 def run_config(work: Path, s: dict, model_dir: Path, tokenizer: str, files: dict) -> Path:
-    cfg = {"mask": "gist", "num_gist": s["num_gist"], "output_dir": str(work / "default"),
-           "model": {"name": str(model_dir), "tokenizer": tokenizer, "dtype": s["dtype"]},
-           "data": {"train": str(files["train"]), "eval": str(files["train"]), "max_length": s["max_length"]},
-           "train": {"micro_batch_size": s["micro_batch"], "max_steps": s["steps"], "lr": 1e-4, "warmup_steps": 1,
-                     "eval_batches": 1},
-           "eval_max_new_tokens": s["new_tokens"], "eval_batch_size": 4}
+    cfg = {
+        "mask": "gist",
+        "num_gist": s["num_gist"],
+        "output_dir": str(work / "default"),
+        "model": {"name": str(model_dir), "tokenizer": tokenizer, "dtype": s["dtype"]},
+        "data": {"train": str(files["train"]), "eval": str(files["train"]), "max_length": s["max_length"]},
+        "train": {
+            "micro_batch_size": s["micro_batch"],
+            "max_steps": s["steps"],
+            "lr": 1e-4,
+            "warmup_steps": 1,
+            "eval_batches": 1,
+        },
+        "eval_max_new_tokens": s["new_tokens"],
+        "eval_batch_size": 4,
+    }
     path = work / "check.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -184,10 +249,17 @@ def train_figures(run_dir: Path, model: dict, peak: float, micro_batch: int) -> 
     tps = statistics.median(r["tokens_per_s"] for r in timed)
     seq = statistics.fmean(r["tokens"] for r in steps) / micro_batch
     per_token = 6 * model["matmul_params"] + 12 * model["layers"] * model["hidden"] * seq
-    return {"steps": len(steps), "tokens_per_step": steps[-1]["tokens"], "mean_seq_len": round(seq, 1),
-            "tokens_per_s": tps, "step_time_s": statistics.median(r["step_time_s"] for r in timed),
-            "peak_mem_gb": max(r["peak_mem_gb"] for r in steps), "mfu": tps * per_token / peak,
-            "first_loss": steps[0]["loss"], "last_loss": steps[-1]["loss"]}
+    return {
+        "steps": len(steps),
+        "tokens_per_step": steps[-1]["tokens"],
+        "mean_seq_len": round(seq, 1),
+        "tokens_per_s": tps,
+        "step_time_s": statistics.median(r["step_time_s"] for r in timed),
+        "peak_mem_gb": max(r["peak_mem_gb"] for r in steps),
+        "mfu": tps * per_token / peak,
+        "first_loss": steps[0]["loss"],
+        "last_loss": steps[-1]["loss"],
+    }
 
 
 def finite(*values) -> bool:
@@ -216,18 +288,41 @@ def main() -> int:
     def left() -> int:
         """Seconds a command may take: its timeout, cut to what is left before the deadline (8 minutes on the GPU
         with the install and start before this script; the device tool stops a call at 10)."""
-        return int(min(s["timeout_s"], s["deadline_s"] - (time.time() - check.t0))) if s["deadline_s"] else s["timeout_s"]
+        return (
+            int(min(s["timeout_s"], s["deadline_s"] - (time.time() - check.t0))) if s["deadline_s"] else s["timeout_s"]
+        )
 
     def over_budget() -> bool:
         return left() < 45
 
     # 1. the gpu-marked tests
     t = time.time()
-    proc = sh(check, [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "-rs",
-                      "--continue-on-collection-errors", "tests/"], timeout=left())
+    proc = sh(
+        check,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "gpu",
+            "-rs",
+            "--continue-on-collection-errors",
+            "tests/",
+        ],
+        timeout=left(),
+    )
     summary = (proc.stdout.strip().splitlines() or [""])[-1]
-    check.step("tests", {"ok": proc.returncode in (0, 5) and "failed" not in summary and "error" not in summary,
-                         "summary": summary, "seconds": round(time.time() - t, 1)})
+    check.step(
+        "tests",
+        {
+            "ok": proc.returncode in (0, 5) and "failed" not in summary and "error" not in summary,
+            "summary": summary,
+            "seconds": round(time.time() - t, 1),
+        },
+    )
 
     # 2. the MFU denominator
     dtype = torch.float32 if dry else torch.bfloat16
@@ -273,20 +368,48 @@ def main() -> int:
         check.step("eval", {"ok": False, "skipped": "time budget spent or no distill run"})
     else:
         t = time.time()
-        proc = sh(check, [*CLI, "eval", config, "objective=distill", f"output_dir={distill_dir}",
-                          f"data.eval_splits=check:{files['eval']}"], left())
+        proc = sh(
+            check,
+            [
+                *CLI,
+                "eval",
+                config,
+                "objective=distill",
+                f"output_dir={distill_dir}",
+                f"data.eval_splits=check:{files['eval']}",
+            ],
+            left(),
+        )
         entry = {"ok": False, "eval_seconds": round(time.time() - t, 1)}
         if proc.returncode == 0:
             outputs = [json.loads(x) for x in (distill_dir / "eval_outputs.jsonl").read_text().splitlines()]
             cached = [o["prediction"] for o in outputs]
-            gen = sh(check, [*CLI, "generate", "--gist", distill_dir, "--instruction", INSTRUCTION,
-                             "--max-new-tokens", s["new_tokens"]], left(),
-                     stdin="".join(o["input"] + "\n" for o in outputs))
+            gen = sh(
+                check,
+                [
+                    *CLI,
+                    "generate",
+                    "--gist",
+                    distill_dir,
+                    "--instruction",
+                    INSTRUCTION,
+                    "--max-new-tokens",
+                    s["new_tokens"],
+                ],
+                left(),
+                stdin="".join(o["input"] + "\n" for o in outputs),
+            )
             # generate prints one answer a line; an answer may hold a newline itself, so the texts are compared whole
             uncached = gen.stdout if gen.returncode == 0 else None
-            entry.update(n=len(cached), cached=cached, uncached=uncached,
-                         generate_s=json.loads((distill_dir / "eval.json").read_text())["splits"]["check"]["generate_s"])
-            entry["cached_equals_uncached"] = entry["ok"] = bool(cached) and "".join(c + "\n" for c in cached) == uncached
+            entry.update(
+                n=len(cached),
+                cached=cached,
+                uncached=uncached,
+                generate_s=json.loads((distill_dir / "eval.json").read_text())["splits"]["check"]["generate_s"],
+            )
+            entry["cached_equals_uncached"] = entry["ok"] = (
+                bool(cached) and "".join(c + "\n" for c in cached) == uncached
+            )
         entry["seconds"] = round(time.time() - t, 1)
         check.step("eval", entry)
 
@@ -295,9 +418,26 @@ def main() -> int:
         check.step("compress", {"ok": False, "skipped": "time budget spent"})
     else:
         t, run_dir = time.time(), work / "compress"
-        proc = sh(check, torchrun(["compress", "--prompt-file", files["prompt"], "--num-gist", s["num_gist"],
-                                   "--num-queries", s["queries"], "--answer-tokens", s["new_tokens"],
-                                   "--config", config, f"output_dir={run_dir}"]), left())
+        proc = sh(
+            check,
+            torchrun(
+                [
+                    "compress",
+                    "--prompt-file",
+                    files["prompt"],
+                    "--num-gist",
+                    s["num_gist"],
+                    "--num-queries",
+                    s["queries"],
+                    "--answer-tokens",
+                    s["new_tokens"],
+                    "--config",
+                    config,
+                    f"output_dir={run_dir}",
+                ]
+            ),
+            left(),
+        )
         entry = {"ok": proc.returncode == 0, "compress_seconds": round(time.time() - t, 1)}
         if proc.returncode == 0:
             entry.update(train_figures(run_dir, model, peak, s["micro_batch"]))
@@ -305,10 +445,24 @@ def main() -> int:
                 entry["fidelity"] = json.loads(proc.stdout.strip().splitlines()[-1]).get("fidelity")
             except (json.JSONDecodeError, IndexError):
                 pass
-            gen = sh(check, [*CLI, "generate", "--gist", run_dir, "--query", "When are you open?",
-                             "--max-new-tokens", s["new_tokens"]], left())
-            entry.update(ok=gen.returncode == 0 and finite(entry["tokens_per_s"], entry["peak_mem_gb"]),
-                         answer=gen.stdout.strip())
+            gen = sh(
+                check,
+                [
+                    *CLI,
+                    "generate",
+                    "--gist",
+                    run_dir,
+                    "--query",
+                    "When are you open?",
+                    "--max-new-tokens",
+                    s["new_tokens"],
+                ],
+                left(),
+            )
+            entry.update(
+                ok=gen.returncode == 0 and finite(entry["tokens_per_s"], entry["peak_mem_gb"]),
+                answer=gen.stdout.strip(),
+            )
         entry["seconds"] = round(time.time() - t, 1)
         check.step("compress", entry)
 
@@ -322,17 +476,26 @@ def main() -> int:
         check.step("packed_flex", {"ok": True, "skipped": "FlexAttention trains only on CUDA"})
     dense, flex = check.result["steps"]["packed_dense"], check.result["steps"]["packed_flex"]
     if "step_time_s" in dense and "step_time_s" in flex:
-        check.set("flex_vs_dense", {"step_time": flex["step_time_s"] / dense["step_time_s"],
-                                    "peak_mem": flex["peak_mem_gb"] / dense["peak_mem_gb"]})
-        check.log(f"packed flex / dense: step time {check.result['flex_vs_dense']['step_time']:.3f}, "
-                  f"peak memory {check.result['flex_vs_dense']['peak_mem']:.3f}")
+        check.set(
+            "flex_vs_dense",
+            {
+                "step_time": flex["step_time_s"] / dense["step_time_s"],
+                "peak_mem": flex["peak_mem_gb"] / dense["peak_mem_gb"],
+            },
+        )
+        check.log(
+            f"packed flex / dense: step time {check.result['flex_vs_dense']['step_time']:.3f}, "
+            f"peak memory {check.result['flex_vs_dense']['peak_mem']:.3f}"
+        )
 
     steps = check.result["steps"]
     check.log("variant      tokens/s    MFU     peak GB   seconds")
     for name in ("gist", "gist_ckpt", "distill", "compress", "packed_dense", "packed_flex"):
         e = steps.get(name, {})
         if "tokens_per_s" in e:
-            check.log(f"{name:10s} {e['tokens_per_s']:10.1f} {e['mfu']:7.2%} {e['peak_mem_gb']:9.2f} {e['seconds']:9.1f}")
+            check.log(
+                f"{name:10s} {e['tokens_per_s']:10.1f} {e['mfu']:7.2%} {e['peak_mem_gb']:9.2f} {e['seconds']:9.1f}"
+            )
         else:
             check.log(f"{name:10s} not measured ({e.get('skipped') or e.get('error') or 'failed'})")
     ev = steps.get("eval", {})

@@ -9,6 +9,7 @@ the step's memory above the loaded model (median over repeats) and the ratio row
 Synthetic token ids (memory depends on shapes only): teacher rows are `tokens` long with the last
 half labelled, the student's prompt is replaced by one gist token.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,7 @@ import statistics
 import subprocess
 import sys
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def rss_gib() -> float:
@@ -48,7 +49,7 @@ def one_step(variant: str, batch: int, tokens: int) -> dict:
     ids = torch.randint(100, num_old, (batch, tokens))
     labels_t = torch.full_like(ids, IGNORE)
     labels_t[:, -answer:] = ids[:, -answer:]
-    s_ids = torch.cat([torch.full((batch, 1), gist_ids[0]), ids[:, -answer - 3:]], 1)  # gist + tail + answer
+    s_ids = torch.cat([torch.full((batch, 1), gist_ids[0]), ids[:, -answer - 3 :]], 1)  # gist + tail + answer
     labels_s = torch.full_like(s_ids, IGNORE)
     labels_s[:, -answer:] = ids[:, -answer:]
     ones = lambda t: {"input_ids": t, "attention_mask": torch.ones_like(t), "labels": None}  # noqa: E731
@@ -59,10 +60,12 @@ def one_step(variant: str, batch: int, tokens: int) -> dict:
     if variant == "rows":
         loss = module(teacher=teacher, student=student, labels_t=labels_t, labels_s=labels_s) / targets
     else:  # the loss as first written (2026-11): full [B, T, V] logits, response rows picked afterwards
+
         def rows(logits, labels):
             pos = torch.zeros_like(labels, dtype=torch.bool)
             pos[:, :-1] = labels[:, 1:] != IGNORE
             return logits[pos]
+
         with torch.no_grad():
             t_rows = rows(model(**teacher).logits, labels_t)
         embeds = module.gist_rows(student["input_ids"], model.get_input_embeddings())
@@ -89,17 +92,34 @@ def main():
     runs = {"full": [], "rows": []}
     for _ in range(args.repeats):
         for variant in runs:  # alternate, so drift on the machine hits both
-            out = subprocess.run([sys.executable, __file__, "--worker", variant, "--batch", str(args.batch),
-                                  "--tokens", str(args.tokens)], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    variant,
+                    "--batch",
+                    str(args.batch),
+                    "--tokens",
+                    str(args.tokens),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"SmolLM2-135M distill step, fp32, batch {args.batch} x {args.tokens} tokens, {args.repeats} runs per variant")
+    print(
+        f"SmolLM2-135M distill step, fp32, batch {args.batch} x {args.tokens} tokens, {args.repeats} runs per variant"
+    )
     med = {}
     for variant, rs in runs.items():
         med[variant] = statistics.median(r["step_gib"] for r in rs)
         each = ", ".join(f"{r['step_gib']:.3f}" for r in rs)
-        print(f"  {variant:5s} step memory above the loaded model: median {med[variant]:.3f} GiB "
-              f"(runs {each}), peak RSS median "
-              f"{statistics.median(r['peak_gib'] for r in rs):.3f} GiB, loss {rs[0]['loss']:.4f}")
+        print(
+            f"  {variant:5s} step memory above the loaded model: median {med[variant]:.3f} GiB "
+            f"(runs {each}), peak RSS median "
+            f"{statistics.median(r['peak_gib'] for r in rs):.3f} GiB, loss {rs[0]['loss']:.4f}"
+        )
     print(f"  ratio rows / full (step memory) = {med['rows'] / med['full']:.3f}")
 
 

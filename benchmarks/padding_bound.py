@@ -7,13 +7,14 @@ costs in proportion to the positions it computes, this is the most packing can w
 One process; the examples are encoded as the trainer encodes them (data.num_train records, the template,
 truncation). packing_throughput.py prints the same figure for its own micro-batch.
 """
+
 import sys
 
 import torch
 
-from gist_dist.data.batches import ShardedBatches
 from gist_dist.config import load_config
 from gist_dist.data import GistTemplate, load_records
+from gist_dist.data.batches import ShardedBatches
 from gist_dist.methods import METHODS, Tokens
 from gist_dist.model import load_tokenizer
 from gist_dist.tokens import add_gist_tokens
@@ -41,12 +42,15 @@ def main():
     tokens = Tokens(tok, add_gist_tokens(tok, cfg.num_gist), num_old, tok.pad_token_id)
     method = METHODS["finetune"](cfg, tokens, torch.float32)
     template = GistTemplate(tok, tokens.gist_ids, cfg.data.max_length, cfg.data.overlong, cfg.data.template)
-    examples = method.encode(template, load_records(cfg.data.train, n=cfg.data.num_train, seed=cfg.data.seed),
-                             None, "train")
+    examples = method.encode(
+        template, load_records(cfg.data.train, n=cfg.data.num_train, seed=cfg.data.seed), None, "train"
+    )
     print(f"{cfg.data.train}: {len(examples)} examples, {WORLD} ranks")
     for size in sizes:
-        print(f"  micro-batch {size:3d} examples: {padding_bound(examples, size, WORLD, cfg.train.seed):.3f} "
-              "positions per real token")
+        print(
+            f"  micro-batch {size:3d} examples: {padding_bound(examples, size, WORLD, cfg.train.seed):.3f} "
+            "positions per real token"
+        )
 
 
 if __name__ == "__main__":

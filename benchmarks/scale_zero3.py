@@ -20,6 +20,7 @@ activations, ring all-gather/reduce-scatter volume) for N CPU ranks in fp32, plu
                        3 * model bytes - embedding bytes (logical size; a ring moves (N-1)/N of it
                        per rank); reduce-scatter only of the k x hidden gist gradient.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,14 +43,24 @@ GB = 1e9
 
 
 # ---------------------------------------------------------------- worker: count bytes, then train
-COLLECTIVES = ("all_gather_into_tensor", "_all_gather_base", "all_gather", "reduce_scatter_tensor",
-               "_reduce_scatter_base", "reduce_scatter", "all_reduce", "broadcast", "all_to_all_single")
+COLLECTIVES = (
+    "all_gather_into_tensor",
+    "_all_gather_base",
+    "all_gather",
+    "reduce_scatter_tensor",
+    "_reduce_scatter_base",
+    "reduce_scatter",
+    "all_reduce",
+    "broadcast",
+    "all_to_all_single",
+)
 
 
 def message_bytes(args, kwargs) -> int:
     """The whole (logical) message: all-gather output, reduce-scatter input, all-reduce tensor.
     That is the largest tensor argument, a list of tensors counting as their sum."""
     import torch
+
     sizes = [0]
     for v in (*args, *kwargs.values()):
         if isinstance(v, torch.Tensor):
@@ -70,6 +81,7 @@ class CommCounter:
     def install(self):
         import torch.distributed as td
         import torch.distributed.distributed_c10d as c10d
+
         for name in COLLECTIVES:  # before deepspeed.comm caches function objects at init
             original = getattr(c10d, name, None)
             if original is not None:
@@ -88,6 +100,7 @@ class CommCounter:
                 return fn(*args, **kwargs)
             finally:
                 self.inside = False
+
         return counted
 
     def record(self, name, nbytes):
@@ -106,14 +119,19 @@ class CommCounter:
         self.phase, self.step_ops = "other", None
 
     def as_dict(self) -> dict:
-        return {"phases": {p: {op: {"calls": c, "bytes": b} for op, (c, b) in ops.items()}
-                           for p, ops in self.phases.items()},
-                "steps": self.steps, "deepspeed_comms_logger_steps": self.ds_steps}
+        return {
+            "phases": {
+                p: {op: {"calls": c, "bytes": b} for op, (c, b) in ops.items()} for p, ops in self.phases.items()
+            },
+            "steps": self.steps,
+            "deepspeed_comms_logger_steps": self.ds_steps,
+        }
 
 
 def ds_logged() -> dict:
     """DeepSpeed comms logger totals so far: op -> sum(count * its msg_size); empty when off."""
     from deepspeed.comm.comm import comms_logger
+
     if not comms_logger.enabled:
         return {}
     return {op: sum(v[0] * size for size, v in sizes.items()) for op, sizes in comms_logger.comms_dict.items()}
@@ -143,6 +161,7 @@ def count_phases(trainer, counter: CommCounter):
 def with_comms_logger(config_path: str, overrides: list[str], out_dir: Path) -> list[str]:
     """A copy of the run's DeepSpeed JSON with the comms logger on, as a zero.json override."""
     from gist_dist.config import load_config
+
     cfg = load_config(config_path, overrides)
     src = Path(cfg.zero.json) if Path(cfg.zero.json).exists() else ROOT / cfg.zero.json
     ds = json.loads(src.read_text())
@@ -157,6 +176,7 @@ def worker(config_path: str, overrides: list[str], ds_comms_logger: bool) -> int
     from gist_dist import cli
     from gist_dist.config import ConfigError, load_config
     from gist_dist.trainer import Trainer
+
     try:
         out = Path(load_config(config_path, overrides).output_dir)
         if ds_comms_logger:
@@ -173,8 +193,11 @@ def worker(config_path: str, overrides: list[str], ds_comms_logger: bool) -> int
     trainer.train()
     code = 0
     rank = int(os.environ.get("RANK", "0"))
-    result = {"rank": rank, "ru_maxrss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB,
-              **counter.as_dict()}
+    result = {
+        "rank": rank,
+        "ru_maxrss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB,
+        **counter.as_dict(),
+    }
     (out / f"comm_rank{rank}.json").write_text(json.dumps(result, indent=1))
     return code
 
@@ -184,7 +207,9 @@ def meta_model(cfg, vocab_min: int):
     """The shape built on the meta device: exact parameter sizes, no memory."""
     import torch
     from transformers import AutoModelForCausalLM
+
     from gist_dist.model import is_shape_file, llama_config_from_shape, resolve_model_path
+
     path = resolve_model_path(cfg.model.name)
     if not is_shape_file(path):
         raise SystemExit(f"scale_zero3: model.name must be a shape file (configs/models/*.yaml), got {cfg.model.name}")
@@ -195,12 +220,19 @@ def meta_model(cfg, vocab_min: int):
 
 def runtime_baseline_gb() -> float:
     """Peak RSS of a process that imported the stack and loaded the tokenizer, before any model."""
-    code = ("import resource, torch, deepspeed, transformers; from gist_dist import trainer; "
-            "from gist_dist.config import ModelConfig; from gist_dist.model import load_tokenizer; "
-            "load_tokenizer(ModelConfig(tokenizer='smollm2')); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    code = (
+        "import resource, torch, deepspeed, transformers; from gist_dist import trainer; "
+        "from gist_dist.config import ModelConfig; from gist_dist.model import load_tokenizer; "
+        "load_tokenizer(ModelConfig(tokenizer='smollm2')); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     return int(out.stdout.split()[-1]) * 1024 / GB
 
 
@@ -210,11 +242,19 @@ def predict(cfg, world: int, baseline_gb: float) -> dict:
     from gist_dist.analysis import plan
     from gist_dist.analysis.flops import shape_of
     from gist_dist.model import load_tokenizer
+
     tok_size = len(load_tokenizer(cfg.model))
     model, config = meta_model(cfg, tok_size)
     shape = shape_of(cfg.model.name, config=config)  # vocab = max(shape, tokenizer), as load_model does
-    setup = plan.Setup(nodes=1, gpus_per_node=world, objective="distill", dtype="fp32", num_gist=cfg.num_gist,
-                       micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.max_length).validate()
+    setup = plan.Setup(
+        nodes=1,
+        gpus_per_node=world,
+        objective="distill",
+        dtype="fp32",
+        num_gist=cfg.num_gist,
+        micro_batch=cfg.train.micro_batch_size,
+        seq_len=cfg.data.max_length,
+    ).validate()
     states, act = plan.model_states(shape, setup), plan.activations(shape, setup)
     in_ram = states["gpu_total"] + act
     if cfg.zero.offload_param == "nvme":  # shards live on disk; RAM holds the swap buffers instead
@@ -226,11 +266,17 @@ def predict(cfg, world: int, baseline_gb: float) -> dict:
     # is tied to the LM head; the planner counts 3 full gathers, this refines it by that one matrix.
     embedding = 0 if shape.tied else shape.vocab * shape.hidden * elem
     return {
-        "params": params, "meta_params": sum(p.numel() for p in model.parameters()), "model_bytes": params * elem,
-        "vocab": shape.vocab, "layers": shape.layers, "hidden": shape.hidden, "tokenizer_size": tok_size,
+        "params": params,
+        "meta_params": sum(p.numel() for p in model.parameters()),
+        "model_bytes": params * elem,
+        "vocab": shape.vocab,
+        "layers": shape.layers,
+        "hidden": shape.hidden,
+        "tokenizer_size": tok_size,
         "shard_bytes_per_rank": sum(math.ceil(p.numel() / world) for p in model.parameters()) * elem,
         "planner_gpu_bytes": {**states["gpu"], "activations": act},
-        "planner_total_gb": in_ram / GB, "runtime_baseline_gb": baseline_gb,
+        "planner_total_gb": in_ram / GB,
+        "runtime_baseline_gb": baseline_gb,
         "peak_rss_gb_per_rank": baseline_gb + in_ram / GB,
         "planner_allgather_wire_bytes_per_rank": comm["all_gather"],
         "planner_reduce_scatter_wire_bytes_per_rank": comm["reduce_scatter"],
@@ -242,8 +288,10 @@ def predict(cfg, world: int, baseline_gb: float) -> dict:
 
 def swap_buffer_bytes(cfg, hidden: int) -> int:
     """ZeRO-Infinity's pinned read buffers for nvme-offloaded parameters: count x size x 4 bytes."""
-    from gist_dist.zero import deepspeed_config
     import torch
+
+    from gist_dist.zero import deepspeed_config
+
     offload = deepspeed_config(cfg, hidden, torch.float32)["zero_optimization"]["offload_param"]
     return int(offload.get("buffer_count", 5) * offload.get("buffer_size", 1e8)) * 4
 
@@ -263,8 +311,19 @@ def free_port() -> int:
 
 def launch_and_sample(args, nproc: int, every_s: float) -> dict:
     """Run the workers under torchrun; sample each rank's RSS (by RANK) and the host's free memory."""
-    cmd = [BIN / "torchrun", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), __file__, "--worker", args.config, *args.overrides]
+    cmd = [
+        BIN / "torchrun",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        __file__,
+        "--worker",
+        args.config,
+        *args.overrides,
+    ]
     if args.ds_comms_logger:
         cmd.append("--ds-comms-logger")
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
@@ -288,8 +347,13 @@ def launch_and_sample(args, nproc: int, every_s: float) -> dict:
             timeline.append({"t_s": round(now, 1), "rank_rss_gb": [round(rss[r], 3) for r in sorted(rss)]})
             last = now
         time.sleep(every_s)
-    return {"returncode": proc.returncode, "wall_s": time.time() - started, "sampled_peak_rss_gb":
-            [peak[r] for r in sorted(peak)], "min_mem_available_gb": min_avail, "rss_timeline": timeline}
+    return {
+        "returncode": proc.returncode,
+        "wall_s": time.time() - started,
+        "sampled_peak_rss_gb": [peak[r] for r in sorted(peak)],
+        "min_mem_available_gb": min_avail,
+        "rss_timeline": timeline,
+    }
 
 
 def checkpoint_bytes(directory: Path) -> int:
@@ -308,20 +372,30 @@ def summarize(out: Path, nproc: int, prediction: dict, sampled: dict) -> dict:
     per_step = [[{op: v["bytes"] for op, v in step.items()} for step in c["steps"]] for c in comm]
     held = start["rank_param_bytes"]
     measured = {
-        "build_s": start["build_s"], "model_param_bytes": start["model_param_bytes"], "rank_param_bytes": held,
+        "build_s": start["build_s"],
+        "model_param_bytes": start["model_param_bytes"],
+        "rank_param_bytes": held,
         "rank_param_fraction": [b / start["model_param_bytes"] for b in held],
-        "step_time_s": [s["step_time_s"] for s in steps], "loss": [s["loss"] for s in steps],
+        "step_time_s": [s["step_time_s"] for s in steps],
+        "loss": [s["loss"] for s in steps],
         "rank_peak_rss_gb": steps[-1]["rank_peak_mem_gb"] if steps else None,
         "rank_peak_rss_gb_at_exit": [c["ru_maxrss_gb"] for c in comm],
         "rank_comm_bytes_per_step": per_step,
         "rank_ds_comms_logger_bytes_per_step": [c["deepspeed_comms_logger_steps"] for c in comm],
-        "rank_comm_phases": [c["phases"] for c in comm], **sampled,
+        "rank_comm_phases": [c["phases"] for c in comm],
+        **sampled,
         "checkpoint_bytes": checkpoint_bytes(out / "checkpoints"),
     }
     peak = max(measured["rank_peak_rss_gb_at_exit"])
-    return {"world_size": nproc, "prediction": prediction, "measured": measured,
-            "checks": {"peak_over_model_bytes": peak * GB / prediction["model_bytes"],
-                       "peak_over_prediction": peak / prediction["peak_rss_gb_per_rank"]}}
+    return {
+        "world_size": nproc,
+        "prediction": prediction,
+        "measured": measured,
+        "checks": {
+            "peak_over_model_bytes": peak * GB / prediction["model_bytes"],
+            "peak_over_prediction": peak / prediction["peak_rss_gb_per_rank"],
+        },
+    }
 
 
 def table(result: dict) -> str:
@@ -329,27 +403,47 @@ def table(result: dict) -> str:
     gathers = [sum(b for op, b in step.items() if "gather" in op) for step in m["rank_comm_bytes_per_step"][0]]
     n = result["world_size"]
     rows = [
-        ("parameters (vocab %d)" % p["vocab"], f"{p['params']:,} = {p['model_bytes'] / GB:.2f} GB fp32",
-         f"{m['model_param_bytes'] / GB:.2f} GB built"),
-        ("parameter bytes held per rank", f"{p['shard_bytes_per_rank'] / GB:.3f} GB",
-         " / ".join(f"{b / GB:.3f} GB ({f:.1%})" for b, f in zip(m["rank_param_bytes"], m["rank_param_fraction"]))),
-        ("peak RSS per rank (ru_maxrss)", f"{p['peak_rss_gb_per_rank']:.2f} GB (planner {p['planner_total_gb']:.2f}"
-         f" + baseline {p['runtime_baseline_gb']:.2f})",
-         " / ".join(f"{g:.2f} GB" for g in m["rank_peak_rss_gb_at_exit"])),
+        (
+            f"parameters (vocab {p['vocab']})",
+            f"{p['params']:,} = {p['model_bytes'] / GB:.2f} GB fp32",
+            f"{m['model_param_bytes'] / GB:.2f} GB built",
+        ),
+        (
+            "parameter bytes held per rank",
+            f"{p['shard_bytes_per_rank'] / GB:.3f} GB",
+            " / ".join(f"{b / GB:.3f} GB ({f:.1%})" for b, f in zip(m["rank_param_bytes"], m["rank_param_fraction"])),
+        ),
+        (
+            "peak RSS per rank (ru_maxrss)",
+            f"{p['peak_rss_gb_per_rank']:.2f} GB (planner {p['planner_total_gb']:.2f}"
+            f" + baseline {p['runtime_baseline_gb']:.2f})",
+            " / ".join(f"{g:.2f} GB" for g in m["rank_peak_rss_gb_at_exit"]),
+        ),
         ("peak RSS per rank (sampled /proc)", "", " / ".join(f"{g:.2f} GB" for g in m["sampled_peak_rss_gb"])),
-        ("peak RSS per rank by the last step (ru_maxrss)", "",
-         " / ".join(f"{g:.2f} GB" for g in m["rank_peak_rss_gb"] or [])),
+        (
+            "peak RSS per rank by the last step (ru_maxrss)",
+            "",
+            " / ".join(f"{g:.2f} GB" for g in m["rank_peak_rss_gb"] or []),
+        ),
         ("lowest MemAvailable on the host", "", f"{m['min_mem_available_gb']:.1f} GB"),
         ("build (zero.Init + init weights)", "", f"{m['build_s']:.0f} s"),
         ("step time", "", " / ".join(f"{t:.1f} s" for t in m["step_time_s"])),
-        ("all-gather per step, rank 0 (logical)", f"{p['distill_allgather_bytes_per_step'] / GB:.2f} GB",
-         " / ".join(f"{g / GB:.2f} GB" for g in gathers)),
-        ("all-gather per step, rank 0 (ring, sent)", f"{p['distill_allgather_wire_bytes_per_rank'] / GB:.2f} GB "
-         f"(planner {p['planner_allgather_wire_bytes_per_rank'] / GB:.2f})",
-         " / ".join(f"{g * (n - 1) / n / GB:.2f} GB" for g in gathers)),
-        ("reduce-scatter per step, rank 0 (logical; gist gradient only)",
-         f"{p['planner_reduce_scatter_wire_bytes_per_rank'] * n / (n - 1):,.0f} B (planner)",
-         " / ".join(f"{step.get('reduce_scatter_tensor', 0):,} B" for step in m["rank_comm_bytes_per_step"][0])),
+        (
+            "all-gather per step, rank 0 (logical)",
+            f"{p['distill_allgather_bytes_per_step'] / GB:.2f} GB",
+            " / ".join(f"{g / GB:.2f} GB" for g in gathers),
+        ),
+        (
+            "all-gather per step, rank 0 (ring, sent)",
+            f"{p['distill_allgather_wire_bytes_per_rank'] / GB:.2f} GB "
+            f"(planner {p['planner_allgather_wire_bytes_per_rank'] / GB:.2f})",
+            " / ".join(f"{g * (n - 1) / n / GB:.2f} GB" for g in gathers),
+        ),
+        (
+            "reduce-scatter per step, rank 0 (logical; gist gradient only)",
+            f"{p['planner_reduce_scatter_wire_bytes_per_rank'] * n / (n - 1):,.0f} B (planner)",
+            " / ".join(f"{step.get('reduce_scatter_tensor', 0):,} B" for step in m["rank_comm_bytes_per_step"][0]),
+        ),
         ("checkpoint on disk (both ranks)", "", f"{m['checkpoint_bytes'] / 1e6:,.1f} MB"),
     ]
     lines = ["| quantity | predicted | measured |", "|---|---|---|"]
@@ -371,6 +465,7 @@ def main(argv=None) -> int:
         return worker(args.config, args.overrides, args.ds_comms_logger)
 
     from gist_dist.config import ConfigError, load_config
+
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -379,9 +474,12 @@ def main(argv=None) -> int:
     prediction = predict(cfg, args.nproc, runtime_baseline_gb())
     need = args.nproc * prediction["peak_rss_gb_per_rank"] + args.headroom_gb
     if mem_available_gb() < need:
-        print(f"scale_zero3: needs about {need:.1f} GB free (predicted {prediction['peak_rss_gb_per_rank']:.1f} GB "
-              f"x {args.nproc} ranks + {args.headroom_gb} GB headroom), {mem_available_gb():.1f} GB available; "
-              "wait for other jobs or lower --headroom-gb", file=sys.stderr)
+        print(
+            f"scale_zero3: needs about {need:.1f} GB free (predicted {prediction['peak_rss_gb_per_rank']:.1f} GB "
+            f"x {args.nproc} ranks + {args.headroom_gb} GB headroom), {mem_available_gb():.1f} GB available; "
+            "wait for other jobs or lower --headroom-gb",
+            file=sys.stderr,
+        )
         return 1
     sampled = launch_and_sample(args, args.nproc, args.sample_every)
     if sampled["returncode"] != 0:

@@ -12,6 +12,7 @@ gradients, which only gist mode computes):
 so FLOPs per step are about equal; what differs is memory (no optimizer state) and gradient traffic.
 Time per step = max(compute, communication): ZeRO-3 prefetches the next layer while one computes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,18 +35,29 @@ def step(model: str, mode: str, nodes: int, mb: int, seq: int, mfu: float) -> di
     shape = shape_of(model)
     setup = plan.Setup(nodes=nodes, gpus_per_node=GPUS, objective=mode, micro_batch=mb, seq_len=seq)
     p = plan.plan(model, setup)
-    ckpt = plan.plan(model, plan.Setup(nodes=nodes, gpus_per_node=GPUS, objective=mode, micro_batch=mb,
-                                       seq_len=seq, checkpointing=True))
+    ckpt = plan.plan(
+        model,
+        plan.Setup(nodes=nodes, gpus_per_node=GPUS, objective=mode, micro_batch=mb, seq_len=seq, checkpointing=True),
+    )
     flops = 3 * mb * forward_flops(shape, seq, 0, logits=seq)
     compute_s = flops / (mfu * PEAK_TFLOPS * 1e12)
     comm = p["comm_bytes_per_step"]["total"]
     bandwidth = INTRA_NODE_GBPS if nodes == 1 else INTER_NODE_GBPS
     comm_s = comm / (bandwidth * 1e9)
     step_s = max(compute_s, comm_s)
-    return {"mem_gib": p["gpu_total"] / GiB, "fits": p["fits"], "mem_ckpt_gib": ckpt["gpu_total"] / GiB,
-            "fits_ckpt": ckpt["fits"], "tflop": flops / 1e12, "compute_s": compute_s, "comm_gb": comm / 1e9,
-            "comm_s": comm_s, "step_s": step_s, "tokens_per_s": nodes * GPUS * mb * seq / step_s,
-            "bound": "comm" if comm_s > compute_s else "compute"}
+    return {
+        "mem_gib": p["gpu_total"] / GiB,
+        "fits": p["fits"],
+        "mem_ckpt_gib": ckpt["gpu_total"] / GiB,
+        "fits_ckpt": ckpt["fits"],
+        "tflop": flops / 1e12,
+        "compute_s": compute_s,
+        "comm_gb": comm / 1e9,
+        "comm_s": comm_s,
+        "step_s": step_s,
+        "tokens_per_s": nodes * GPUS * mb * seq / step_s,
+        "bound": "comm" if comm_s > compute_s else "compute",
+    }
 
 
 def node_local(model: str, mb: int, seq: int, mfu: float, num_gist: int = 1) -> dict:
@@ -60,23 +72,35 @@ def node_local(model: str, mb: int, seq: int, mfu: float, num_gist: int = 1) -> 
 
 
 def tables(mb: int, seq: int, mfu: float) -> str:
-    out = [f"Micro batch {mb} x {seq} tokens per GPU, bf16, {GPUS} GPUs per node, MFU {mfu:.0%} of "
-           f"{PEAK_TFLOPS:g} TFLOP/s; all-gather bandwidth {INTRA_NODE_GBPS:g} GB/s per GPU inside a node, "
-           f"{INTER_NODE_GBPS:g} GB/s per GPU across nodes.", ""]
-    out += ["| model | nodes x GPUs | mode | GiB/GPU (ckpt) | fits 80 GiB | TFLOP/step/GPU | compute s | "
-            "comm GB/step/GPU | comm s | step s | bound | tokens/s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        f"Micro batch {mb} x {seq} tokens per GPU, bf16, {GPUS} GPUs per node, MFU {mfu:.0%} of "
+        f"{PEAK_TFLOPS:g} TFLOP/s; all-gather bandwidth {INTRA_NODE_GBPS:g} GB/s per GPU inside a node, "
+        f"{INTER_NODE_GBPS:g} GB/s per GPU across nodes.",
+        "",
+    ]
+    out += [
+        "| model | nodes x GPUs | mode | GiB/GPU (ckpt) | fits 80 GiB | TFLOP/step/GPU | compute s | "
+        "comm GB/step/GPU | comm s | step s | bound | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for model in MODELS:
         for nodes in NODES:
             for mode in ("finetune", "distill"):
                 r = step(model, mode, nodes, mb, seq, mfu)
                 fits = "yes" if r["fits"] else ("with ckpt" if r["fits_ckpt"] else "no")
-                out.append(f"| {model} | {nodes} x {GPUS} | {mode} | {r['mem_gib']:.1f} ({r['mem_ckpt_gib']:.1f}) | "
-                           f"{fits} | {r['tflop']:.1f} | {r['compute_s']:.2f} | {r['comm_gb']:.1f} | "
-                           f"{r['comm_s']:.2f} | {r['step_s']:.2f} | {r['bound']} | {r['tokens_per_s']:,.0f} |")
-    out += ["", "Distill with the frozen backbone sharded inside each node only (all-gathers on NVLink, "
-            "only the gist gradient crosses nodes):", "",
-            "| model | all-gather GB/step/GPU (NVLink) | bytes/step/GPU across nodes | step s |", "|---|---|---|---|"]
+                out.append(
+                    f"| {model} | {nodes} x {GPUS} | {mode} | {r['mem_gib']:.1f} ({r['mem_ckpt_gib']:.1f}) | "
+                    f"{fits} | {r['tflop']:.1f} | {r['compute_s']:.2f} | {r['comm_gb']:.1f} | "
+                    f"{r['comm_s']:.2f} | {r['step_s']:.2f} | {r['bound']} | {r['tokens_per_s']:,.0f} |"
+                )
+    out += [
+        "",
+        "Distill with the frozen backbone sharded inside each node only (all-gathers on NVLink, "
+        "only the gist gradient crosses nodes):",
+        "",
+        "| model | all-gather GB/step/GPU (NVLink) | bytes/step/GPU across nodes | step s |",
+        "|---|---|---|---|",
+    ]
     for model in MODELS:
         r = node_local(model, mb, seq, mfu)
         out.append(f"| {model} | {r['intra_gb']:.1f} | {r['inter_bytes']:,} | {r['step_s']:.2f} |")

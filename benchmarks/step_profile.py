@@ -10,10 +10,12 @@ inside forward and backward, its gradient reduce-scatter inside backward) and, w
 torch.profiler, the CPU time spent in the collective calls themselves (c10d all-gather /
 reduce-scatter). MFU = achieved model FLOP/s / peak: model FLOPs per token as the report counts
 them (3 x forward, analysis/report.py, LM head on every position), and with the LM head counted on
-the scored (answer) positions only, which is all the logit-light loss computes; peak = a fp32 matmul run on every rank at once in this
+the scored (answer) positions only, which is all the logit-light loss computes; peak = a fp32 matmul
+run on every rank at once in this
 same process (the ranks share the host's cores, so the host's peak is the sum over ranks).
 Prints medians over rounds per variant, and the fused / foreach step-time ratio.
 """
+
 import statistics
 import sys
 import time
@@ -42,18 +44,20 @@ def matmul_peak_gflops(n: int = 1024, repeats: int = 5) -> float:
         t = time.perf_counter()
         for _ in range(4):
             a @ b
-        best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t) / 1e9)
     dist.barrier()
     return best
 
 
 def timed(phases: dict, name: str, fn):
     """fn, with its wall time added to phases[name] (the engine's own methods, wrapped per instance)."""
+
     def wrapper(*args, **kwargs):
         t = time.perf_counter()
         out = fn(*args, **kwargs)
         phases[name] += time.perf_counter() - t
         return out
+
     return wrapper
 
 
@@ -74,7 +78,7 @@ def main():
     peaks = [matmul_peak_gflops()]
     results = {True: defaultdict(list), False: defaultdict(list)}
     for i in range(WARMUP + ROUNDS):
-        for fused in ((True, False) if i % 2 == 0 else (False, True)):
+        for fused in (True, False) if i % 2 == 0 else (False, True):
             set_fused(engine, fused)
             phases.clear()
             dist.barrier()
@@ -105,18 +109,22 @@ def main():
         medians[fused] = med
         achieved = med["tokens"] / med["step"] * per_token / 1e9
         needed = med["tokens"] / med["step"] * per_token_scored / 1e9
-        dist.log(f"optimizer {'fused' if fused else 'foreach'}: step {med['step']:.2f} s for {med['tokens']:.0f} real "
-                 f"tokens (all ranks), {med['tokens'] / med['step']:.1f} tokens/s, "
-                 f"{achieved:.2f} GFLOP/s of {peak_host:.2f} peak = MFU {achieved / peak_host:.1%} (report's count: "
-                 f"LM head on every position); LM head on the scored {scored:.0%} only: {needed:.2f} GFLOP/s = "
-                 f"MFU {needed / peak_host:.1%}")
+        dist.log(
+            f"optimizer {'fused' if fused else 'foreach'}: step {med['step']:.2f} s for {med['tokens']:.0f} real "
+            f"tokens (all ranks), {med['tokens'] / med['step']:.1f} tokens/s, "
+            f"{achieved:.2f} GFLOP/s of {peak_host:.2f} peak = MFU {achieved / peak_host:.1%} (report's count: "
+            f"LM head on every position); LM head on the scored {scored:.0%} only: {needed:.2f} GFLOP/s = "
+            f"MFU {needed / peak_host:.1%}"
+        )
         for name in ("forward", "backward", "optimizer step", *COLLECTIVES.values()):
             inside = " (inside forward/backward)" if name in COLLECTIVES.values() else ""
             dist.log(f"    {name:22s} {med[name]:6.2f} s  {med[name] / med['step']:6.1%}{inside}")
         rest = med["step"] - med["forward"] - med["backward"] - med["optimizer step"]
         dist.log(f"    {'other (collate, sync)':22s} {rest:6.2f} s  {rest / med['step']:6.1%}")
-    dist.log(f"world={world} rounds={ROUNDS} mean example {mean_example:.1f} tokens, model FLOPs/token "
-             f"{per_token / 1e9:.3f} GFLOP; step time fused / foreach = {medians[True]['step'] / medians[False]['step']:.2f}")
+    dist.log(
+        f"world={world} rounds={ROUNDS} mean example {mean_example:.1f} tokens, model FLOPs/token "
+        f"{per_token / 1e9:.3f} GFLOP; step time fused / foreach = {medians[True]['step'] / medians[False]['step']:.2f}"
+    )
 
 
 if __name__ == "__main__":

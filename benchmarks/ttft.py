@@ -8,6 +8,7 @@ then rounds of (none, instruction, gist) first-token forwards are timed interlea
 shared machine hits every strategy alike. Prints the median TTFT per strategy and the ratios
 measured speed-up / analytic FLOPs ratio (1.0 = time follows FLOPs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,10 +19,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from gist_dist.analysis import flops
-from gist_dist.data import GistTemplate, load_records
-from gist_dist.analysis.strategies import first_token_input, forward_after, strategy_cache
-from gist_dist.model import resolve_model_path
 from gist_dist.analysis.report import measure_peak_gflops
+from gist_dist.analysis.strategies import first_token_input, forward_after, strategy_cache
+from gist_dist.data import GistTemplate, load_records
+from gist_dist.model import resolve_model_path
 
 
 def main():
@@ -32,8 +33,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
     args = ap.parse_args()
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path("smollm2"), dtype=torch.float32,
-                                                 attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path("smollm2"), dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
     shape = flops.shape_of("smollm2", model.config)
     tok, _ = flops.tokenizer_for("smollm2")
     gist = list(range(shape.vocab - args.num_gist, shape.vocab))  # stand-in ids: same cost as trained ones
@@ -56,18 +58,24 @@ def main():
     g = analytic["gflops_per_example"]
     ttft = {s: 1e3 * statistics.fmean(times[s]) for s in flops.STRATEGIES}
     peak = measure_peak_gflops()
-    print(f"P4: SmolLM2-135M fp32 sdpa, {torch.get_num_threads()} threads, {len(examples)} prompts from {args.data}, "
-          f"k={args.num_gist}, mean instruction {analytic['mean_prompt_tokens']:.1f} / tail "
-          f"{analytic['mean_tail_tokens']:.1f} tokens; {args.rounds} interleaved rounds after {args.warmup} warm-up; "
-          f"matmul peak now {peak:.1f} GFLOP/s")
+    print(
+        f"P4: SmolLM2-135M fp32 sdpa, {torch.get_num_threads()} threads, {len(examples)} prompts from {args.data}, "
+        f"k={args.num_gist}, mean instruction {analytic['mean_prompt_tokens']:.1f} / tail "
+        f"{analytic['mean_tail_tokens']:.1f} tokens; {args.rounds} interleaved rounds after {args.warmup} warm-up; "
+        f"matmul peak now {peak:.1f} GFLOP/s"
+    )
     print(f"{'strategy':<12} {'TTFT ms (mean of medians)':>26} {'GFLOPs':>9} {'GFLOP/s':>9} {'KV bytes/prompt':>16}")
     for s in flops.STRATEGIES:
-        print(f"{s:<12} {ttft[s]:>26.2f} {g[s]:>9.3f} {g[s] / ttft[s] * 1e3:>9.1f} "
-              f"{analytic['kv_bytes_per_prompt'][s]:>16,.0f}")
+        print(
+            f"{s:<12} {ttft[s]:>26.2f} {g[s]:>9.3f} {g[s] / ttft[s] * 1e3:>9.1f} "
+            f"{analytic['kv_bytes_per_prompt'][s]:>16,.0f}"
+        )
     for base in ("instruction", "none"):
         speed, cut = ttft[base] / ttft["gist"], g[base] / g["gist"]
-        print(f"gist vs {base:<11}: TTFT speed-up {speed:.3f}x, FLOPs ratio {cut:.3f}x, "
-              f"speed-up / FLOPs ratio {speed / cut:.3f}")
+        print(
+            f"gist vs {base:<11}: TTFT speed-up {speed:.3f}x, FLOPs ratio {cut:.3f}x, "
+            f"speed-up / FLOPs ratio {speed / cut:.3f}"
+        )
 
 
 if __name__ == "__main__":

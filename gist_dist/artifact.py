@@ -4,6 +4,7 @@ k x hidden `layer_offsets`) + `gist_config.json`.
 Loading checks the base model's fingerprint, so gist embeddings are never used with a model
 they were not trained for.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,10 +24,23 @@ class ArtifactError(ValueError):
     pass
 
 
-FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "intermediate_size", "vocab_size", "rope_theta",
-                    # T5 names its sizes otherwise (absent from LLaMA configs: their hashes are unchanged)
-                    "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads")
+FINGERPRINT_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "rope_theta",
+    # T5 names its sizes otherwise (absent from LLaMA configs: their hashes are unchanged)
+    "d_model",
+    "d_kv",
+    "d_ff",
+    "num_layers",
+    "num_decoder_layers",
+    "num_heads",
+)
 SAMPLE_ROWS, SAMPLE_COLS = 32, 8  # embedding entries recorded to recognise the base model
 
 
@@ -53,7 +67,7 @@ def fingerprints_match(saved: str | None, current: str) -> bool:
     if sha_a != sha_b or a.shape != b.shape:
         return False
     scale = float(a.pow(2).mean().sqrt()) + 1e-12
-    return bool(((a - b).abs() <= 2 ** -7 * a.abs() + 1e-3 * scale).all())
+    return bool(((a - b).abs() <= 2**-7 * a.abs() + 1e-3 * scale).all())
 
 
 class BaseModel:
@@ -80,7 +94,7 @@ def save(directory: str | Path, gist: torch.Tensor, meta: dict, layer_offsets: t
     replace_file(tmp_c, d / CONFIG)
 
 
-def load(directory: str | Path, expected_fingerprint: "str | BaseModel | None" = None) -> tuple[torch.Tensor, dict]:
+def load(directory: str | Path, expected_fingerprint: str | BaseModel | None = None) -> tuple[torch.Tensor, dict]:
     d = Path(directory)
     if not (d / WEIGHTS).is_file() or not (d / CONFIG).is_file():
         raise ArtifactError(f"{d}: not a gist artifact (needs {WEIGHTS} and {CONFIG})")
@@ -92,26 +106,36 @@ def load(directory: str | Path, expected_fingerprint: "str | BaseModel | None" =
         raise ArtifactError(f"{d / CONFIG}: expected a JSON object")
     if expected_fingerprint is not None:
         base = expected_fingerprint
-        ok = base.matches(meta.get("base_fingerprint")) if isinstance(base, BaseModel) \
+        ok = (
+            base.matches(meta.get("base_fingerprint"))
+            if isinstance(base, BaseModel)
             else meta.get("base_fingerprint") == base
+        )
         if not ok:
             current = base.fingerprint if isinstance(base, BaseModel) else base
-            raise ArtifactError(f"{d}: gist embeddings were trained for base model {meta.get('base_model')!r} "
-                                f"(fingerprint {str(meta.get('base_fingerprint'))[:12]}), not this one "
-                                f"(fingerprint {current[:12]})")
+            raise ArtifactError(
+                f"{d}: gist embeddings were trained for base model {meta.get('base_model')!r} "
+                f"(fingerprint {str(meta.get('base_fingerprint'))[:12]}), not this one "
+                f"(fingerprint {current[:12]})"
+            )
     try:  # safetensors only: a file of any other format (a pickle too) is refused, never run
         tensors = load_file(str(d / WEIGHTS))
         gist = tensors["gist"]
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-        raise ArtifactError(f"{d / WEIGHTS}: not a safetensors file with a 'gist' tensor "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise ArtifactError(
+            f"{d / WEIGHTS}: not a safetensors file with a 'gist' tensor "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     if gist.shape[0] != meta.get("num_gist"):
         raise ArtifactError(f"{d}: {WEIGHTS} holds {gist.shape[0]} rows but config says {meta.get('num_gist')}")
     offsets = tensors.get("layer_offsets")
-    if bool(meta.get("layer_offsets")) != (offsets is not None) or \
-            (offsets is not None and (offsets.dim() != 3 or offsets.shape[1:] != gist.shape)):
-        raise ArtifactError(f"{d}: {WEIGHTS}'s layer_offsets ({None if offsets is None else list(offsets.shape)}) do not "
-                            f"match its config (layer_offsets={meta.get('layer_offsets', False)}, {list(gist.shape)} gist rows)")
+    if bool(meta.get("layer_offsets")) != (offsets is not None) or (
+        offsets is not None and (offsets.dim() != 3 or offsets.shape[1:] != gist.shape)
+    ):
+        raise ArtifactError(
+            f"{d}: {WEIGHTS}'s layer_offsets ({None if offsets is None else list(offsets.shape)}) do not "
+            f"match its config (layer_offsets={meta.get('layer_offsets', False)}, {list(gist.shape)} gist rows)"
+        )
     return gist, meta
 
 

@@ -1,9 +1,10 @@
 """Atomic writes: a reader (or a resumed job) sees the old file or the whole new one, never half.
 
-    write_text(path, text)             # temp file next to it, then os.replace
-    with atomic_dir(folder) as tmp:    # fill tmp; on success it replaces `folder` in one rename
-        ...
+write_text(path, text)             # temp file next to it, then os.replace
+with atomic_dir(folder) as tmp:    # fill tmp; on success it replaces `folder` in one rename
+    ...
 """
+
 from __future__ import annotations
 
 import contextlib

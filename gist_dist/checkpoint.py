@@ -20,6 +20,7 @@ Fault injection for tests (tiny, off unless set): GIST_DIST_FAULT=die_in_save:ra
 exit hard after writing its shards and before the checkpoint is published (append :stepS to
 pick one save).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,8 +36,8 @@ import numpy as np
 import torch
 
 from . import dist
-from .atomic import write_text
 from .artifact import ArtifactError
+from .atomic import write_text
 
 FAULT_ENV = "GIST_DIST_FAULT"
 STATE_FILE = "trainer_state.json"
@@ -49,9 +50,11 @@ class CheckpointError(ArtifactError):
 def rng_state() -> dict:
     py = random.getstate()
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state = {"python": [py[0], list(py[1]), py[2]],
-             "numpy": [np_kind, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
-             "torch": torch.get_rng_state().tolist()}
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_kind, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "torch": torch.get_rng_state().tolist(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
@@ -86,8 +89,9 @@ def load_weights_only(path: str, map_location=None):
         with torch.serialization.safe_globals([LossScaler, ZeroStageEnum]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refusing to load, it holds more than tensors "
-                              f"({str(e).strip().splitlines()[-1][:200]})") from None
+        raise CheckpointError(
+            f"{path}: refusing to load, it holds more than tensors ({str(e).strip().splitlines()[-1][:200]})"
+        ) from None
 
 
 def use_safe_loading(engine):
@@ -186,8 +190,10 @@ class Checkpointer:
             return None
         tag = pointer.read_text().strip()
         if not (self.dir / tag / STATE_FILE).is_file():  # never silently start over
-            raise CheckpointError(f"{pointer} names {tag!r}, which is not a complete checkpoint "
-                                  f"(no {STATE_FILE}); point it at one or remove it to start fresh")
+            raise CheckpointError(
+                f"{pointer} names {tag!r}, which is not a complete checkpoint "
+                f"(no {STATE_FILE}); point it at one or remove it to start fresh"
+            )
         return tag
 
     def save(self, engine, batches, step: int) -> str:
@@ -201,12 +207,15 @@ class Checkpointer:
             shutil.rmtree(self.dir / tmp_tag, ignore_errors=True)
         dist.barrier()
         with optimizer_state_in_memory(engine):
-            engine.save_checkpoint(str(self.dir), tag=tmp_tag, save_latest=False,
-                                   exclude_frozen_parameters=self.frozen_backbone)
+            engine.save_checkpoint(
+                str(self.dir), tag=tmp_tag, save_latest=False, exclude_frozen_parameters=self.frozen_backbone
+            )
         write_text(self.dir / tmp_tag / f"rng_rank{dist.rank()}.json", json.dumps(rng_state()))
         if dist.is_main():
-            write_text(self.dir / tmp_tag / STATE_FILE, json.dumps(
-                {"step": step, "world_size": dist.world(), "loader": batches.state_dict()}))
+            write_text(
+                self.dir / tmp_tag / STATE_FILE,
+                json.dumps({"step": step, "world_size": dist.world(), "loader": batches.state_dict()}),
+            )
         _maybe_fault("die_in_save", step)
         dist.barrier()  # every rank has finished writing its shards
         if dist.is_main():
@@ -235,8 +244,7 @@ class Checkpointer:
         state = json.loads((folder / STATE_FILE).read_text())
         use_safe_loading(engine)
         if state["world_size"] == dist.world():
-            load_path, _ = engine.load_checkpoint(str(self.dir), tag=tag,
-                                                  load_module_strict=not self.frozen_backbone)
+            load_path, _ = engine.load_checkpoint(str(self.dir), tag=tag, load_module_strict=not self.frozen_backbone)
         else:
             load_path = self._load_universal(engine, folder, state["world_size"])
         if load_path is None:
@@ -247,36 +255,57 @@ class Checkpointer:
         rng = folder / f"rng_rank{dist.rank()}.json"
         if rng.is_file() and state["world_size"] == dist.world():
             set_rng_state(json.loads(rng.read_text()))
-        dist.log(f"gist-dist: resumed from {folder} at step {state['step']} "
-                 f"(saved by {state['world_size']} ranks, now {dist.world()})")
+        dist.log(
+            f"gist-dist: resumed from {folder} at step {state['step']} "
+            f"(saved by {state['world_size']} ranks, now {dist.world()})"
+        )
         return int(state["step"])
 
     def _load_universal(self, engine, folder: Path, saved_world: int):
         """Another world size: convert once with DeepSpeed's ds_to_universal, then load that."""
         if engine.zero_optimization_stage() != 3:
-            raise CheckpointError(f"{folder}: saved by {saved_world} ranks, resuming with {dist.world()}; "
-                                  f"only ZeRO-3 checkpoints can change world size here")
+            raise CheckpointError(
+                f"{folder}: saved by {saved_world} ranks, resuming with {dist.world()}; "
+                f"only ZeRO-3 checkpoints can change world size here"
+            )
         if _swapped_groups(engine):  # its loader looks for per-rank files the nvme swapper never writes
-            raise CheckpointError(f"{folder}: saved by {saved_world} ranks, resuming with {dist.world()}: DeepSpeed cannot "
-                                  f"load another world size's checkpoint with the optimizer on nvme; resume on "
-                                  f"{saved_world} ranks, or with zero.offload_optimizer=cpu (its checkpoints load either way)")
+            raise CheckpointError(
+                f"{folder}: saved by {saved_world} ranks, resuming with {dist.world()}: DeepSpeed cannot "
+                f"load another world size's checkpoint with the optimizer on nvme; resume on "
+                f"{saved_world} ranks, or with zero.offload_optimizer=cpu (its checkpoints load either way)"
+            )
         universal = folder / "universal"
         error = ""
         if dist.is_main() and not universal.is_dir():
             tmp = folder / "universal.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                                   "--input_folder", str(folder), "--output_folder", str(tmp),
-                                   "--num_extract_workers", "1", "--num_merge_workers", "1"],
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "deepspeed.checkpoint.ds_to_universal",
+                    "--input_folder",
+                    str(folder),
+                    "--output_folder",
+                    str(tmp),
+                    "--num_extract_workers",
+                    "1",
+                    "--num_merge_workers",
+                    "1",
+                ],
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode == 0:
                 os.replace(tmp, universal)
             else:
                 error = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         failed = dist.all_reduce([float(bool(error))], op="max")[0] > 0
         if failed:
-            raise CheckpointError(f"{folder}: saved by {saved_world} ranks, resuming with {dist.world()}; "
-                                  f"universal conversion failed: {error or 'see rank 0'}")
+            raise CheckpointError(
+                f"{folder}: saved by {saved_world} ranks, resuming with {dist.world()}; "
+                f"universal conversion failed: {error or 'see rank 0'}"
+            )
         check_pickles(universal)
         engine._config.load_universal_checkpoint = True
         try:

@@ -12,6 +12,7 @@ the Alpaca layout. A query the teacher answers with nothing (eos first) is dropp
 (prompt.json: dropped_empty_answers): an empty answer teaches one eos and gives fidelity nothing
 to compare, and many of them flag a broken template rather than a property of the prompt.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,7 +31,9 @@ from .inference import greedy
 from .model import load_model, load_tokenizer
 
 QUERY_REQUEST = "\n\nWrite one short question a user could ask about the text above.\nQuestion:"
-CHAT_QUERY_REQUEST = "Write one short question a user could ask you, given your instructions. Reply with the question only."
+CHAT_QUERY_REQUEST = (
+    "Write one short question a user could ask you, given your instructions. Reply with the question only."
+)
 
 
 def template_for(tok) -> str:
@@ -53,7 +56,7 @@ def read_queries(path: str) -> list[str]:
             try:
                 line = json.loads(line)["query"]
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataError(f"{path}:{lineno}: expected a plain line or {{\"query\": ...}}") from None
+                raise DataError(f'{path}:{lineno}: expected a plain line or {{"query": ...}}') from None
         if line:
             queries.append(str(line))
     if not queries:
@@ -65,17 +68,25 @@ def read_queries(path: str) -> list[str]:
 def _sample(model, tok, ids: list[int], max_new: int) -> list[int]:
     """One sampled continuation (top-k 50): a query the model itself might ask."""
     device = next(model.parameters()).device
-    out = model.generate(torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-                         max_new_tokens=max_new, do_sample=True, top_k=50, temperature=1.0, top_p=None,
-                         pad_token_id=tok.pad_token_id)
-    return out[0, len(ids):].tolist()
+    out = model.generate(
+        torch.tensor([ids], device=device),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+        max_new_tokens=max_new,
+        do_sample=True,
+        top_k=50,
+        temperature=1.0,
+        top_p=None,
+        pad_token_id=tok.pad_token_id,
+    )
+    return out[0, len(ids) :].tolist()
 
 
 def sample_queries(model, tok, template, prompt: str, n: int) -> list[str]:
     """Distinct one-line questions sampled from the frozen model itself."""
     if template.chat:  # the model, holding the prompt as its system message, asked for a user's question
-        ask = template.encode({"instruction": prompt, "input": CHAT_QUERY_REQUEST, "output": ""}, with_gist=False,
-                              with_output=False)["input_ids"]
+        ask = template.encode(
+            {"instruction": prompt, "input": CHAT_QUERY_REQUEST, "output": ""}, with_gist=False, with_output=False
+        )["input_ids"]
     else:
         ask = template.text_ids(prompt + QUERY_REQUEST)
     queries: list[str] = []
@@ -89,8 +100,14 @@ def sample_queries(model, tok, template, prompt: str, n: int) -> list[str]:
     return queries
 
 
-def teacher_records(cfg: RunConfig, prompt: str, queries: list[str] | None, n_queries: int,
-                    answer_tokens: int, heldout_queries: list[str] = ()) -> tuple[list[dict], int]:
+def teacher_records(
+    cfg: RunConfig,
+    prompt: str,
+    queries: list[str] | None,
+    n_queries: int,
+    answer_tokens: int,
+    heldout_queries: list[str] = (),
+) -> tuple[list[dict], int]:
     """(records {instruction: prompt, input: query, output: the teacher's greedy answer}, how many
     queries were dropped for an empty answer): the training queries (sampled when None), then the
     held-out ones. Every rank answers its share of the queries; all ranks return the same records
@@ -107,18 +124,22 @@ def teacher_records(cfg: RunConfig, prompt: str, queries: list[str] | None, n_qu
             raise DataError("compress: the model produced too few distinct queries; pass --queries FILE")
     queries = [*queries, *heldout_queries]
     mine = []
-    for q in queries[dist.rank()::dist.world()]:  # one at a time: no padding, the same answer at any world size
-        ids = template.encode({"instruction": prompt, "input": q, "output": ""}, with_gist=False,
-                              with_output=False)["input_ids"]
-        (answer,), _ = greedy(model, [ids[:-1]], [ids[-1:]], [], "pos_control", answer_tokens,
-                              tok.eos_token_id, tok.pad_token_id)
+    for q in queries[dist.rank() :: dist.world()]:  # one at a time: no padding, the same answer at any world size
+        ids = template.encode({"instruction": prompt, "input": q, "output": ""}, with_gist=False, with_output=False)[
+            "input_ids"
+        ]
+        (answer,), _ = greedy(
+            model, [ids[:-1]], [ids[-1:]], [], "pos_control", answer_tokens, tok.eos_token_id, tok.pad_token_id
+        )
         mine.append(tok.decode(answer, skip_special_tokens=True).strip())
     shares = dist.all_gather_object(mine)
     answers = [shares[i % dist.world()][i // dist.world()] for i in range(len(queries))]
     records = [{"instruction": prompt, "input": q, "output": a} for q, a in zip(queries, answers) if a]
     if len(records) < 2:
-        raise DataError(f"compress: the teacher answered {len(queries) - len(records)} of {len(queries)} queries "
-                        f"with nothing; too few left to train and hold out")
+        raise DataError(
+            f"compress: the teacher answered {len(queries) - len(records)} of {len(queries)} queries "
+            f"with nothing; too few left to train and hold out"
+        )
     return records, len(queries) - len(records)
 
 
@@ -133,12 +154,24 @@ def _same_prompt_data(data_dir: Path, prompt: str, num_gist: int, template: str,
     if not meta.is_file() or not (data_dir / "heldout.jsonl").is_file():
         return False
     saved = json.loads(meta.read_text())
-    return saved.get("prompt_sha256") == hashlib.sha256(prompt.encode()).hexdigest() and saved.get("num_gist") == num_gist \
-        and saved.get("template", "alpaca") == template and saved.get("queries_sha256") == queries_sha256
+    return (
+        saved.get("prompt_sha256") == hashlib.sha256(prompt.encode()).hexdigest()
+        and saved.get("num_gist") == num_gist
+        and saved.get("template", "alpaca") == template
+        and saved.get("queries_sha256") == queries_sha256
+    )
 
 
-def _write_teacher_data(cfg, data_dir: Path, prompt: str, queries, n_queries: int, answer_tokens: int, heldout: float,
-                        heldout_queries: list[str] = ()):
+def _write_teacher_data(
+    cfg,
+    data_dir: Path,
+    prompt: str,
+    queries,
+    n_queries: int,
+    answer_tokens: int,
+    heldout: float,
+    heldout_queries: list[str] = (),
+):
     """All ranks answer; rank 0 writes. prompt.json goes last: it marks the data complete. With
     heldout_queries, those are the held-out split (never trained on); else the last `heldout` share."""
     records, dropped = teacher_records(cfg, prompt, queries, n_queries, answer_tokens, heldout_queries)
@@ -146,8 +179,10 @@ def _write_teacher_data(cfg, data_dir: Path, prompt: str, queries, n_queries: in
         held = set(heldout_queries)
         train, evals = [r for r in records if r["input"] not in held], [r for r in records if r["input"] in held]
         if not train or not evals:
-            raise DataError(f"compress: the teacher answered every {'training' if not train else 'held-out'} "
-                            f"query with nothing; none left to {'train on' if not train else 'hold out'}")
+            raise DataError(
+                f"compress: the teacher answered every {'training' if not train else 'held-out'} "
+                f"query with nothing; none left to {'train on' if not train else 'hold out'}"
+            )
     else:
         n_eval = max(1, int(len(records) * heldout))
         train, evals = records[:-n_eval], records[-n_eval:]
@@ -157,16 +192,34 @@ def _write_teacher_data(cfg, data_dir: Path, prompt: str, queries, n_queries: in
     write_jsonl(evals, data_dir / "heldout.jsonl")
     tok = load_tokenizer(cfg.model)
     prompt_tokens = len(tok(prompt, add_special_tokens=False)["input_ids"])
-    (data_dir / "prompt.json").write_text(json.dumps({
-        "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest(), "prompt_tokens": prompt_tokens,
-        "num_gist": cfg.num_gist, "compression_ratio": prompt_tokens / cfg.num_gist, "template": template_for(tok),
-        "queries": len(records) + dropped, "dropped_empty_answers": dropped, "answer_tokens": answer_tokens,
-        "heldout_queries": len(evals), "queries_sha256": _queries_sha256(queries, n_queries, heldout, heldout_queries)},
-        indent=2))
+    (data_dir / "prompt.json").write_text(
+        json.dumps(
+            {
+                "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest(),
+                "prompt_tokens": prompt_tokens,
+                "num_gist": cfg.num_gist,
+                "compression_ratio": prompt_tokens / cfg.num_gist,
+                "template": template_for(tok),
+                "queries": len(records) + dropped,
+                "dropped_empty_answers": dropped,
+                "answer_tokens": answer_tokens,
+                "heldout_queries": len(evals),
+                "queries_sha256": _queries_sha256(queries, n_queries, heldout, heldout_queries),
+            },
+            indent=2,
+        )
+    )
 
 
-def prepare(cfg: RunConfig, prompt_file: str, queries_file: str | None, n_queries: int, answer_tokens: int,
-            heldout: float, heldout_file: str | None = None) -> RunConfig:
+def prepare(
+    cfg: RunConfig,
+    prompt_file: str,
+    queries_file: str | None,
+    n_queries: int,
+    answer_tokens: int,
+    heldout: float,
+    heldout_file: str | None = None,
+) -> RunConfig:
     """Make the teacher data (all ranks answer, rank 0 writes), then return the distill run config that trains on it."""
     p = Path(prompt_file)
     if not p.is_file():
@@ -181,13 +234,17 @@ def prepare(cfg: RunConfig, prompt_file: str, queries_file: str | None, n_querie
     training = set(queries or ())
     both = [q for q in heldout_queries if q in training]
     if both:
-        raise DataError(f"{heldout_file}: {len(both)} held-out queries are also training queries in {queries_file} "
-                        f"(first: {both[0]!r}); a held-out query must not be trained on")
+        raise DataError(
+            f"{heldout_file}: {len(both)} held-out queries are also training queries in {queries_file} "
+            f"(first: {both[0]!r}); a held-out query must not be trained on"
+        )
     data_dir = Path(cfg.output_dir) / "compress_data"
     dist.init(cfg.timeout_s)
     tok = load_tokenizer(cfg.model)
     kind = template_for(tok)
-    if _same_prompt_data(data_dir, prompt, cfg.num_gist, kind, _queries_sha256(queries, n_queries, heldout, heldout_queries)):
+    if _same_prompt_data(
+        data_dir, prompt, cfg.num_gist, kind, _queries_sha256(queries, n_queries, heldout, heldout_queries)
+    ):
         dist.log(f"gist-dist: reusing teacher data in {data_dir} (same prompt and queries; e.g. a requeued job)")
     else:
         _write_teacher_data(cfg, data_dir, prompt, queries, n_queries, answer_tokens, heldout, heldout_queries)
@@ -196,9 +253,15 @@ def prepare(cfg: RunConfig, prompt_file: str, queries_file: str | None, n_querie
     longest, template = 0, GistTemplate(tok, [], max_length=1 << 30, template=kind)
     for line in (data_dir / "train.jsonl").read_text().splitlines():
         longest = max(longest, len(template.encode(json.loads(line), with_gist=False)["input_ids"]))
-    data = dataclasses.replace(cfg.data, max_length=max(cfg.data.max_length, longest + cfg.num_gist),
-                               train=str(data_dir / "train.jsonl"), eval=str(data_dir / "heldout.jsonl"),
-                               num_train=0, num_eval=0, template=kind)
+    data = dataclasses.replace(
+        cfg.data,
+        max_length=max(cfg.data.max_length, longest + cfg.num_gist),
+        train=str(data_dir / "train.jsonl"),
+        eval=str(data_dir / "heldout.jsonl"),
+        num_train=0,
+        num_eval=0,
+        template=kind,
+    )
     # one fixed prompt and data set: the teacher runs once per example (cache_teacher)
     distill = dataclasses.replace(cfg.distill, student="no_prompt", cache_teacher=True)
     return dataclasses.replace(cfg, objective="distill", mask="gist", data=data, distill=distill).validate()

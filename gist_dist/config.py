@@ -3,6 +3,7 @@
 Unknown keys, wrong types and impossible values raise ConfigError with one clear line;
 the CLI turns that into exit code 2 before anything is written.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,8 +20,12 @@ Template = Literal["alpaca", "chat", "chat_system"]  # gist_dist/data/template.p
 LogBackend = Literal["jsonl", "tensorboard", "wandb"]
 OBJECTIVES, MASKS, TEMPLATES, LOG_BACKENDS = (typing.get_args(t) for t in (Objective, Mask, Template, LogBackend))
 # The removed `mode` key, for the one line that says what to write instead
-REMOVED_MODE = {"gist": "objective=finetune mask=gist", "pos_control": "objective=finetune mask=pos_control",
-                "neg_control": "objective=finetune mask=neg_control", "distill": "objective=distill"}
+REMOVED_MODE = {
+    "gist": "objective=finetune mask=gist",
+    "pos_control": "objective=finetune mask=pos_control",
+    "neg_control": "objective=finetune mask=neg_control",
+    "distill": "objective=distill",
+}
 
 
 class ConfigError(ValueError):
@@ -112,12 +117,16 @@ class ZeroConfig:
 @dataclass
 class LogConfig:
     backends: list[LogBackend] = field(default_factory=lambda: ["jsonl"])  # jsonl is required; wandb runs offline
-    progress: Literal["auto", "bar", "lines"] = "auto"  # auto: a tqdm bar on a terminal, plain lines every train.log_every steps otherwise; bar | lines
+    progress: Literal["auto", "bar", "lines"] = (
+        "auto"  # auto: a tqdm bar on a terminal, plain lines every train.log_every steps otherwise; bar | lines
+    )
 
 
 @dataclass
 class RunConfig:
-    objective: Objective = "finetune"  # finetune: the whole model with the LM loss | distill: only gist embeddings, by KL
+    objective: Objective = (
+        "finetune"  # finetune: the whole model with the LM loss | distill: only gist embeddings, by KL
+    )
     mask: Mask = "gist"  # what later tokens may see (distill: the student's mask, gist)
     # visible: the template's fixed leading tokens (BOS, "Instruction:", a chat header) stay visible to
     # every query under gist and neg_control too (an attention sink that carries no prompt); masks.py
@@ -139,39 +148,57 @@ class RunConfig:
         """One word for logs and records: the mask when fine-tuning, else the objective."""
         return self.mask if self.objective == "finetune" else self.objective
 
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         checks = [
-            (self.objective != "distill" or self.mask == "gist",
-             f"objective=distill trains a student under the gist mask; mask={self.mask} is for objective=finetune"),
+            (
+                self.objective != "distill" or self.mask == "gist",
+                f"objective=distill trains a student under the gist mask; mask={self.mask} is for objective=finetune",
+            ),
             (1 <= self.num_gist <= 64, f"num_gist must be between 1 and 64, got {self.num_gist}"),
             (self.train.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
             (self.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
             (self.train.max_steps >= 1, "train.max_steps must be >= 1"),
             (self.train.lr > 0, "train.lr must be > 0"),
             (self.train.gist_lr >= 0, "train.gist_lr must be >= 0 (0: train.lr)"),
-            (not self.train.gist_lr or self.objective == "finetune",
-             "train.gist_lr is for objective=finetune; distill trains only the gist rows, at train.lr"),
+            (
+                not self.train.gist_lr or self.objective == "finetune",
+                "train.gist_lr is for objective=finetune; distill trains only the gist rows, at train.lr",
+            ),
             (self.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
             (self.train.save_every >= 0, "train.save_every must be >= 0 (0: only at the end)"),
             (self.train.eval_every >= 0, "train.eval_every must be >= 0 (0: only at the end)"),
             (self.data.max_length >= 8, "data.max_length must be >= 8"),
-            (self.zero.offload_param == "none" or self.zero.stage == 3,
-             "zero.offload_param needs zero.stage=3"),
+            (self.zero.offload_param == "none" or self.zero.stage == 3, "zero.offload_param needs zero.stage=3"),
             (self.zero.offload_param != "nvme" or self.zero.nvme_path, "zero.offload_param=nvme needs zero.nvme_path"),
-            (self.zero.offload_optimizer == "none" or self.zero.stage >= 1, "zero.offload_optimizer needs zero.stage >= 1"),
-            (self.zero.offload_optimizer != "nvme" or (self.zero.nvme_path and self.zero.stage == 3),
-             "zero.offload_optimizer=nvme needs zero.stage=3 and zero.nvme_path"),
+            (
+                self.zero.offload_optimizer == "none" or self.zero.stage >= 1,
+                "zero.offload_optimizer needs zero.stage >= 1",
+            ),
+            (
+                self.zero.offload_optimizer != "nvme" or (self.zero.nvme_path and self.zero.stage == 3),
+                "zero.offload_optimizer=nvme needs zero.stage=3 and zero.nvme_path",
+            ),
             (self.distill.temperature > 0, "distill.temperature must be > 0"),
             (0.0 <= self.distill.lm_weight <= 1.0, "distill.lm_weight must be in [0, 1]"),
-            (not (self.distill.layer_offsets and self.train.activation_checkpointing),
-             "distill.layer_offsets cannot be combined with train.activation_checkpointing (the recomputed layers "
-             "would miss the offsets)"),
+            (
+                not (self.distill.layer_offsets and self.train.activation_checkpointing),
+                "distill.layer_offsets cannot be combined with train.activation_checkpointing (the recomputed layers "
+                "would miss the offsets)",
+            ),
             (self.timeout_s > 0, "timeout_s must be > 0"),
-            (set(self.data.columns) <= {"instruction", "input", "output"},
-             f"data.columns: keys must be instruction, input or output, got {sorted(self.data.columns)}"),
-            (self.data.num_train >= 0 and self.data.num_eval >= 0, "data.num_train and data.num_eval must be >= 0 (0: all)"),
+            (
+                set(self.data.columns) <= {"instruction", "input", "output"},
+                f"data.columns: keys must be instruction, input or output, got {sorted(self.data.columns)}",
+            ),
+            (
+                self.data.num_train >= 0 and self.data.num_eval >= 0,
+                "data.num_train and data.num_eval must be >= 0 (0: all)",
+            ),
             (self.train.log_every >= 1, "train.log_every must be >= 1"),
-            ("jsonl" in self.log.backends, "log.backends must include jsonl (metrics.jsonl is what resume and reports read)"),
+            (
+                "jsonl" in self.log.backends,
+                "log.backends must include jsonl (metrics.jsonl is what resume and reports read)",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -195,7 +222,13 @@ def _coerce(value, typ, key: str):
     if origin is Literal:
         choices = typing.get_args(typ)
         for choice in choices:  # "3" from the command line is the choice 3
-            if value == choice and type(value) is type(choice) or isinstance(value, str) and not isinstance(choice, str) and value == str(choice):
+            if (
+                value == choice
+                and type(value) is type(choice)
+                or isinstance(value, str)
+                and not isinstance(choice, str)
+                and value == str(choice)
+            ):
                 return choice
         raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
     value = _flow_yaml(value, key) if typ is list or origin in (list, dict) or typ is dict else value

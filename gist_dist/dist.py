@@ -20,6 +20,7 @@ two single-process runs on one machine must not both want 29500.
 Backend: nccl with CUDA, gloo on CPU. GPU: local rank % the GPUs this process sees, so one GPU per
 task (srun --gpus-per-task=1: each task sees one) and all GPUs of the node both work.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -33,9 +34,24 @@ import torch
 
 SOURCES = ("torchrun", "openmpi", "slurm", "pmix", "single")
 # Variables worth naming when the environment does not add up.
-_WATCHED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-            "GIST_DIST_LAUNCHER", "OMPI_COMM_WORLD_", "PMIX_RANK", "PMIX_LOCAL_", "SLURM_PROCID",
-            "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_STEP_ID", "SLURM_STEP_TASKS_PER_NODE")
+_WATCHED = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GIST_DIST_LAUNCHER",
+    "OMPI_COMM_WORLD_",
+    "PMIX_RANK",
+    "PMIX_LOCAL_",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+    "SLURM_NODEID",
+    "SLURM_STEP_ID",
+    "SLURM_STEP_TASKS_PER_NODE",
+)
 
 
 class LaunchError(RuntimeError):
@@ -87,8 +103,7 @@ def tasks_on_node(tasks_per_node: str, node_id: int) -> int | None:
 def first_host(nodelist: str) -> str:
     """First host of a Slurm nodelist, via scontrol when present ('gpu[03-04],cpu1' -> 'gpu03')."""
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=30)
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
         if out.returncode == 0 and out.stdout.split():
             return out.stdout.split()[0]
     except (OSError, subprocess.TimeoutExpired):
@@ -122,8 +137,11 @@ def _source(env) -> str:
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         if "SLURM_STEP_ID" not in env and _int(env, "SLURM_NTASKS") > 1:
             # The batch script itself is one process; its SLURM_NTASKS describes the allocation.
-            _fail(env, f"SLURM_NTASKS={env['SLURM_NTASKS']} but this process is not in a job step "
-                       "(no SLURM_STEP_ID): start it with srun")
+            _fail(
+                env,
+                f"SLURM_NTASKS={env['SLURM_NTASKS']} but this process is not in a job step "
+                "(no SLURM_STEP_ID): start it with srun",
+            )
         return "slurm" if "SLURM_STEP_ID" in env else "single"
     if "PMIX_RANK" in env:
         return "pmix"
@@ -133,15 +151,27 @@ def _source(env) -> str:
 def _ranks(env, source):
     """(rank, world, local_rank, local_world) as the source reports them (None = not reported)."""
     if source == "torchrun":
-        return (_int(env, "RANK", True), _int(env, "WORLD_SIZE", True), _int(env, "LOCAL_RANK"),
-                _int(env, "LOCAL_WORLD_SIZE") or _int(env, "LOCAL_SIZE"))
+        return (
+            _int(env, "RANK", True),
+            _int(env, "WORLD_SIZE", True),
+            _int(env, "LOCAL_RANK"),
+            _int(env, "LOCAL_WORLD_SIZE") or _int(env, "LOCAL_SIZE"),
+        )
     if source == "openmpi":
-        return (_int(env, "OMPI_COMM_WORLD_RANK", True), _int(env, "OMPI_COMM_WORLD_SIZE", True),
-                _int(env, "OMPI_COMM_WORLD_LOCAL_RANK"), _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE"))
+        return (
+            _int(env, "OMPI_COMM_WORLD_RANK", True),
+            _int(env, "OMPI_COMM_WORLD_SIZE", True),
+            _int(env, "OMPI_COMM_WORLD_LOCAL_RANK"),
+            _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE"),
+        )
     if source == "slurm":
         per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
-        return (_int(env, "SLURM_PROCID", True), _int(env, "SLURM_NTASKS", True), _int(env, "SLURM_LOCALID"),
-                tasks_on_node(per_node, _int(env, "SLURM_NODEID") or 0))
+        return (
+            _int(env, "SLURM_PROCID", True),
+            _int(env, "SLURM_NTASKS", True),
+            _int(env, "SLURM_LOCALID"),
+            tasks_on_node(per_node, _int(env, "SLURM_NODEID") or 0),
+        )
     if source == "pmix":
         from mpi4py import MPI  # PMIx exports no sizes; MPI asks the PMIx server
 
@@ -208,10 +238,14 @@ def exported(d: DistEnv, gpu: int | None) -> dict[str, str]:
     """What torch and DeepSpeed read. DeepSpeed takes LOCAL_RANK as the index of its GPU (engine,
     zero.Init): it gets the GPU chosen here, which is the local rank whenever every GPU of the node
     is visible."""
-    return {"RANK": str(d.rank), "WORLD_SIZE": str(d.world_size),
-            "LOCAL_RANK": str(d.local_rank if gpu is None else gpu),
-            "LOCAL_WORLD_SIZE": str(d.local_world_size), "MASTER_ADDR": d.master_addr,
-            "MASTER_PORT": str(d.master_port)}
+    return {
+        "RANK": str(d.rank),
+        "WORLD_SIZE": str(d.world_size),
+        "LOCAL_RANK": str(d.local_rank if gpu is None else gpu),
+        "LOCAL_WORLD_SIZE": str(d.local_world_size),
+        "MASTER_ADDR": d.master_addr,
+        "MASTER_PORT": str(d.master_port),
+    }
 
 
 def skip_shm_op():
@@ -220,6 +254,7 @@ def skip_shm_op():
     serves only `inference_all_reduce` (tensor-parallel inference), which gist-dist never calls:
     training's collectives go through gloo either way."""
     import importlib
+
     ds_comm = importlib.import_module("deepspeed.comm.torch")  # the module: deepspeed.comm.torch is torch
     if hasattr(ds_comm, "build_shm_op"):
         ds_comm.build_shm_op = lambda: None
@@ -238,15 +273,20 @@ def init(timeout_s: int = 600) -> DistEnv:
             torch.cuda.set_device(gpu)
         else:
             skip_shm_op()
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                   timeout=datetime.timedelta(seconds=timeout_s))
-        log(f"gist-dist: {d.world_size} ranks from {d.source}, master {d.master_addr}:{d.master_port}, "
-            f"backend {torch.distributed.get_backend()}")
+        deepspeed.init_distributed(
+            dist_backend=backend, auto_mpi_discovery=False, timeout=datetime.timedelta(seconds=timeout_s)
+        )
+        log(
+            f"gist-dist: {d.world_size} ranks from {d.source}, master {d.master_addr}:{d.master_port}, "
+            f"backend {torch.distributed.get_backend()}"
+        )
         # What each rank really got: a thread count or GPU that does not fit the allocation shows here.
         per_rank = all_gather_object((torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS", "unset"), gpu))
-        log(f"gist-dist: torch threads per rank {[r[0] for r in per_rank]} "
+        log(
+            f"gist-dist: torch threads per rank {[r[0] for r in per_rank]} "
             f"(OMP_NUM_THREADS {', '.join(r[1] for r in per_rank)})"
-            + (f", GPU per rank {[r[2] for r in per_rank]}" if gpu is not None else ""))
+            + (f", GPU per rank {[r[2] for r in per_rank]}" if gpu is not None else "")
+        )
     return d
 
 
@@ -266,8 +306,11 @@ def all_reduce(values: list[float], op: str = "sum") -> list[float]:
     """All-reduce a few scalars across ranks (sum, max or min)."""
     t = torch.tensor(values, dtype=torch.float64)
     if world() > 1:
-        red = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX,
-               "min": torch.distributed.ReduceOp.MIN}[op]
+        red = {
+            "sum": torch.distributed.ReduceOp.SUM,
+            "max": torch.distributed.ReduceOp.MAX,
+            "min": torch.distributed.ReduceOp.MIN,
+        }[op]
         if torch.cuda.is_available():
             t = t.cuda()
         torch.distributed.all_reduce(t, op=red)

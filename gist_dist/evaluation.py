@@ -24,6 +24,7 @@ eval.json: {run, mask, num_gist, model, world_size, zero3, max_new_tokens, batch
                   prompt_tokens: {mean, median, max}, compression_ratio: {mean, median, max},
                   kv_bytes_per_prompt: {cached, full_prompt}}}}
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,11 +63,12 @@ def load_run_model(cfg: RunConfig, zero3: bool = False) -> RunModel:
 def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Record indices in batches of similar length (less padding); the same batches at any world size."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def generate_answers(em: RunModel, examples: list[dict], batch_size: int, max_new_tokens: int,
-                     synced: bool = False) -> list[dict]:
+def generate_answers(
+    em: RunModel, examples: list[dict], batch_size: int, max_new_tokens: int, synced: bool = False
+) -> list[dict]:
     """Greedy answers for `examples` ({"prompt": ids incl. gist, "tail": ids}) sharded over ranks;
     every rank returns all of them in the original order (with the KV bytes of each prompt's cache)."""
     rank, world = dist.rank(), dist.world()
@@ -106,20 +108,30 @@ def rouge(predictions: list[str], references: list[str], use_aggregator: bool = 
     """ROUGE F-measures through `evaluate` with the local module (no hub): means over examples, or
     (use_aggregator=False) one score per example."""
     import evaluate
-    return evaluate.load(str(ROUGE_MODULE)).compute(predictions=predictions, references=references,
-                                                    use_aggregator=use_aggregator)
+
+    return evaluate.load(str(ROUGE_MODULE)).compute(
+        predictions=predictions, references=references, use_aggregator=use_aggregator
+    )
 
 
 def summary_stats(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "median": statistics.median(values), "max": max(values)}
 
 
-def split_metrics(predictions: list[str], references: list[str], prompt_tokens: list[int], num_gist: int,
-                  kv_bytes: list[int], full_kv_bytes: list[int]) -> dict:
+def split_metrics(
+    predictions: list[str],
+    references: list[str],
+    prompt_tokens: list[int],
+    num_gist: int,
+    kv_bytes: list[int],
+    full_kv_bytes: list[int],
+) -> dict:
     scores = rouge(predictions, references)
     return {
         "n": len(references),
-        "rougeL": scores["rougeL"], "rouge1": scores["rouge1"], "rouge2": scores["rouge2"],
+        "rougeL": scores["rougeL"],
+        "rouge1": scores["rouge1"],
+        "rouge2": scores["rouge2"],
         "exact_match": exact_match(predictions, references),
         "prompt_tokens": summary_stats(prompt_tokens),
         "compression_ratio": summary_stats([p / num_gist for p in prompt_tokens]),
@@ -132,14 +144,31 @@ def run_eval(cfg: RunConfig, zero3: bool = False) -> dict | None:
     if dist.discover().world_size > 1 or zero3:
         dist.init(cfg.timeout_s)
     splits = eval_splits(cfg)
-    records = {name: load_records(src, split="seen", n=cfg.data.num_eval, seed=cfg.data.seed + 1,
-                                  bad_records=cfg.data.bad_records, role="eval",
-                                  columns=cfg.data.columns) for name, src in splits.items()}
+    records = {
+        name: load_records(
+            src,
+            split="seen",
+            n=cfg.data.num_eval,
+            seed=cfg.data.seed + 1,
+            bad_records=cfg.data.bad_records,
+            role="eval",
+            columns=cfg.data.columns,
+        )
+        for name, src in splits.items()
+    }
     em = load_run_model(cfg, zero3)
     template = GistTemplate(em.tok, em.gist_ids, cfg.data.max_length, "drop", em.template or cfg.data.template)
-    result = {"run": str(cfg.output_dir), "mask": em.mask, "num_gist": len(em.gist_ids), "model": em.source,
-              "world_size": dist.world(), "zero3": zero3, "max_new_tokens": cfg.eval_max_new_tokens,
-              "batch_size": cfg.eval_batch_size, "splits": {}}
+    result = {
+        "run": str(cfg.output_dir),
+        "mask": em.mask,
+        "num_gist": len(em.gist_ids),
+        "model": em.source,
+        "world_size": dist.world(),
+        "zero3": zero3,
+        "max_new_tokens": cfg.eval_max_new_tokens,
+        "batch_size": cfg.eval_batch_size,
+        "splits": {},
+    }
     outputs = []
     for name, recs in records.items():
         stats = DataStats()
@@ -160,12 +189,29 @@ def run_eval(cfg: RunConfig, zero3: bool = False) -> dict | None:
         references = [r["output"].strip() for r in kept]
         if dist.is_main():
             result["splits"][name] = {
-                "source": splits[name], "dropped_overlong": stats.dropped_overlong, "generate_s": seconds,
-                **split_metrics(predictions, references, [e["prompt_tokens"] for e in examples], len(em.gist_ids),
-                                [a["kv_bytes"] for a in answers], [a["full_prompt_kv_bytes"] for a in answers])}
-            outputs += [{"split": name, "index": i, "instruction": r["instruction"], "input": r["input"],
-                         "reference": ref, "prediction": pred}
-                        for i, (r, ref, pred) in enumerate(zip(kept, references, predictions))]
+                "source": splits[name],
+                "dropped_overlong": stats.dropped_overlong,
+                "generate_s": seconds,
+                **split_metrics(
+                    predictions,
+                    references,
+                    [e["prompt_tokens"] for e in examples],
+                    len(em.gist_ids),
+                    [a["kv_bytes"] for a in answers],
+                    [a["full_prompt_kv_bytes"] for a in answers],
+                ),
+            }
+            outputs += [
+                {
+                    "split": name,
+                    "index": i,
+                    "instruction": r["instruction"],
+                    "input": r["input"],
+                    "reference": ref,
+                    "prediction": pred,
+                }
+                for i, (r, ref, pred) in enumerate(zip(kept, references, predictions))
+            ]
     if not dist.is_main():
         return None
     out = Path(cfg.output_dir)
@@ -176,18 +222,24 @@ def run_eval(cfg: RunConfig, zero3: bool = False) -> dict | None:
 
 
 def format_markdown(result: dict) -> str:
-    lines = [f"# Evaluation of {result['run']}", "",
-             f"mode {result['mask']}, {result['num_gist']} gist token(s), model {result['model']}, "
-             f"{result['world_size']} rank(s){' ZeRO-3' if result['zero3'] else ''}, greedy, "
-             f"max {result['max_new_tokens']} new tokens", "",
-             "| split | n | ROUGE-L | exact match | prompt tokens mean / median / max | "
-             "compression mean / median / max | KV bytes/prompt cached vs full prompt |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# Evaluation of {result['run']}",
+        "",
+        f"mode {result['mask']}, {result['num_gist']} gist token(s), model {result['model']}, "
+        f"{result['world_size']} rank(s){' ZeRO-3' if result['zero3'] else ''}, greedy, "
+        f"max {result['max_new_tokens']} new tokens",
+        "",
+        "| split | n | ROUGE-L | exact match | prompt tokens mean / median / max | "
+        "compression mean / median / max | KV bytes/prompt cached vs full prompt |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, s in result["splits"].items():
         p, c, kv = s["prompt_tokens"], s["compression_ratio"], s["kv_bytes_per_prompt"]
-        lines.append(f"| {name} | {s['n']} | {s['rougeL']:.4f} | {s['exact_match']:.4f} | "
-                     f"{p['mean']:.1f} / {p['median']:.1f} / {p['max']} | {c['mean']:.1f} / {c['median']:.1f} / "
-                     f"{c['max']:.1f} | {kv['cached']:,.0f} vs {kv['full_prompt']:,.0f} |")
+        lines.append(
+            f"| {name} | {s['n']} | {s['rougeL']:.4f} | {s['exact_match']:.4f} | "
+            f"{p['mean']:.1f} / {p['median']:.1f} / {p['max']} | {c['mean']:.1f} / {c['median']:.1f} / "
+            f"{c['max']:.1f} | {kv['cached']:,.0f} vs {kv['full_prompt']:,.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -197,7 +249,8 @@ def gap_recovered(gist: float, pos: float, neg: float) -> float | None:
 
 
 def per_example_scores(run_dir) -> dict[str, dict[str, list]]:
-    """{split: {"reference": [...], "rougeL": [...], "exact_match": [...]}} from RUN/eval_outputs.jsonl ({} if absent)."""
+    """{split: {"reference": [...], "rougeL": [...], "exact_match": [...]}} from RUN/eval_outputs.jsonl
+    ({} if absent)."""
     path = Path(run_dir) / "eval_outputs.jsonl"
     if not path.is_file():
         return {}
@@ -209,8 +262,11 @@ def per_example_scores(run_dir) -> dict[str, dict[str, list]]:
     for split, items in rows.items():
         items.sort(key=lambda o: o["index"])
         preds, refs = [o["prediction"] for o in items], [o["reference"] for o in items]
-        out[split] = {"reference": refs, "rougeL": rouge(preds, refs, use_aggregator=False)["rougeL"],
-                      "exact_match": [float(m) for m in exact_matches(preds, refs)]}
+        out[split] = {
+            "reference": refs,
+            "rougeL": rouge(preds, refs, use_aggregator=False)["rougeL"],
+            "exact_match": [float(m) for m in exact_matches(preds, refs)],
+        }
     return out
 
 
@@ -218,6 +274,7 @@ def bootstrap_gap(scores: dict[str, list[float]], n: int = 1000, seed: int = 0) 
     """Paired bootstrap 95% interval of the share of the gap: resample the examples (the same draw for
     the three runs), recompute each run's mean and the share. Draws with pos = neg are left out (counted)."""
     import numpy as np
+
     per_run = np.array([scores[mode] for mode in CONTROL_MASKS], dtype=float)  # [3, examples]
     draws = np.random.default_rng(seed).integers(0, per_run.shape[1], size=(n, per_run.shape[1]))
     gist, pos, neg = per_run[:, draws].mean(-1)  # [3, n]
@@ -229,8 +286,9 @@ def bootstrap_gap(scores: dict[str, list[float]], n: int = 1000, seed: int = 0) 
     return {"low": float(low), "high": float(high), "n_boot": n, "undefined_draws": int(n - ok.sum()), "seed": seed}
 
 
-def compare_runs(gist_dir, pos_dir, neg_dir, metrics=("rougeL", "exact_match"), n_boot: int = 1000,
-                 seed: int = 0) -> dict:
+def compare_runs(
+    gist_dir, pos_dir, neg_dir, metrics=("rougeL", "exact_match"), n_boot: int = 1000, seed: int = 0
+) -> dict:
     """Per split (present in all three eval.json files): each mode's score, the normalised one, and its
     paired bootstrap 95% interval ("interval": None where the runs' eval_outputs.jsonl are missing or
     hold different examples)."""
@@ -251,20 +309,33 @@ def compare_runs(gist_dir, pos_dir, neg_dir, metrics=("rougeL", "exact_match"), 
         for metric in metrics:
             score = {mode: results[mode]["splits"][split][metric] for mode in CONTROL_MASKS}
             interval = paired and bootstrap_gap({m: p[metric] for m, p in zip(CONTROL_MASKS, paired)}, n_boot, seed)
-            table[split][metric] = {**score, "normalised": gap_recovered(*score.values()), "interval": interval,
-                                    "n": len(paired[0]["reference"]) if paired else None}
+            table[split][metric] = {
+                **score,
+                "normalised": gap_recovered(*score.values()),
+                "interval": interval,
+                "n": len(paired[0]["reference"]) if paired else None,
+            }
     return {"runs": {mode: str(d) for mode, d in dirs.items()}, "splits": table}
 
 
 def format_comparison(comparison: dict) -> str:
-    lines = ["| split | metric | neg_control | gist | pos_control | gap recovered | 95% interval (paired bootstrap) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| split | metric | neg_control | gist | pos_control | gap recovered | 95% interval (paired bootstrap) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for split, per_metric in comparison["splits"].items():
         for metric, s in per_metric.items():
             norm = "n/a (pos = neg)" if s["normalised"] is None else f"{s['normalised']:.3f}"
             ci = s.get("interval")
-            ci = f"[{ci['low']:.3f}, {ci['high']:.3f}] (n={s['n']})" if ci else \
-                "n/a (pos = neg in every draw)" if s.get("n") else "n/a (no paired eval_outputs.jsonl)"
-            lines.append(f"| {split} | {metric} | {s['neg_control']:.4f} | {s['gist']:.4f} | "
-                         f"{s['pos_control']:.4f} | {norm} | {ci} |")
+            ci = (
+                f"[{ci['low']:.3f}, {ci['high']:.3f}] (n={s['n']})"
+                if ci
+                else "n/a (pos = neg in every draw)"
+                if s.get("n")
+                else "n/a (no paired eval_outputs.jsonl)"
+            )
+            lines.append(
+                f"| {split} | {metric} | {s['neg_control']:.4f} | {s['gist']:.4f} | "
+                f"{s['pos_control']:.4f} | {norm} | {ci} |"
+            )
     return "\n".join(lines) + "\n"

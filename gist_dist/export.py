@@ -14,6 +14,7 @@ vLLM (unverified here: vLLM cannot be installed on these machines):
        embeds = torch.cat([load_file(FILE)["gist"], base.get_input_embeddings()(tail_ids)])
        llm.generate({"prompt_embeds": embeds.to(dtype)})   # with enable_prompt_embeds=True
 """
+
 from __future__ import annotations
 
 import json
@@ -33,20 +34,28 @@ def _no_prompt_artifact(run_dir: str | Path) -> tuple[torch.Tensor, dict]:
     gist, meta = artifact.load(run_dir)
     student = meta.get("student", "no_prompt" if "prompt_sha256" in meta else "unknown")
     if student != "no_prompt":
-        raise ArtifactError(f"{run_dir}: its gist embeddings were trained with the instruction visible "
-                            f"(distill.student={student}); only no-prompt artifacts (compress, "
-                            f"distill.student=no_prompt) stand alone as a prompt-tuning adapter")
+        raise ArtifactError(
+            f"{run_dir}: its gist embeddings were trained with the instruction visible "
+            f"(distill.student={student}); only no-prompt artifacts (compress, "
+            f"distill.student=no_prompt) stand alone as a prompt-tuning adapter"
+        )
     if meta.get("layer_offsets"):
-        raise ArtifactError(f"{run_dir}: it was trained with distill.layer_offsets (an offset per layer at the gist "
-                            f"positions); PEFT prompt tuning and prompt_embeds carry input rows only")
+        raise ArtifactError(
+            f"{run_dir}: it was trained with distill.layer_offsets (an offset per layer at the gist "
+            f"positions); PEFT prompt tuning and prompt_embeds carry input rows only"
+        )
     before, _ = _text_around_gist(meta)
     if before:
-        why = ("which every later token saw (mask_prefix=visible), but PEFT prompt tuning and prompt_embeds put the "
-               "gist rows first" if meta.get("mask_prefix_tokens") else
-               "which the student saw only from the gist tokens; PEFT prompt tuning and prompt_embeds attend "
-               "causally, so they would not reproduce it")
-        raise ArtifactError(f"{run_dir}: its template ({meta.get('template')}) puts {before!r} before the gist rows, "
-                            f"{why}")
+        why = (
+            "which every later token saw (mask_prefix=visible), but PEFT prompt tuning and prompt_embeds put the "
+            "gist rows first"
+            if meta.get("mask_prefix_tokens")
+            else "which the student saw only from the gist tokens; PEFT prompt tuning and prompt_embeds attend "
+            "causally, so they would not reproduce it"
+        )
+        raise ArtifactError(
+            f"{run_dir}: its template ({meta.get('template')}) puts {before!r} before the gist rows, {why}"
+        )
     return gist, meta
 
 
@@ -54,6 +63,7 @@ def _base_model(run_dir, model_name: str | None):
     """The base model, checked against the artifact's fingerprint (inference.load_run)."""
     from .config import ModelConfig
     from .inference import load_run
+
     run = load_run(run_dir, ModelConfig(name=model_name or "", dtype="fp32"))
     return run.model, run.source.split(" + ")[0]
 
@@ -65,6 +75,7 @@ def _text_around_gist(meta: dict) -> tuple[str, str]:
     from .config import ModelConfig
     from .data import GistTemplate
     from .model import load_tokenizer
+
     tok = load_tokenizer(ModelConfig(name=meta["base_model"], tokenizer=meta.get("tokenizer", "")))
     t = GistTemplate(tok, [], 1 << 30, template=meta.get("template") or "alpaca")
     tail = t.pieces({"instruction": "-", "input": "{query}", "output": ""})[1]
@@ -77,8 +88,12 @@ def export_peft(run_dir: str | Path, out_dir: str | Path, model_name: str | None
 
     gist, meta = _no_prompt_artifact(run_dir)
     base, base_name = _base_model(run_dir, model_name)
-    peft_config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=gist.shape[0],
-                                     token_dim=gist.shape[1], base_model_name_or_path=base_name)
+    peft_config = PromptTuningConfig(
+        task_type=TaskType.CAUSAL_LM,
+        num_virtual_tokens=gist.shape[0],
+        token_dim=gist.shape[1],
+        base_model_name_or_path=base_name,
+    )
     model = get_peft_model(base, peft_config)
     with torch.no_grad():
         model.prompt_encoder["default"].embedding.weight.copy_(gist)
@@ -101,7 +116,13 @@ def export_prompt_embeds(run_dir: str | Path, path: str | Path) -> Path:
 
 def _layout(meta: dict) -> dict:
     """How to place the rows: the k gist rows first, then the embeddings of `then_text`."""
-    return {"gist_rows_first": True, "num_gist": meta["num_gist"], "then_text": _text_around_gist(meta)[1],
-            "template": meta.get("template") or "alpaca",
-            "add_special_tokens": False, "attention": "causal", "base_model": meta.get("base_model"),
-            "base_fingerprint": meta.get("base_fingerprint")}
+    return {
+        "gist_rows_first": True,
+        "num_gist": meta["num_gist"],
+        "then_text": _text_around_gist(meta)[1],
+        "template": meta.get("template") or "alpaca",
+        "add_special_tokens": False,
+        "attention": "causal",
+        "base_model": meta.get("base_model"),
+        "base_fingerprint": meta.get("base_fingerprint"),
+    }

@@ -10,6 +10,7 @@ means in fidelity.json, every answer in fidelity_answers.jsonl. Held-out queries
 not thousands), so fidelity.json also gives 95% bootstrap intervals over the queries: a query's tokens agree
 or not together, so the query, not the token, is what is resampled.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,16 +54,19 @@ def measure(gm: GistModel, records: list[dict]) -> tuple[dict, list[dict]]:
             row[f"{name}_agreeing"] = int((other.argmax(-1) == teacher.argmax(-1)).sum())
         per_record.append(row)
     n_tokens = sum(r["answer_tokens"] for r in per_record)
-    return {"records": len(records), "answer_tokens": n_tokens,
-            **{f"{name}_kl": kl / n_tokens for name, kl in kl_sums.items()},
-            **{f"{name}_agreement": sum(r[f"{name}_agreeing"] for r in per_record) / n_tokens for name in kl_sums}}, \
-        per_record
+    return {
+        "records": len(records),
+        "answer_tokens": n_tokens,
+        **{f"{name}_kl": kl / n_tokens for name, kl in kl_sums.items()},
+        **{f"{name}_agreement": sum(r[f"{name}_agreeing"] for r in per_record) / n_tokens for name in kl_sums},
+    }, per_record
 
 
 def query_intervals(rows: list[dict], n: int = 1000, seed: int = 0) -> dict:
     """95% bootstrap intervals over the held-out queries: agreement as agreeing / answer tokens of the
     drawn queries (a ratio, as the point estimate is), free-answer ROUGE-L and exact match as means."""
     import numpy as np
+
     draws = np.random.default_rng(seed).integers(0, len(rows), size=(n, len(rows)))
 
     def interval(values, weights=None):
@@ -83,25 +87,54 @@ def free_answers(gm: GistModel, records: list[dict], max_new_tokens: int, batch_
     """Greedy answers of the student (gist in place of the prompt) and the baseline (neither)."""
     tok, run, out = gm.tok, gm.run, {"student": [], "baseline": []}
     for i in range(0, len(records), batch_size):
-        batch = records[i:i + batch_size]
+        batch = records[i : i + batch_size]
         student = [gm.prompt_and_tail(r["input"]) for r in batch]
-        plain = [gm.template.encode(r, with_gist=False, with_prompt=False, with_output=False)["input_ids"] for r in batch]
-        out["student"] += greedy(gm.model, [p for p, _ in student], [t for _, t in student], run.gist_ids, "gist",
-                                 max_new_tokens, tok.eos_token_id, tok.pad_token_id, embed=run.embed,
-                                 prefix=run.prefix)[0]
-        out["baseline"] += greedy(gm.model, [ids[:-1] for ids in plain], [ids[-1:] for ids in plain], [], "pos_control",
-                                  max_new_tokens, tok.eos_token_id, tok.pad_token_id)[0]
+        plain = [
+            gm.template.encode(r, with_gist=False, with_prompt=False, with_output=False)["input_ids"] for r in batch
+        ]
+        out["student"] += greedy(
+            gm.model,
+            [p for p, _ in student],
+            [t for _, t in student],
+            run.gist_ids,
+            "gist",
+            max_new_tokens,
+            tok.eos_token_id,
+            tok.pad_token_id,
+            embed=run.embed,
+            prefix=run.prefix,
+        )[0]
+        out["baseline"] += greedy(
+            gm.model,
+            [ids[:-1] for ids in plain],
+            [ids[-1:] for ids in plain],
+            [],
+            "pos_control",
+            max_new_tokens,
+            tok.eos_token_id,
+            tok.pad_token_id,
+        )[0]
     return {who: [tok.decode(a, skip_special_tokens=True).strip() for a in answers] for who, answers in out.items()}
 
 
 def compare_answers(answers: dict, references: list[str]) -> tuple[dict, list[dict]]:
     """Means of exact match and ROUGE-L against the teacher's answers, and the per-answer rows."""
-    scores = {who: {"exact_match": exact_matches(preds, references),
-                    "rougeL": rouge(preds, references, use_aggregator=False)["rougeL"]} for who, preds in answers.items()}
+    scores = {
+        who: {
+            "exact_match": exact_matches(preds, references),
+            "rougeL": rouge(preds, references, use_aggregator=False)["rougeL"],
+        }
+        for who, preds in answers.items()
+    }
     means = {f"{who}_answer_{m}": sum(v) / len(v) for who, s in scores.items() for m, v in s.items()}
-    rows = [{"teacher": ref, **{who: answers[who][i] for who in answers},
-             **{f"{who}_{m}": float(v[i]) for who, s in scores.items() for m, v in s.items()}}
-            for i, ref in enumerate(references)]
+    rows = [
+        {
+            "teacher": ref,
+            **{who: answers[who][i] for who in answers},
+            **{f"{who}_{m}": float(v[i]) for who, s in scores.items() for m, v in s.items()},
+        }
+        for i, ref in enumerate(references)
+    ]
     return means, rows
 
 
@@ -113,10 +146,19 @@ def evaluate_heldout(run_dir: str | Path) -> dict:
     means, rows = compare_answers(free_answers(gm, records, max_new), [r["output"].strip() for r in records])
     forced, per_record = measure(gm, records)
     rows = [{**row, **counts} for row, counts in zip(rows, per_record)]
-    result = {**forced, **means, "intervals_95": query_intervals(rows), "answer_max_new_tokens": max_new,
-              "num_gist": gm.meta["num_gist"], "prompt_tokens": gm.meta.get("prompt_tokens"),
-              "compression_ratio": gm.meta.get("compression_ratio"), "template": gm.template.template}
-    write_text(run / "fidelity_answers.jsonl",
-               "".join(json.dumps({"query": r["input"], **row}) + "\n" for r, row in zip(records, rows)))
+    result = {
+        **forced,
+        **means,
+        "intervals_95": query_intervals(rows),
+        "answer_max_new_tokens": max_new,
+        "num_gist": gm.meta["num_gist"],
+        "prompt_tokens": gm.meta.get("prompt_tokens"),
+        "compression_ratio": gm.meta.get("compression_ratio"),
+        "template": gm.template.template,
+    }
+    write_text(
+        run / "fidelity_answers.jsonl",
+        "".join(json.dumps({"query": r["input"], **row}) + "\n" for r, row in zip(records, rows)),
+    )
     write_text(run / "fidelity.json", json.dumps(result, indent=2))
     return result

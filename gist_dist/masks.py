@@ -15,6 +15,7 @@ a token attends only within its own example, where the rule is exactly that exam
 positions restart at 0 per example. Padding keys are blocked everywhere; a padded query attends only
 to itself so softmax is never over an empty row (its output is ignored). No distributed code.
 """
+
 from __future__ import annotations
 
 import torch
@@ -76,8 +77,9 @@ def allowed_attention(input_ids, attention_mask, gist_ids, mask: str, segments=N
     return allowed(b[:, None, None], None, i[None, :, None], i[None, None, :])[:, None]
 
 
-def make_attention_mask(input_ids, attention_mask, gist_ids, mask: str, dtype=torch.float32, segments=None,
-                        prefix: int = 0):
+def make_attention_mask(
+    input_ids, attention_mask, gist_ids, mask: str, dtype=torch.float32, segments=None, prefix: int = 0
+):
     """Float 4D mask for HF models: 0 where allowed, dtype-min where blocked (safe for eager and sdpa)."""
     allowed = allowed_attention(input_ids, attention_mask, gist_ids, mask, segments, prefix)
     out = torch.zeros(allowed.shape, dtype=dtype, device=input_ids.device)
@@ -88,10 +90,12 @@ def make_block_mask(input_ids, attention_mask, gist_ids, mask: str, segments=Non
     """FlexAttention BlockMask of the same predicate: fully masked blocks (the prompt for every
     post-gist query, other examples of a packed row) are skipped by the kernel."""
     from torch.nn.attention.flex_attention import create_block_mask
+
     segments = segments_from(attention_mask) if segments is None else segments
     B, T = input_ids.shape
-    return create_block_mask(mask_mod(input_ids, segments, gist_ids, mask, prefix), B, None, T, T,
-                             device=input_ids.device)
+    return create_block_mask(
+        mask_mod(input_ids, segments, gist_ids, mask, prefix), B, None, T, T, device=input_ids.device
+    )
 
 
 def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -107,8 +111,9 @@ def positions_in_segments(segments: torch.Tensor) -> torch.Tensor:
     return torch.where(segments >= 0, t - start, 0)
 
 
-def model_inputs(batch: dict, gist_ids, mask: str, dtype=torch.float32, attention: str = "dense",
-                 prefix: int = 0) -> dict:
+def model_inputs(
+    batch: dict, gist_ids, mask: str, dtype=torch.float32, attention: str = "dense", prefix: int = 0
+) -> dict:
     """2D batch (+ "segments" for packed rows) -> kwargs for an HF causal LM: the mask (dense 4D
     with padding folded in, or a BlockMask for attention="flex"), built on the batch's device, and
     positions restarting per example. `prefix`: leading tokens per example kept visible (see above)."""
@@ -119,7 +124,8 @@ def model_inputs(batch: dict, gist_ids, mask: str, dtype=torch.float32, attentio
     kwargs = {} if attention == "flex" else {"dtype": dtype}
     return {
         "input_ids": batch["input_ids"],
-        "attention_mask": render(batch["input_ids"], batch["attention_mask"], gist_ids, mask, segments=segments,
-                                 prefix=prefix, **kwargs),
+        "attention_mask": render(
+            batch["input_ids"], batch["attention_mask"], gist_ids, mask, segments=segments, prefix=prefix, **kwargs
+        ),
         "position_ids": positions_in_segments(segments),
     }

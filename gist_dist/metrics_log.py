@@ -6,6 +6,7 @@ progress a person watches. Rank 0 only; every backend gets the same scalars.
     log.progress=auto|bar|lines        # auto: tqdm on a terminal, one plain line per train.log_every
                                        # steps otherwise (Slurm output files stay readable)
 """
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,7 @@ def scalars(record: dict) -> dict[str, float]:
         elif isinstance(value, list) and key.startswith("rank_"):
             for i, v in enumerate(value):
                 if isinstance(v, (int, float)):
-                    out[f"rank{i}/{key[len('rank_'):]}"] = float(v)
+                    out[f"rank{i}/{key[len('rank_') :]}"] = float(v)
     return out
 
 
@@ -37,19 +38,22 @@ _PACKAGES = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "wandb":
 def check_backends(backends: list[str]):
     """Fail with one line, before anything is written, when a chosen backend is not installed."""
     import importlib
+
     for name in backends:
         if name in _PACKAGES:
             module, package = _PACKAGES[name]
             try:
                 importlib.import_module(module)
             except ImportError:
-                raise ConfigError(f"log.backends has {name} but the {package} package is not installed "
-                                  f"(pip install {package})") from None
+                raise ConfigError(
+                    f"log.backends has {name} but the {package} package is not installed (pip install {package})"
+                ) from None
 
 
 class _TensorBoard:
     def __init__(self, out: Path, cfg: RunConfig):
         from torch.utils.tensorboard import SummaryWriter
+
         self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
         self.writer.add_text("config", "```\n" + json.dumps(_config_dict(cfg), indent=2) + "\n```")
 
@@ -65,6 +69,7 @@ class _TensorBoard:
 class _WandbOffline:
     def __init__(self, out: Path, cfg: RunConfig):
         import wandb
+
         os.environ.setdefault("WANDB_MODE", "offline")  # compute nodes rarely reach the internet
         self.run = wandb.init(dir=str(out), config=_config_dict(cfg), name=out.name, resume="allow")
 
@@ -77,6 +82,7 @@ class _WandbOffline:
 
 def _config_dict(cfg: RunConfig) -> dict:
     from .config import to_dict
+
     return to_dict(cfg)
 
 
@@ -119,6 +125,7 @@ class Progress:
         use_bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
         if main and use_bar:
             from tqdm import tqdm
+
             self.bar = tqdm(total=total, initial=initial, desc=desc)
 
     def update(self, step: int, loss: float, tokens_per_s: float, step_time: float):
@@ -128,8 +135,12 @@ class Progress:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.4f}")
         elif step % self.every == 0 or step == self.total:
-            print(f"{self.desc} step {step}/{self.total} loss {loss:.4f} tokens/s {tokens_per_s:.1f} "
-                  f"step_time {step_time:.2f}s", file=sys.stderr, flush=True)
+            print(
+                f"{self.desc} step {step}/{self.total} loss {loss:.4f} tokens/s {tokens_per_s:.1f} "
+                f"step_time {step_time:.2f}s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def close(self):
         if self.bar is not None:

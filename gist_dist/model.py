@@ -7,6 +7,7 @@ Under ZeRO-3 the caller keeps a `transformers.integrations.HfDeepSpeedConfig` al
 `from_pretrained` / `from_config` build the model inside `deepspeed.zero.Init` and no rank ever
 holds the whole model.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -159,7 +160,7 @@ def _without_zero3():
 
 
 def model_family(config) -> str:
-    """"seq2seq" for encoder-decoder configs (T5), else "causal"."""
+    """ "seq2seq" for encoder-decoder configs (T5), else "causal"."""
     return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
 
 
@@ -167,6 +168,7 @@ def auto_class(config, path: str | None = None):
     """The class that builds `config`; for a T5 checkpoint at `path` that stores its own LM head
     (FLAN-T5), one that keeps the head untied."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
     if model_family(config) != "seq2seq":
         return AutoModelForCausalLM
     if path and stores_own_lm_head(path, config):
@@ -179,6 +181,7 @@ def stores_own_lm_head(path: str, config) -> bool:
     as the embedding). Folders without safetensors or hub ids: what its config file said
     (tie_word_embeddings false, which transformers 5's T5Config keeps only as scale_decoder_outputs)."""
     from safetensors import safe_open
+
     folder = Path(path)
     index = folder / "model.safetensors.index.json"
     if index.is_file():

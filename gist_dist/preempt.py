@@ -4,6 +4,7 @@ Slurm (`--signal=B:USR1@LEAD`), torchrun and the deepspeed launcher deliver SIGU
 the trainer; it finishes the current step, saves a checkpoint, writes the "stop" record to
 metrics.jsonl and exits with REQUEUE_EXIT_CODE (slurm/requeue.sh requeues on either).
 """
+
 from __future__ import annotations
 
 import signal

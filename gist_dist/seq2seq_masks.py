@@ -9,6 +9,7 @@ prompt + k gist tokens + input, the decoder writes the answer.
 An example without gist tokens attends everywhere. Padding keys are blocked; a padded query sees
 itself so no softmax row is empty. Same predicate style as masks.py: `allowed(b, q, k)`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -75,5 +76,7 @@ def seq2seq_masks(input_ids, attention_mask, gist_ids, mask: str, dtype=torch.fl
     0 where allowed and dtype-min where blocked (safe for eager and sdpa)."""
     return {
         "attention_mask": _additive(encoder_allowed(input_ids, attention_mask, gist_ids, mask), dtype),
-        "encoder_attention_mask": _additive(cross_keys(input_ids, attention_mask, gist_ids, mask)[:, None, None], dtype),
+        "encoder_attention_mask": _additive(
+            cross_keys(input_ids, attention_mask, gist_ids, mask)[:, None, None], dtype
+        ),
     }

@@ -8,6 +8,7 @@ Two ways to hold the gist embeddings, one per objective:
   (`GistLayerOffsets`), P-tuning v2 style.
 ZeRO-3 gathering is passed in as a context (`zero.gather`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,7 +59,7 @@ class GistEmbedding(nn.Module):
     """k trainable rows that replace the embeddings of the gist ids (which must be consecutive, as
     `add_gist_tokens` makes them: the row is the id's offset from the first)."""
 
-    def __init__(self, gist_ids: list[int], init: torch.Tensor, offsets: "GistLayerOffsets | None" = None):
+    def __init__(self, gist_ids: list[int], init: torch.Tensor, offsets: GistLayerOffsets | None = None):
         super().__init__()
         self.offsets = offsets  # told where the gist tokens are in each forward
         ids = list(gist_ids)
@@ -69,8 +70,13 @@ class GistEmbedding(nn.Module):
         self.gist = nn.Parameter(init.clone())  # [k, hidden]
         self.register_buffer("gist_ids", torch.tensor(ids, device=init.device), persistent=False)
 
-    def forward(self, input_ids: torch.Tensor | None = None, embedding: nn.Module | None = None, *,
-                hidden: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        embedding: nn.Module | None = None,
+        *,
+        hidden: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Token embeddings from `embedding`, with the gist rows taken from this parameter; or, given
         `hidden` ([N, hidden]), the output side of a tied model: those rows' logits for the gist ids, [N, k].
         Both go through the module call, so ZeRO-3 gathers the parameter for either use."""
@@ -127,6 +133,7 @@ class GistLayerOffsets(nn.Module):
             if args:
                 return (offset(args[0], self.where), *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": offset(kwargs["hidden_states"], self.where)}
+
         return add
 
     def stacked(self) -> torch.Tensor:

@@ -14,6 +14,7 @@ From Python (benchmarks and tests drive the step directly):
     record = trainer.train_step()      # one optimizer step (all micro-batches of it), metrics all-reduced
     summary = trainer.train()          # the rest: eval, checkpoints, preemption, export
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,10 +27,10 @@ import torch
 import yaml
 
 from . import dist, preempt, zero
-from .data.batches import ShardedBatches
 from .checkpoint import Checkpointer
 from .config import ConfigError, RunConfig, to_dict
 from .data import DataError, DataStats, GistTemplate, load_records
+from .data.batches import ShardedBatches
 from .methods import Tokens, method_for
 from .metrics_log import MetricsLog, Progress, check_backends
 from .model import load_model, load_tokenizer, resolve_dtype
@@ -48,18 +49,21 @@ def attention_backend(choice: str, flex_ok: bool = True) -> str:
     if choice == "auto":
         return "flex" if torch.cuda.is_available() and flex_ok else "dense"
     if choice == "flex" and not torch.cuda.is_available():
-        raise ConfigError("model.attention=flex trains only on CUDA (FlexAttention has no CPU backward here); "
-                          "use dense or auto")
+        raise ConfigError(
+            "model.attention=flex trains only on CUDA (FlexAttention has no CPU backward here); use dense or auto"
+        )
     return choice
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float):
     """LR multiplier: linear warm-up, then cosine decay to min_ratio."""
+
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
     return factor
 
 
@@ -98,8 +102,11 @@ class Trainer:
             (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
         t_build = time.time()
-        model_cfg = cfg.model if self.attention == "dense" else \
-            dataclasses.replace(cfg.model, attn_implementation="flex_attention")
+        model_cfg = (
+            cfg.model
+            if self.attention == "dense"
+            else dataclasses.replace(cfg.model, attn_implementation="flex_attention")
+        )
         with zero.build_context(ds_config):  # resizing the vocabulary (wrap) needs it alive too
             model = load_model(model_cfg, vocab_min=num_old)
             self.module, trainable = self.method.wrap(model)
@@ -115,12 +122,15 @@ class Trainer:
         groups = self.method.param_groups(self.module, trainable)  # train.gist_lr: the gist rows have their own
         optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio))
+            optimizer, warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio)
+        )
         base_lrs = list(scheduler.base_lrs)  # this run's; a resume loads the checkpoint's
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=self.module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-        self.checkpoints = Checkpointer(self.out / "checkpoints", cfg.train.keep_checkpoints,
-                                        frozen_backbone=not self.method.trains_backbone)
+            model=self.module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+        self.checkpoints = Checkpointer(
+            self.out / "checkpoints", cfg.train.keep_checkpoints, frozen_backbone=not self.method.trains_backbone
+        )
         self.step = self.start_step = self.checkpoints.resume(self.engine, self.train_batches)
         if self.start_step:
             follow_schedule(scheduler, base_lrs, self.start_step)
@@ -131,11 +141,14 @@ class Trainer:
     def _load_data(self):
         cfg, rank, world = self.cfg, self.env.rank, self.env.world_size
         self.stats, self.eval_stats = DataStats(), DataStats()
-        template = GistTemplate(self.tokens.tokenizer, self.tokens.gist_ids, cfg.data.max_length, cfg.data.overlong, cfg.data.template)
+        template = GistTemplate(
+            self.tokens.tokenizer, self.tokens.gist_ids, cfg.data.max_length, cfg.data.overlong, cfg.data.template
+        )
         common = {"split": "seen", "bad_records": cfg.data.bad_records, "columns": cfg.data.columns}
         train = load_records(cfg.data.train, n=cfg.data.num_train, seed=cfg.data.seed, stats=self.stats, **common)
-        evals = load_records(cfg.data.eval, n=cfg.data.num_eval, seed=cfg.data.seed + 1, stats=self.eval_stats,
-                             role="eval", **common)
+        evals = load_records(
+            cfg.data.eval, n=cfg.data.num_eval, seed=cfg.data.seed + 1, stats=self.eval_stats, role="eval", **common
+        )
         self.train_examples = self.method.encode(template, train, self.stats, "train")
         eval_examples = self.method.encode(template, evals, None, "eval")
         if not self.train_examples:
@@ -144,11 +157,14 @@ class Trainer:
             n = len(self.train_examples)
             self.train_examples = self.method.pack(self.train_examples, cfg.data.max_length)
             eval_examples = self.method.pack(eval_examples, cfg.data.max_length)
-            dist.log(f"gist-dist: packed {n} examples into {len(self.train_examples)} rows of <= "
-                     f"{cfg.data.max_length} tokens")
+            dist.log(
+                f"gist-dist: packed {n} examples into {len(self.train_examples)} rows of <= "
+                f"{cfg.data.max_length} tokens"
+            )
         try:
-            self.train_batches = self.method.batches(self.train_examples, cfg.train.micro_batch_size, rank, world,
-                                                     cfg.train.seed)
+            self.train_batches = self.method.batches(
+                self.train_examples, cfg.train.micro_batch_size, rank, world, cfg.train.seed
+            )
             eval_batch = max(1, min(cfg.train.micro_batch_size, len(eval_examples) // world))
             self.eval_batches = ShardedBatches(eval_examples, eval_batch, rank, world, 0, shuffle=False)
         except ValueError as e:
@@ -156,20 +172,35 @@ class Trainer:
 
     def _log_start(self):
         cfg, env, s, e = self.cfg, self.env, self.stats, self.eval_stats
-        dist.log(f"gist-dist: objective={cfg.objective} mask={cfg.mask} k={cfg.num_gist} ranks={env.world_size} "
-                 f"({env.source}) zero={cfg.zero.stage} dtype={self.dtype} trainable={self.n_trainable:,} "
-                 f"train={len(self.train_examples)} data={s.as_dict()}")
-        dist.log(f"gist-dist: train records: {s.records} used of {s.source_records} in {cfg.data.train}"
-                 + (f" (data.num_train={cfg.data.num_train})" if s.records < s.source_records else "")
-                 + f"; eval records: {e.records} used of {e.source_records} in {cfg.data.eval}")
+        dist.log(
+            f"gist-dist: objective={cfg.objective} mask={cfg.mask} k={cfg.num_gist} ranks={env.world_size} "
+            f"({env.source}) zero={cfg.zero.stage} dtype={self.dtype} trainable={self.n_trainable:,} "
+            f"train={len(self.train_examples)} data={s.as_dict()}"
+        )
+        dist.log(
+            f"gist-dist: train records: {s.records} used of {s.source_records} in {cfg.data.train}"
+            + (f" (data.num_train={cfg.data.num_train})" if s.records < s.source_records else "")
+            + f"; eval records: {e.records} used of {e.source_records} in {cfg.data.eval}"
+        )
         if self.start_step == 0:
-            self.metrics.record({
-                "event": "start", "world_size": env.world_size, "objective": cfg.objective,
-                "mask": cfg.mask, "num_gist": cfg.num_gist, "eval_loss_before": self.evaluate(),
-                "trainable_params": self.n_trainable, "build_s": self.build_s, "data": s.as_dict(),
-                "eval_data": e.as_dict(), "rank_param_bytes": self.rank_param_bytes,
-                "model_param_bytes": self.model_param_bytes, "launcher": env.source,
-                "optimizer_state_bytes": 2 * 4 * self.n_trainable})
+            self.metrics.record(
+                {
+                    "event": "start",
+                    "world_size": env.world_size,
+                    "objective": cfg.objective,
+                    "mask": cfg.mask,
+                    "num_gist": cfg.num_gist,
+                    "eval_loss_before": self.evaluate(),
+                    "trainable_params": self.n_trainable,
+                    "build_s": self.build_s,
+                    "data": s.as_dict(),
+                    "eval_data": e.as_dict(),
+                    "rank_param_bytes": self.rank_param_bytes,
+                    "model_param_bytes": self.model_param_bytes,
+                    "launcher": env.source,
+                    "optimizer_state_bytes": 2 * 4 * self.n_trainable,
+                }
+            )
 
     def evaluate(self) -> float:
         """Loss per target token over train.eval_batches held-out batches of every rank."""
@@ -214,18 +245,33 @@ class Trainer:
         per_rank = dist.all_gather_object((tokens / step_time, peak_memory_gb()))  # one collective per step
         rank_tps, rank_mem = [r[0] for r in per_rank], [r[1] for r in per_rank]
         lrs = self.scheduler.get_last_lr()  # a second group: the gist rows (train.gist_lr)
-        return {"step": self.step, "loss": loss_mean, "grad_norm": None if grad_norm is None else float(grad_norm),
-                "lr": lrs[0], **({"gist_lr": lrs[1]} if len(lrs) > 1 else {}), "step_time_s": step_time,
-                "tokens": int(total_tokens), "tokens_per_s": sum(rank_tps), "rank_tokens_per_s": rank_tps,
-                "peak_mem_gb": max(rank_mem), "rank_peak_mem_gb": rank_mem}
+        return {
+            "step": self.step,
+            "loss": loss_mean,
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "lr": lrs[0],
+            **({"gist_lr": lrs[1]} if len(lrs) > 1 else {}),
+            "step_time_s": step_time,
+            "tokens": int(total_tokens),
+            "tokens_per_s": sum(rank_tps),
+            "rank_tokens_per_s": rank_tps,
+            "peak_mem_gb": max(rank_mem),
+            "rank_peak_mem_gb": rank_mem,
+        }
 
     def train(self) -> dict:
         """Steps to train.max_steps with eval, checkpoints and preemption; then export and the end record."""
         cfg = self.cfg.train
         self._log_start()
         first_loss = last_loss = None
-        progress = Progress(cfg.max_steps, self.start_step, cfg.log_every, dist.is_main(),
-                            f"train[{self.cfg.run_kind}]", self.cfg.log.progress)
+        progress = Progress(
+            cfg.max_steps,
+            self.start_step,
+            cfg.log_every,
+            dist.is_main(),
+            f"train[{self.cfg.run_kind}]",
+            self.cfg.log.progress,
+        )
         while self.step < cfg.max_steps:
             record = self.train_step()
             if cfg.eval_every and self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:

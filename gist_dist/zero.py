@@ -11,6 +11,7 @@ Bucket sizes follow HF Trainer's "auto" rule (reduce bucket = hidden^2, prefetch
 persistence threshold = 10 hidden): DeepSpeed's fixed defaults (5e8 elements) dominate memory at
 small sizes and made a 135M model use more memory under ZeRO-3 than without it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,7 +23,6 @@ import torch
 
 from .config import ConfigError, RunConfig
 from .model import ROOT, config_from_shape, is_shape_file, resolve_model_path
-
 
 # Blocks of an HF-style DeepSpeed JSON that the run config owns: gist-dist builds the optimizer
 # (AdamW over what the method trains) and the warm-up/cosine schedule from train.*.
@@ -54,8 +54,10 @@ def deepspeed_config(cfg: RunConfig, hidden_size: int, dtype: torch.dtype) -> di
     ds = copy.deepcopy(ds)
     for block, owner in OWNED_BLOCKS.items():
         if block in ds:
-            raise ConfigError(f"zero.json: {cfg.zero.json} has an {block!r} block; gist-dist sets the {block} from "
-                              f"{owner}: remove the block")
+            raise ConfigError(
+                f"zero.json: {cfg.zero.json} has an {block!r} block; gist-dist sets the {block} from "
+                f"{owner}: remove the block"
+            )
     zero = ds.setdefault("zero_optimization", {})
     if "stage" in zero and zero["stage"] != "auto" and zero["stage"] != cfg.zero.stage:
         raise ConfigError(f"zero.stage={cfg.zero.stage} but {cfg.zero.json} says stage {zero['stage']}")
@@ -65,18 +67,21 @@ def deepspeed_config(cfg: RunConfig, hidden_size: int, dtype: torch.dtype) -> di
             del zero[key]
     h2 = hidden_size * hidden_size
     persistence = cfg.zero.persistence_threshold if cfg.zero.persistence_threshold >= 0 else 10 * hidden_size
-    _fill(ds, {
-        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
-        "gradient_accumulation_steps": cfg.train.grad_accum,
-        "gradient_clipping": cfg.train.grad_clip,
-        "bf16.enabled": dtype == torch.bfloat16,
-        "fp16.enabled": dtype == torch.float16,
-        "train_batch_size": "derived",  # popped below: DeepSpeed derives it
-        "zero_optimization.stage3_gather_16bit_weights_on_model_save": True,
-        "reduce_bucket_size": h2,
-        "stage3_prefetch_bucket_size": int(0.9 * h2),
-        "stage3_param_persistence_threshold": persistence,
-    })
+    _fill(
+        ds,
+        {
+            "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+            "gradient_accumulation_steps": cfg.train.grad_accum,
+            "gradient_clipping": cfg.train.grad_clip,
+            "bf16.enabled": dtype == torch.bfloat16,
+            "fp16.enabled": dtype == torch.float16,
+            "train_batch_size": "derived",  # popped below: DeepSpeed derives it
+            "zero_optimization.stage3_gather_16bit_weights_on_model_save": True,
+            "reduce_bucket_size": h2,
+            "stage3_prefetch_bucket_size": int(0.9 * h2),
+            "stage3_param_persistence_threshold": persistence,
+        },
+    )
     if cfg.zero.persistence_threshold >= 0 and cfg.zero.stage == 3:
         zero["stage3_param_persistence_threshold"] = cfg.zero.persistence_threshold
     if dtype == torch.float16:  # dynamic loss scaling (loss_scale 0) unless the JSON sets its own
@@ -92,8 +97,11 @@ def deepspeed_config(cfg: RunConfig, hidden_size: int, dtype: torch.dtype) -> di
         device = getattr(cfg.zero, f"offload_{kind}")
         if device != "none":
             # keep the JSON's own offload settings (nvme buffer sizes); the run config picks the device
-            zero[f"offload_{kind}"] = {**zero.get(f"offload_{kind}", {}), "device": device,
-                                       "pin_memory": torch.cuda.is_available()}
+            zero[f"offload_{kind}"] = {
+                **zero.get(f"offload_{kind}", {}),
+                "device": device,
+                "pin_memory": torch.cuda.is_available(),
+            }
             if device == "nvme":
                 zero[f"offload_{kind}"]["nvme_path"] = cfg.zero.nvme_path
     if cfg.zero.offload_optimizer != "none":
@@ -118,15 +126,20 @@ def build_nvme_op(cfg: RunConfig, say=print) -> None:
     if installed_ops.get(builder.name):
         return  # built into this DeepSpeed install (DS_BUILD_AIO=1)
     if not builder.is_compatible(verbose=False):
-        raise ConfigError("zero offload to nvme needs DeepSpeed's async_io op, which cannot be built here: "
-                          "install libaio and its headers (apt install libaio-dev) or offload to cpu")
+        raise ConfigError(
+            "zero offload to nvme needs DeepSpeed's async_io op, which cannot be built here: "
+            "install libaio and its headers (apt install libaio-dev) or offload to cpu"
+        )
     folder = Path(_get_build_directory(builder.name, verbose=False))
     if not (folder / f"{builder.name}.so").exists():
         lock = folder / "lock"
-        left = f"; if no compiler is running, {lock} is left from an interrupted build: delete it" \
-            if lock.exists() else ""
-        say(f"gist-dist: building DeepSpeed's async_io op for nvme offload in {folder} "
-            f"(first use only, minutes on a small CPU){left}")
+        left = (
+            f"; if no compiler is running, {lock} is left from an interrupted build: delete it" if lock.exists() else ""
+        )
+        say(
+            f"gist-dist: building DeepSpeed's async_io op for nvme offload in {folder} "
+            f"(first use only, minutes on a small CPU){left}"
+        )
     builder.load(verbose=False)
 
 
@@ -135,6 +148,7 @@ def hidden_size_of(cfg: RunConfig) -> int:
     if is_shape_file(path):
         return int(config_from_shape(path).hidden_size)  # T5Config maps hidden_size to d_model
     from transformers import AutoConfig
+
     return int(AutoConfig.from_pretrained(path).hidden_size)
 
 
@@ -146,6 +160,7 @@ def build_context(ds_config: dict | None):
         yield
         return
     from transformers.integrations import HfDeepSpeedConfig
+
     keep_alive = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference
     try:
         yield
@@ -165,6 +180,7 @@ def gather(params):
         yield
         return
     import deepspeed
+
     with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
         yield
 
@@ -172,8 +188,10 @@ def gather(params):
 def param_bytes(model) -> tuple[int, int]:
     """(bytes of parameters this rank holds, bytes of the whole model): under ZeRO-3 a rank holds
     only its shard `ds_tensor`; the ratio proves the sharding is real."""
-    held = sum(((p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0) + p.data.numel()) * p.element_size()
-               for p in model.parameters())  # p.data is empty unless gathered or persistent
+    held = sum(
+        ((p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0) + p.data.numel()) * p.element_size()
+        for p in model.parameters()
+    )  # p.data is empty unless gathered or persistent
     whole = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
     return held, whole
 
@@ -185,4 +203,4 @@ def consolidated_state_dict(engine, prefix: str = "") -> dict:
         state = engine._zero3_consolidated_16bit_state_dict()
     else:
         state = engine.module.state_dict()
-    return {k[len(prefix):]: v for k, v in (state or {}).items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in (state or {}).items() if k.startswith(prefix)}

@@ -1,4 +1,5 @@
 """Shared test helpers: run the real CLI under real launchers, on CPU ranks with gloo."""
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,11 @@ T5_DISTILL_ARGS = ["objective=distill", "num_gist=2", "train.lr=0.01", *T5_GIST_
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped with the reason where none is "
-                            "(CI), run on a lent GPU by benchmarks/gpu_check.sh")
+    config.addinivalue_line(
+        "markers",
+        "gpu: needs a CUDA device; skipped with the reason where none is "
+        "(CI), run on a lent GPU by benchmarks/gpu_check.sh",
+    )
 
 
 # Under pytest-xdist (`make test`: 2 workers, --dist loadfile --no-loadscope-reorder) each file runs
@@ -35,8 +39,18 @@ def pytest_configure(config):
 # Slurm test clusters at once would each number jobs from 1 and derive the same master ports. Files
 # go out in this order, the longest first, so both workers end together: test_slurm, then the files
 # sharing tiny_gist_run (one trains it while the other worker runs test_slurm), then the rest.
-LONGEST_FIRST = ("test_slurm", "tiny_gist_run", "test_faults", "test_resume", "test_gpu_check", "test_distill",
-                 "test_seq2seq_train", "test_launchers", "test_activation_checkpointing", "test_seq2seq_inference")
+LONGEST_FIRST = (
+    "test_slurm",
+    "tiny_gist_run",
+    "test_faults",
+    "test_resume",
+    "test_gpu_check",
+    "test_distill",
+    "test_seq2seq_train",
+    "test_launchers",
+    "test_activation_checkpointing",
+    "test_seq2seq_inference",
+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -79,17 +93,30 @@ def run(cmd: list[str], timeout: int = 600, env: dict | None = None, check: bool
     if FAST:
         pytest.skip("launches processes (make test runs it)")
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n--- stdout\n"
-                             f"{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}")
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))} exited {proc.returncode}\n--- stdout\n"
+            f"{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}"
+        )
     return proc
 
 
 def torchrun(args: list[str], nproc: int = 2, **kw):
-    return run([BIN / "torchrun", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-                "--master_port", str(free_port()), BIN / "gist-dist", *args], **kw)
+    return run(
+        [
+            BIN / "torchrun",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            BIN / "gist-dist",
+            *args,
+        ],
+        **kw,
+    )
 
 
 def gist_dist(args: list[str], **kw):

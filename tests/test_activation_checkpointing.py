@@ -1,11 +1,13 @@
 """Activation checkpointing: same losses and updates as without it, under ZeRO-3 on 2 ranks; and the
 activation bytes it keeps match the planner's `--checkpointing` term."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+
 from conftest import TINY, torchrun
 
 
@@ -20,9 +22,20 @@ def test_checkpointing_gives_the_same_losses_on_two_zero3_ranks(tmp_path, object
     runs = {}
     for ckpt in (False, True):
         out = tmp_path / f"ckpt{int(ckpt)}"
-        torchrun(["train", TINY, f"output_dir={out}", f"objective={objective}", "train.max_steps=3", "data.num_train=64",
-                  f"train.activation_checkpointing={str(ckpt).lower()}", "train.verify_frozen=false",
-                  "train.lr=0.01", "zero.persistence_threshold=0"])
+        torchrun(
+            [
+                "train",
+                TINY,
+                f"output_dir={out}",
+                f"objective={objective}",
+                "train.max_steps=3",
+                "data.num_train=64",
+                f"train.activation_checkpointing={str(ckpt).lower()}",
+                "train.verify_frozen=false",
+                "train.lr=0.01",
+                "zero.persistence_threshold=0",
+            ]
+        )
         runs[ckpt] = _losses(out)
     assert len(runs[True]) == 3
     assert runs[True] == pytest.approx(runs[False], abs=1e-6, rel=1e-6)
@@ -38,9 +51,17 @@ def test_checkpointed_activations_match_the_planner():
 
     from gist_dist.analysis.flops import shape_of
     from gist_dist.analysis.plan import Setup, activations, layer_activations
+
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=256, num_attention_heads=8, num_key_value_heads=4, intermediate_size=688,
-                         num_hidden_layers=3, vocab_size=2000, attn_implementation="sdpa")
+    config = LlamaConfig(
+        hidden_size=256,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        intermediate_size=688,
+        num_hidden_layers=3,
+        vocab_size=2000,
+        attn_implementation="sdpa",
+    )
     model = LlamaForCausalLM(config).float().train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -101,7 +122,7 @@ def test_checkpointing_recomputes_every_layer_and_keeps_the_gradients(objective)
         module.train()
         kept = [0]
 
-        def pack(t):
+        def pack(t, kept=kept):
             kept[0] += t.untyped_storage().nbytes()
             return t
 

@@ -1,5 +1,6 @@
 """ShardedBatches: every rank the same number of batches, and a resume at another world size
 neither repeats nor skips an example of the epoch (plain and pinned-to-rank layouts)."""
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,8 +18,15 @@ def take(world: int, n_batches: int, make, state=None) -> tuple[list[int], dict]
 
 
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(8, 80), bs=st.integers(1, 4), w1=st.integers(1, 4), w2=st.integers(1, 4),
-       pinned=st.booleans(), seed=st.integers(0, 5), frac=st.floats(0, 1))
+@given(
+    n=st.integers(8, 80),
+    bs=st.integers(1, 4),
+    w1=st.integers(1, 4),
+    w2=st.integers(1, 4),
+    pinned=st.booleans(),
+    seed=st.integers(0, 5),
+    frac=st.floats(0, 1),
+)
 def test_resume_at_another_world_size_sees_each_example_once(n, bs, w1, w2, pinned, seed, frac):
     examples = list(range(n))
     if n < bs * max(w1, w2):
@@ -44,7 +52,7 @@ def test_pinned_examples_stay_on_their_rank_across_epochs():
     examples = list(range(24))
     ranks = [ShardedBatches(examples, 2, r, 2, 0, pinned=True) for r in range(2)]
     per_rank = [set(), set()]
-    for epoch in range(3):
+    for _ in range(3):
         for r, b in enumerate(ranks):
             got = {i for _ in range(b.per_epoch) for i in next(b)}
             per_rank[r] |= got

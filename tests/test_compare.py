@@ -1,10 +1,11 @@
 """`gist-dist eval --compare`: the share of the gap with a paired bootstrap 95% interval (synthetic runs)."""
+
 import json
 import random
 
 import pytest
-from conftest import gist_dist
 
+from conftest import gist_dist
 from gist_dist.evaluation import compare_runs, exact_match, format_comparison, rouge
 
 QUALITY = {"gist": 0.6, "pos_control": 0.8, "neg_control": 0.2}  # chance of answering right
@@ -20,11 +21,25 @@ def write_runs(root, n, seed=0):
         preds = [r if rng.random() < p else rng.choice(["answer is red", "no idea", r.split()[-1]]) for r in refs]
         d = root / f"{mask}_{n}"
         d.mkdir()
-        d.joinpath("eval_outputs.jsonl").write_text("".join(json.dumps(
-            {"split": "dev", "index": i, "instruction": "x", "input": "", "reference": r, "prediction": q}) + "\n"
-            for i, (r, q) in enumerate(zip(refs, preds))))
-        d.joinpath("eval.json").write_text(json.dumps({"mask": mask, "splits": {"dev": {
-            "rougeL": rouge(preds, refs)["rougeL"], "exact_match": exact_match(preds, refs)}}}))
+        d.joinpath("eval_outputs.jsonl").write_text(
+            "".join(
+                json.dumps(
+                    {"split": "dev", "index": i, "instruction": "x", "input": "", "reference": r, "prediction": q}
+                )
+                + "\n"
+                for i, (r, q) in enumerate(zip(refs, preds))
+            )
+        )
+        d.joinpath("eval.json").write_text(
+            json.dumps(
+                {
+                    "mask": mask,
+                    "splits": {
+                        "dev": {"rougeL": rouge(preds, refs)["rougeL"], "exact_match": exact_match(preds, refs)}
+                    },
+                }
+            )
+        )
         dirs.append(d)
     return dirs
 

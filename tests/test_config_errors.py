@@ -1,19 +1,20 @@
 """Bad configs: one clear line on stderr, exit code 2, and no output directory created."""
+
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
-from conftest import TINY, free_port, gist_dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import TINY, free_port, gist_dist
 from gist_dist.cli import main
 from gist_dist.config import ConfigError, RunConfig, load_config
 
 
-def dotted_keys(obj=RunConfig(), prefix="") -> list[str]:
-    keys = []
+def dotted_keys(obj=None, prefix="") -> list[str]:
+    obj, keys = RunConfig() if obj is None else obj, []
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         keys += dotted_keys(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else [prefix + f.name]
@@ -42,8 +43,10 @@ BAD_OVERRIDES = [
     (["zero.stage=2", "zero.offload_param=cpu"], "zero.offload_param needs zero.stage=3"),
     (["zero.stage=5"], "zero.stage must be one of 0, 1, 2, 3, got '5'"),
     (["max_steps"], "override 'max_steps' is not key=value"),
-    (["objective=distill", "distill.layer_offsets=true", "train.activation_checkpointing=true"],
-     "distill.layer_offsets cannot be combined with train.activation_checkpointing"),
+    (
+        ["objective=distill", "distill.layer_offsets=true", "train.activation_checkpointing=true"],
+        "distill.layer_offsets cannot be combined with train.activation_checkpointing",
+    ),
 ]
 
 
@@ -56,13 +59,16 @@ def test_bad_override_exits_2_with_one_line(overrides, message, tmp_path, capsys
     assert not out.exists()
 
 
-@pytest.mark.parametrize("text, message", [
-    ("train:\n  max_steps: 5\n  warmup: 2\n", "unknown config key 'train.warmup'"),
-    ("train: [1, 2]\n", "train: expected a mapping"),
-    ("- a\n- b\n", "top level must be a mapping"),
-    ("train: {max_steps: 5\n", "not valid YAML"),
-    ("num_gist: true\n", "num_gist: expected int, got True"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train:\n  max_steps: 5\n  warmup: 2\n", "unknown config key 'train.warmup'"),
+        ("train: [1, 2]\n", "train: expected a mapping"),
+        ("- a\n- b\n", "top level must be a mapping"),
+        ("train: {max_steps: 5\n", "not valid YAML"),
+        ("num_gist: true\n", "num_gist: expected int, got True"),
+    ],
+)
 def test_bad_yaml_file(text, message, tmp_path, capsys):
     cfg, out = tmp_path / "bad.yaml", tmp_path / "run"
     cfg.write_text(text)
@@ -75,12 +81,16 @@ def test_bad_yaml_file(text, message, tmp_path, capsys):
 def test_an_old_config_with_mode_gets_one_line_saying_what_to_write(tmp_path):
     cfg = tmp_path / "old.yaml"
     cfg.write_text("mode: neg_control\n")
-    with pytest.raises(ConfigError, match="^mode=neg_control was removed: write objective=finetune mask=neg_control instead$"):
+    with pytest.raises(
+        ConfigError, match="^mode=neg_control was removed: write objective=finetune mask=neg_control instead$"
+    ):
         load_config(str(cfg))
 
 
 def test_overrides_in_yaml_flow_syntax_read_as_yaml():
-    cfg = load_config(TINY, ["log.backends=[jsonl, tensorboard]", "data.columns={instruction: question}", "zero.stage=2"])
+    cfg = load_config(
+        TINY, ["log.backends=[jsonl, tensorboard]", "data.columns={instruction: question}", "zero.stage=2"]
+    )
     assert cfg.log.backends == ["jsonl", "tensorboard"] and cfg.data.columns == {"instruction": "question"}
     assert cfg.zero.stage == 2 and load_config(TINY, ["log.backends=jsonl,wandb"]).log.backends == ["jsonl", "wandb"]
 
@@ -91,8 +101,14 @@ def test_missing_config_file(tmp_path, capsys):
 
 
 @settings(max_examples=200, deadline=None)
-@given(items=st.lists(st.tuples(st.sampled_from(dotted_keys()) | st.text(max_size=8),
-                                st.text(max_size=8) | st.integers(-3, 100).map(str)), max_size=4))
+@given(
+    items=st.lists(
+        st.tuples(
+            st.sampled_from(dotted_keys()) | st.text(max_size=8), st.text(max_size=8) | st.integers(-3, 100).map(str)
+        ),
+        max_size=4,
+    )
+)
 def test_fuzzed_overrides_give_a_config_or_a_config_error(items):
     try:
         cfg = load_config(TINY, [f"{k}={v}" for k, v in items])
@@ -102,16 +118,20 @@ def test_fuzzed_overrides_give_a_config_or_a_config_error(items):
     assert cfg.num_gist >= 1 and cfg.train.micro_batch_size >= 1 and cfg.train.max_steps >= 1
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["zero.stage=2"], "zero.stage=2 but configs/zero3.json says stage 3"),
-    (["zero.json=/nonexistent/ds.json"], "DeepSpeed config not found"),
-    (["num_gist=0"], "num_gist must be between 1 and 64"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["zero.stage=2"], "zero.stage=2 but configs/zero3.json says stage 3"),
+        (["zero.json=/nonexistent/ds.json"], "DeepSpeed config not found"),
+        (["num_gist=0"], "num_gist must be between 1 and 64"),
+    ],
+)
 def test_cli_process_exit_code_2_and_nothing_written(overrides, message, tmp_path):
     """The real console script, including settings only checked against the DeepSpeed JSON."""
     out = tmp_path / "run"
-    proc = gist_dist(["train", TINY, f"output_dir={out}", *overrides], check=False,
-                     env={"MASTER_PORT": str(free_port())})
+    proc = gist_dist(
+        ["train", TINY, f"output_dir={out}", *overrides], check=False, env={"MASTER_PORT": str(free_port())}
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     ours = [line for line in proc.stderr.splitlines() if "gist-dist" in line]
     assert len(ours) == 1 and ours[0].startswith("gist-dist: config error:") and message in ours[0], proc.stderr

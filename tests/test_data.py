@@ -1,4 +1,5 @@
 """Records -> gist template -> ids/labels, with the real SmolLM2 tokenizer."""
+
 import json
 
 import pytest
@@ -83,6 +84,7 @@ def test_json_and_jsonl_files(tmp_path):
 def test_datasets_source(tmp_path):
     """Any `datasets` source works, e.g. a dataset saved to disk... or a json builder path."""
     import datasets
+
     recs = [{"instruction": f"i{n}", "input": "", "output": f"o{n}"} for n in range(4)]
     datasets.Dataset.from_list(recs).to_json(str(tmp_path / "d" / "train.jsonl"))
     assert [r["output"] for r in load_records(str(tmp_path / "d"))] == [f"o{n}" for n in range(4)]
@@ -103,13 +105,15 @@ def test_bos_comes_first_only_when_the_tokenizer_adds_one():
     from tokenizers.processors import TemplateProcessing
 
     from gist_dist.data.template import sequence_start
+
     tok = load_tokenizer(ModelConfig(name="smollm2"))
     gist = add_gist_tokens(tok, 1)
     rec = {"instruction": "Say hi.", "input": "", "output": "hi"}
     assert sequence_start(tok) == [] and GistTemplate(tok, gist, 64).encode(rec)["input_ids"][0] != tok.bos_token_id
     # the same tokenizer told to add its BOS, as LLaMA's tokenizers do
     tok.backend_tokenizer.post_processor = TemplateProcessing(
-        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)])
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)]
+    )
     assert tok("a")["input_ids"][0] == tok.bos_token_id and sequence_start(tok) == [tok.bos_token_id]
     template = GistTemplate(tok, gist, 64)
     for kw in ({}, {"with_prompt": False}, {"with_gist": False}):

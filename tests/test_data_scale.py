@@ -1,5 +1,6 @@
 """Large sources: checked once into a memory-mapped Arrow cache (first process builds, the others
 read it), records read lazily, examples stored compactly; counts as exact as the eager parser's."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,8 @@ import numpy as np
 import pytest
 
 from gist_dist.data import DataError, DataStats, Examples, GistTemplate, load_records
-from gist_dist.data.cache import Records
 from gist_dist.data.batches import ShardedBatches
+from gist_dist.data.cache import Records
 
 N = 100_000
 
@@ -63,6 +64,7 @@ def test_100k_jsonl_counts_exact_and_read_lazily(big_jsonl, data_cache):
 
 def test_save_to_disk_folder_and_dataset_dict(tmp_path):
     import datasets
+
     rows = [_rec(i) for i in range(1000)] + [{"instruction": " ", "input": "", "output": "x"}]
     folder = tmp_path / "ds"
     datasets.Dataset.from_list(rows).save_to_disk(str(folder))
@@ -74,8 +76,9 @@ def test_save_to_disk_folder_and_dataset_dict(tmp_path):
         load_records(str(folder))
 
     splits = tmp_path / "dd"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:10]),
-                          "test": datasets.Dataset.from_list(rows[10:15])}).save_to_disk(str(splits))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows[:10]), "test": datasets.Dataset.from_list(rows[10:15])}
+    ).save_to_disk(str(splits))
     assert len(load_records(str(splits))) == 10 and load_records(f"{splits}:test")[0] == _rec(10)
 
     datasets.Dataset.from_list(rows[500:600]).save_to_disk(str(tmp_path / "ds2"))  # re-saved in place
@@ -112,8 +115,16 @@ WORKER = textwrap.dedent("""
 
 def _two_processes(path, bad_records, cache):
     env = {**os.environ, "GIST_DIST_DATA_CACHE": str(cache)}
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(path), bad_records], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(path), bad_records],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
     return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
@@ -127,14 +138,16 @@ def test_two_processes_started_together_build_the_cache_once(big_jsonl, tmp_path
     assert sorted(notes) == ["data cache built", "data cache read"]
     # Bad data: no cache is left for the other process to trust, so both fail with the same line.
     results = _two_processes(big_jsonl, "error", tmp_path / "shared_cache")
-    assert [r["error"] for r in results] == [f"{big_jsonl}:2: malformed JSON line (Expecting property name "
-                                             "enclosed in double quotes)"] * 2
+    assert [r["error"] for r in results] == [
+        f"{big_jsonl}:2: malformed JSON line (Expecting property name enclosed in double quotes)"
+    ] * 2
 
 
 @pytest.mark.slow
 def test_two_processes_load_a_saved_dataset_folder_once(tmp_path):
     """A `datasets` source (a save_to_disk folder): the first process builds the cache, the other reads it."""
     import datasets
+
     folder = tmp_path / "ds"
     datasets.Dataset.from_list([_rec(i) for i in range(2000)]).save_to_disk(str(folder))
     results = _two_processes(folder, "error", tmp_path / "shared_cache")
@@ -148,6 +161,7 @@ def template():
     from gist_dist.config import ModelConfig
     from gist_dist.model import load_tokenizer
     from gist_dist.tokens import add_gist_tokens
+
     tok = load_tokenizer(ModelConfig(name="smollm2"))
     return GistTemplate(tok, add_gist_tokens(tok, 2), max_length=40)
 
@@ -180,13 +194,27 @@ def test_two_torchrun_ranks_train_on_a_jsonl_with_one_cache_build(tmp_path):
     """The trainer as launched: 2 ranks load the same file; one of them checks it and encodes it,
     and the start record counts every record."""
     from conftest import TINY, torchrun
+
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(_rec(i)) + "\n" for i in range(3000)) + "{oops\n")
     cache, out = tmp_path / "cache", tmp_path / "run"
-    proc = torchrun(["train", TINY, f"output_dir={out}", f"data.train={path}", "data.bad_records=skip",
-                     "data.num_train=0", "train.max_steps=2"], env={"GIST_DIST_DATA_CACHE": str(cache)})
+    proc = torchrun(
+        [
+            "train",
+            TINY,
+            f"output_dir={out}",
+            f"data.train={path}",
+            "data.bad_records=skip",
+            "data.num_train=0",
+            "train.max_steps=2",
+        ],
+        env={"GIST_DIST_DATA_CACHE": str(cache)},
+    )
     start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert (start["data"]["records"], start["data"]["source_records"], start["data"]["skipped_bad"]) == (3000, 3000, 1)
-    built = [line.split(" cache of ")[1].split(" in ")[0] for line in proc.stderr.splitlines()
-             if line.startswith("gist_dist.data: built")]
+    built = [
+        line.split(" cache of ")[1].split(" in ")[0]
+        for line in proc.stderr.splitlines()
+        if line.startswith("gist_dist.data: built")
+    ]
     assert sorted(built) == sorted([str(path), "examples"])  # once each, not once per rank

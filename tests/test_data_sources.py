@@ -1,11 +1,12 @@
 """Nothing of the user's data is dropped unless asked; column maps and chat formats map onto our fields."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
-from conftest import TINY
 
+from conftest import TINY
 from gist_dist.config import load_config
 from gist_dist.data import DataStats, load_records
 
@@ -36,11 +37,13 @@ def test_a_limit_is_applied_only_when_asked_and_counted(tmp_path):
 
 def test_column_mapping_for_files_and_a_saved_dataset_folder(tmp_path):
     import datasets
+
     rows = [{"question": f"Say {i}.", "context": "", "answer": str(i)} for i in range(5)]
     path = tmp_path / "qa.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = load_config(TINY, ["data.columns.instruction=question", "data.columns.input=context",
-                             "data.columns.output=answer"])
+    cfg = load_config(
+        TINY, ["data.columns.instruction=question", "data.columns.input=context", "data.columns.output=answer"]
+    )
     assert cfg.data.columns == {"instruction": "question", "input": "context", "output": "answer"}
     recs = load_records(str(path), columns=cfg.data.columns)
     assert recs[3] == {"instruction": "Say 3.", "input": "", "output": "3"}
@@ -48,6 +51,7 @@ def test_column_mapping_for_files_and_a_saved_dataset_folder(tmp_path):
     datasets.Dataset.from_list(rows).save_to_disk(str(folder))
     assert load_records(str(folder), columns=cfg.data.columns) == recs
     from gist_dist.data import DataError
+
     with pytest.raises(DataError, match=r"qa.jsonl:1: missing field 'reply' \(mapped to 'output'"):
         load_records(str(path), columns={"instruction": "question", "output": "reply"})
     with pytest.raises(DataError, match="unknown field 'answer'"):
@@ -56,19 +60,31 @@ def test_column_mapping_for_files_and_a_saved_dataset_folder(tmp_path):
 
 def test_messages_and_sharegpt_conversations_map_onto_instruction_input_output(tmp_path):
     from gist_dist.data import DataError
-    messages = {"messages": [{"role": "system", "content": "Answer in French."},
-                             {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Bonjour"}]}
+
+    messages = {
+        "messages": [
+            {"role": "system", "content": "Answer in French."},
+            {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": "Bonjour"},
+        ]
+    }
     sharegpt = {"conversations": [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Red"}]}
     path = tmp_path / "chat.jsonl"
     path.write_text(json.dumps(messages) + "\n" + json.dumps(sharegpt) + "\n")
-    assert load_records(str(path)) == [{"instruction": "Answer in French.", "input": "Hello", "output": "Bonjour"},
-                                       {"instruction": "Name a colour.", "input": "", "output": "Red"}]
-    multi = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                          {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}
+    assert load_records(str(path)) == [
+        {"instruction": "Answer in French.", "input": "Hello", "output": "Bonjour"},
+        {"instruction": "Name a colour.", "input": "", "output": "Red"},
+    ]
+    multi = {
+        "messages": [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"},
+            {"role": "assistant", "content": "d"},
+        ]
+    }
     path.write_text(json.dumps(messages) + "\n" + json.dumps(multi) + "\n")
     with pytest.raises(DataError, match=r"chat.jsonl:2: expected \[system,\] user, assistant turns"):
         load_records(str(path))
     stats = DataStats()
     assert len(load_records(str(path), bad_records="skip", stats=stats)) == 1 and stats.skipped_bad == 1
-
-

@@ -1,20 +1,31 @@
 """HF-style DeepSpeed JSON ("auto" everywhere) and optimizer offload."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-from conftest import TINY, torchrun
 
+from conftest import TINY, torchrun
 from gist_dist.config import ConfigError, load_config
 from gist_dist.zero import deepspeed_config
 
-HF_STYLE = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-            "gradient_clipping": "auto", "fp16": {"enabled": "auto", "loss_scale": 0}, "bf16": {"enabled": "auto"},
-            "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
-                                  "stage3_param_persistence_threshold": "auto",
-                                  "stage3_gather_16bit_weights_on_model_save": "auto"}}
+HF_STYLE = {
+    "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "fp16": {"enabled": "auto", "loss_scale": 0},
+    "bf16": {"enabled": "auto"},
+    "zero_optimization": {
+        "stage": 3,
+        "reduce_bucket_size": "auto",
+        "stage3_prefetch_bucket_size": "auto",
+        "stage3_param_persistence_threshold": "auto",
+        "stage3_gather_16bit_weights_on_model_save": "auto",
+    },
+}
 
 
 def _config(tmp_path, ds: dict, *overrides):
@@ -33,13 +44,16 @@ def test_hf_style_auto_json_fills_each_half_precision_block_for_its_own_dtype(tm
     assert "auto" not in json.dumps(ds)
 
 
-@pytest.mark.parametrize("cuda, bf16, expected", [(False, False, torch.float32), (True, True, torch.bfloat16),
-                                                  (True, False, torch.float16)])
-def test_auto_dtype_is_bf16_where_the_gpu_has_it_else_fp16_with_dynamic_loss_scaling(monkeypatch, tmp_path,
-                                                                                      cuda, bf16, expected):
+@pytest.mark.parametrize(
+    "cuda, bf16, expected", [(False, False, torch.float32), (True, True, torch.bfloat16), (True, False, torch.float16)]
+)
+def test_auto_dtype_is_bf16_where_the_gpu_has_it_else_fp16_with_dynamic_loss_scaling(
+    monkeypatch, tmp_path, cuda, bf16, expected
+):
     """dtype=auto as a V100 / T4 (no bf16) or an A100+ would see it (CUDA's answers stood in for: none here),
     and the DeepSpeed block that dtype turns on: fp16 with dynamic loss scaling (loss_scale 0)."""
     from gist_dist.model import resolve_dtype
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     dtype = resolve_dtype("auto")
@@ -59,14 +73,20 @@ def test_fp32_run_turns_both_half_precision_blocks_off(tmp_path):
 @pytest.mark.parametrize("block", ["optimizer", "scheduler"])
 def test_optimizer_and_scheduler_blocks_are_refused_with_one_line(tmp_path, block):
     with pytest.raises(ConfigError, match=f"has an '{block}' block; gist-dist sets the {block} from train"):
-        deepspeed_config(_config(tmp_path, {**HF_STYLE, block: {"type": "AdamW", "params": {"lr": "auto"}}}),
-                         64, torch.float32)
+        deepspeed_config(
+            _config(tmp_path, {**HF_STYLE, block: {"type": "AdamW", "params": {"lr": "auto"}}}), 64, torch.float32
+        )
 
 
 def test_unknown_auto_key_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"no rule to fill 'auto' for 'zero_optimization.sub_group_size'"):
-        deepspeed_config(_config(tmp_path, {**HF_STYLE, "zero_optimization": {
-            **HF_STYLE["zero_optimization"], "sub_group_size": "auto"}}), 64, torch.float32)
+        deepspeed_config(
+            _config(
+                tmp_path, {**HF_STYLE, "zero_optimization": {**HF_STYLE["zero_optimization"], "sub_group_size": "auto"}}
+            ),
+            64,
+            torch.float32,
+        )
 
 
 def test_offload_optimizer_values_are_validated():
@@ -75,8 +95,11 @@ def test_offload_optimizer_values_are_validated():
 
 
 def _steps(out) -> dict:
-    return {r["step"]: (r["loss"], r["grad_norm"])
-            for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "step" in r}
+    return {
+        r["step"]: (r["loss"], r["grad_norm"])
+        for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        if "step" in r
+    }
 
 
 def _optimizer_tensors(path) -> dict:
@@ -96,10 +119,16 @@ def test_offload_optimizer_trains_two_ranks_and_resumes_exactly(tmp_path, offloa
     saved fp32 partitions and Adam state are written back over what DeepSpeed's load leaves in use
     (distill: its one sub-group, the gist rows, is too small to swap and lost its weights too). nvme
     also refuses, in one line, to resume at another world size, which DeepSpeed cannot load."""
-    common = ["train.lr=0.01", "data.num_train=64", f"zero.offload_optimizer={offload}", "train.warmup_steps=1",
-              f"objective={objective}"]
+    common = [
+        "train.lr=0.01",
+        "data.num_train=64",
+        f"zero.offload_optimizer={offload}",
+        "train.warmup_steps=1",
+        f"objective={objective}",
+    ]
     if offload == "nvme":
         from deepspeed.ops.op_builder import AsyncIOBuilder
+
         if not AsyncIOBuilder().is_compatible(verbose=False):
             pytest.skip("no libaio: nvme offload cannot run here (`make test`'s bootstrap installs libaio-dev)")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -113,11 +142,15 @@ def test_offload_optimizer_trains_two_ranks_and_resumes_exactly(tmp_path, offloa
     assert list(parts) == [1, 2, 3, 4] and parts == full
     assert full[4][0] < full[1][0]
     for rank in (0, 1):  # and the optimizer ends in the same state: master weights, moments, step counts
-        a, b = (_optimizer_tensors(out / "checkpoints" / "step00000004" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
-                for out in (straight, resumed))
+        a, b = (
+            _optimizer_tensors(out / "checkpoints" / "step00000004" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+            for out in (straight, resumed)
+        )
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     if offload == "nvme" and objective == "finetune":
-        proc = torchrun(["train", TINY, f"output_dir={resumed}", "train.max_steps=6", *common, *swap], nproc=1, check=False)
+        proc = torchrun(
+            ["train", TINY, f"output_dir={resumed}", "train.max_steps=6", *common, *swap], nproc=1, check=False
+        )
         ours = [line for line in proc.stderr.splitlines() if line.startswith("gist-dist: error:")]
         assert proc.returncode != 0 and len(ours) == 1, proc.stderr[-3000:]
         assert "saved by 2 ranks, resuming with 1" in ours[0] and "zero.offload_optimizer=cpu" in ours[0]

@@ -1,4 +1,5 @@
 """discover(env): rank/world/master from each launcher's variables, and one-line errors when they clash."""
+
 from __future__ import annotations
 
 import socket
@@ -13,13 +14,32 @@ from gist_dist import dist
 from gist_dist.dist import LaunchError, discover, first_host, tasks_on_node
 
 ROOT = Path(__file__).resolve().parent.parent
-TORCHRUN = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
-            "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400"}
-OPENMPI = {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
-           "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "PMIX_RANK": "2", "MASTER_ADDR": "node1"}
-SLURM_STEP = {"SLURM_PROCID": "5", "SLURM_NTASKS": "6", "SLURM_LOCALID": "1", "SLURM_NODEID": "2",
-              "SLURM_STEP_ID": "0", "SLURM_STEP_TASKS_PER_NODE": "2(x3)", "SLURM_JOB_ID": "1234",
-              "SLURM_JOB_NODELIST": "gpu[07-09]"}
+TORCHRUN = {
+    "RANK": "3",
+    "WORLD_SIZE": "4",
+    "LOCAL_RANK": "1",
+    "LOCAL_WORLD_SIZE": "2",
+    "MASTER_ADDR": "10.0.0.1",
+    "MASTER_PORT": "29400",
+}
+OPENMPI = {
+    "OMPI_COMM_WORLD_RANK": "2",
+    "OMPI_COMM_WORLD_SIZE": "4",
+    "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+    "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+    "PMIX_RANK": "2",
+    "MASTER_ADDR": "node1",
+}
+SLURM_STEP = {
+    "SLURM_PROCID": "5",
+    "SLURM_NTASKS": "6",
+    "SLURM_LOCALID": "1",
+    "SLURM_NODEID": "2",
+    "SLURM_STEP_ID": "0",
+    "SLURM_STEP_TASKS_PER_NODE": "2(x3)",
+    "SLURM_JOB_ID": "1234",
+    "SLURM_JOB_NODELIST": "gpu[07-09]",
+}
 
 
 def test_nothing_set_is_one_process_on_loopback():
@@ -68,14 +88,25 @@ def test_slurm_step_reads_tasks_per_node_and_job_port():
 
 def test_slurm_port_is_the_one_the_shell_launchers_derive():
     env = {"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": "98765", "SLURM_RESTART_COUNT": "2"}
-    shell = subprocess.run(["bash", "-c", "source launchers/trainer_env.sh; job_port"], env=env, text=True,
-                           capture_output=True, check=True, cwd=ROOT).stdout.strip()
+    shell = subprocess.run(
+        ["bash", "-c", "source launchers/trainer_env.sh; job_port"],
+        env=env,
+        text=True,
+        capture_output=True,
+        check=True,
+        cwd=ROOT,
+    ).stdout.strip()
     assert int(shell) == dist.slurm_port(98765, 2) == 10000 + 98765 % 5000 * 4 + 2
 
 
-@pytest.mark.parametrize("gpus, local_rank, gpu", [(8, 3, 3),   # every GPU of the node visible
-                                                   (1, 3, 0),   # srun --gpus-per-task=1
-                                                   (4, 6, 2)])  # 8 ranks sharing 4 GPUs
+@pytest.mark.parametrize(
+    "gpus, local_rank, gpu",
+    [
+        (8, 3, 3),  # every GPU of the node visible
+        (1, 3, 0),  # srun --gpus-per-task=1
+        (4, 6, 2),
+    ],
+)  # 8 ranks sharing 4 GPUs
 def test_local_gpu_is_local_rank_modulo_visible_gpus(monkeypatch, gpus, local_rank, gpu):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
@@ -130,19 +161,22 @@ def test_first_host_without_scontrol(monkeypatch):
     assert first_host("login2,gpu[1-2]") == "login2"
 
 
-@pytest.mark.parametrize("env, named", [
-    ({"RANK": "4", "WORLD_SIZE": "4"}, "RANK=4"),                                  # rank out of range
-    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2"),                                         # RANK missing
-    ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x'"),                                # not a number
-    ({**TORCHRUN, "LOCAL_RANK": "2"}, "LOCAL_RANK=2"),                             # local rank >= local size
-    ({**TORCHRUN, "LOCAL_WORLD_SIZE": "8"}, "LOCAL_WORLD_SIZE=8"),                 # more local than total
-    ({**OPENMPI, "PMIX_RANK": "1"}, "PMIX_RANK=1"),                                # MPI runtimes disagree
-    ({**SLURM_STEP, "PMIX_RANK": "0"}, "SLURM_PROCID=5"),                          # srun --mpi=pmix disagree
-    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, "SLURM_NTASKS=2"),                # batch script, no srun
-    ({**SLURM_STEP, "SLURM_NTASKS": "5"}, "SLURM_NTASKS=5"),                       # procid >= ntasks
-    ({**TORCHRUN, "MASTER_PORT": "http"}, "MASTER_PORT='http'"),
-    ({"GIST_DIST_LAUNCHER": "lsf"}, "GIST_DIST_LAUNCHER=lsf"),
-])
+@pytest.mark.parametrize(
+    "env, named",
+    [
+        ({"RANK": "4", "WORLD_SIZE": "4"}, "RANK=4"),  # rank out of range
+        ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2"),  # RANK missing
+        ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x'"),  # not a number
+        ({**TORCHRUN, "LOCAL_RANK": "2"}, "LOCAL_RANK=2"),  # local rank >= local size
+        ({**TORCHRUN, "LOCAL_WORLD_SIZE": "8"}, "LOCAL_WORLD_SIZE=8"),  # more local than total
+        ({**OPENMPI, "PMIX_RANK": "1"}, "PMIX_RANK=1"),  # MPI runtimes disagree
+        ({**SLURM_STEP, "PMIX_RANK": "0"}, "SLURM_PROCID=5"),  # srun --mpi=pmix disagree
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, "SLURM_NTASKS=2"),  # batch script, no srun
+        ({**SLURM_STEP, "SLURM_NTASKS": "5"}, "SLURM_NTASKS=5"),  # procid >= ntasks
+        ({**TORCHRUN, "MASTER_PORT": "http"}, "MASTER_PORT='http'"),
+        ({"GIST_DIST_LAUNCHER": "lsf"}, "GIST_DIST_LAUNCHER=lsf"),
+    ],
+)
 def test_inconsistent_env_is_one_line_naming_the_variables(env, named):
     with pytest.raises(LaunchError) as err:
         discover(env)
@@ -156,9 +190,14 @@ def test_cli_reports_launch_error_in_one_line_and_exits_nonzero(tmp_path):
     """The real console script: a bad environment fails before anything is built or written."""
     out = tmp_path / "run"
     env = {"PATH": "/usr/bin:/bin", "RANK": "2", "WORLD_SIZE": "2", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "gist_dist.cli", "train", "configs/tiny.yaml",
-                           f"output_dir={out}"], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gist_dist.cli", "train", "configs/tiny.yaml", f"output_dir={out}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert proc.returncode == 1
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("gist-dist: error: inconsistent launcher environment")

@@ -1,11 +1,12 @@
 """Distill mode under 2-rank ZeRO-3: only the gist embeddings learn, the backbone stays bit-for-bit."""
+
 import json
 
 import pytest
 import torch
-from conftest import TINY, gist_dist, torchrun
 from safetensors.torch import load_file
 
+from conftest import TINY, gist_dist, torchrun
 from gist_dist import artifact
 from gist_dist.config import ModelConfig
 from gist_dist.data.datagen import generate
@@ -20,8 +21,9 @@ def rows(run):
 @pytest.fixture(scope="module")
 def distill_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("distill")
-    torchrun(["train", TINY, "objective=distill", "num_gist=2", f"output_dir={out}", "train.lr=0.01",
-              "train.max_steps=30"])
+    torchrun(
+        ["train", TINY, "objective=distill", "num_gist=2", f"output_dir={out}", "train.lr=0.01", "train.max_steps=30"]
+    )
     return out
 
 
@@ -73,9 +75,26 @@ def test_compress_one_prompt_end_to_end(tmp_path, mask_prefix, layer_offsets):
     task = generate(1, "seen", seed=5)[0]
     prompt.write_text("You are a helpful assistant. " * 12 + task["instruction"])
     out = tmp_path / "run"
-    torchrun(["compress", "--prompt-file", prompt, "--num-gist", "2", "--num-queries", "16", "--answer-tokens", "6",
-              "--config", TINY, f"output_dir={out}", "train.max_steps=8", "train.lr=0.05", f"mask_prefix={mask_prefix}",
-              f"distill.layer_offsets={str(layer_offsets).lower()}"])
+    torchrun(
+        [
+            "compress",
+            "--prompt-file",
+            prompt,
+            "--num-gist",
+            "2",
+            "--num-queries",
+            "16",
+            "--answer-tokens",
+            "6",
+            "--config",
+            TINY,
+            f"output_dir={out}",
+            "train.max_steps=8",
+            "train.lr=0.05",
+            f"mask_prefix={mask_prefix}",
+            f"distill.layer_offsets={str(layer_offsets).lower()}",
+        ]
+    )
     meta = json.loads((out / artifact.CONFIG).read_text())
     assert meta["layer_offsets"] is layer_offsets
     assert ("layer_offsets" in load_file(str(out / artifact.WEIGHTS))) is layer_offsets
@@ -116,8 +135,12 @@ def test_teacher_cache_gives_the_same_loss():
     recs = generate(3, "seen", seed=1)
     t = pad_batch([template.encode(r, with_gist=False) for r in recs], tok.pad_token_id)
     s = pad_batch([template.encode(r) for r in recs], tok.pad_token_id)
-    kw = dict(teacher=model_inputs(t, gist_ids, "pos_control"), student=model_inputs(s, gist_ids, "gist"),
-              labels_t=t["labels"], labels_s=s["labels"])
+    kw = dict(
+        teacher=model_inputs(t, gist_ids, "pos_control"),
+        student=model_inputs(s, gist_ids, "gist"),
+        labels_t=t["labels"],
+        labels_s=s["labels"],
+    )
     keys = ["a", "b", "c"]
     want = plain(**kw)
     first, second = cached(**kw, keys=keys), cached(**kw, keys=keys)
@@ -144,8 +167,9 @@ def test_truncated_teacher_and_student_keep_the_same_answer_tokens():
         cfg.distill.student = student
         method = Distill(cfg, Tokens(tok, gist_ids, len(tok) - 2, tok.pad_token_id), torch.float32)
         (ex,) = method.encode(GistTemplate(tok, gist_ids, 48), [rec], None, "train")
-        answer = [[i for i, lab in zip(e["input_ids"], e["labels"]) if lab != IGNORE]
-                  for e in (ex["teacher"], ex["student"])]
+        answer = [
+            [i for i, lab in zip(e["input_ids"], e["labels"]) if lab != IGNORE] for e in (ex["teacher"], ex["student"])
+        ]
         assert answer[0] == answer[1] and 0 < len(answer[0]) < 60
 
 
@@ -153,11 +177,15 @@ def test_truncated_teacher_and_student_keep_the_same_answer_tokens():
 def test_artifact_trained_in_fp32_loads_onto_a_base_in_another_dtype(distill_run, dtype):
     """The fingerprint is the same whatever dtype the base is loaded in (GPU artifacts load on CPU boxes)."""
     base = load_model(ModelConfig(name="configs/models/tiny.yaml", dtype=dtype), vocab_min=49152)
-    gist, _ = artifact.load(distill_run, expected_fingerprint=artifact.BaseModel(base.config, base.get_input_embeddings().weight))
+    gist, _ = artifact.load(
+        distill_run, expected_fingerprint=artifact.BaseModel(base.config, base.get_input_embeddings().weight)
+    )
     assert gist.shape == (2, 64)
     other = load_model(ModelConfig(name="configs/models/tiny.yaml", dtype=dtype, seed=1), vocab_min=49152)
     with pytest.raises(artifact.ArtifactError, match="trained for base model"):
-        artifact.load(distill_run, expected_fingerprint=artifact.BaseModel(other.config, other.get_input_embeddings().weight))
+        artifact.load(
+            distill_run, expected_fingerprint=artifact.BaseModel(other.config, other.get_input_embeddings().weight)
+        )
 
 
 def test_artifact_with_a_fingerprint_of_an_unknown_format_is_refused(tmp_path):
@@ -183,8 +211,10 @@ def test_visible_prefix_of_the_student_is_the_template_text_every_record_shares(
 
     tok = load_tokenizer(ModelConfig(name="smollm2"))
     gist_ids = add_gist_tokens(tok, 1)
-    records = [{"instruction": "Name a colour.", "input": "", "output": "Red."},
-               {"instruction": "Spell cat backwards, please.", "input": "cat", "output": "tac"}]
+    records = [
+        {"instruction": "Name a colour.", "input": "", "output": "Red."},
+        {"instruction": "Spell cat backwards, please.", "input": "cat", "output": "tac"},
+    ]
     t = GistTemplate(tok, gist_ids, 256, template=template)
     cfg = RunConfig(objective="distill", mask_prefix="visible")
     cfg.distill.student = student
@@ -193,7 +223,7 @@ def test_visible_prefix_of_the_student_is_the_template_text_every_record_shares(
     shared = t.fixed_head if student == "gist_mask" else t.prefix
     assert method.prefix == len(shared) and (student == "gist_mask" or template != "alpaca" or not shared)
     for ex in examples:
-        assert ex["student"]["input_ids"][:method.prefix] == shared
+        assert ex["student"]["input_ids"][: method.prefix] == shared
     batch, _ = method.collate(examples, torch.device("cpu"))
     ids, mask = batch["student"]["input_ids"], batch["student"]["attention_mask"][:, 0]  # right-padded rows
     for row in range(len(examples)):

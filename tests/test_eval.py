@@ -1,11 +1,12 @@
 """`gist-dist eval`: the contract after training, 1 rank == 2 ranks (replicated and ZeRO-3), metrics."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
-from conftest import TINY, copy_of, gist_dist, torchrun
 
+from conftest import TINY, copy_of, gist_dist, torchrun
 from gist_dist.config import load_config
 from gist_dist.data import GistTemplate, load_records
 from gist_dist.evaluation import compare_runs, gap_recovered, load_run_model, rouge
@@ -38,8 +39,17 @@ def test_gap_recovered_and_compare(tmp_path):
     for mask, score in (("gist", 0.25), ("pos_control", 0.4), ("neg_control", 0.1)):
         d = tmp_path / mask
         d.mkdir()
-        d.joinpath("eval.json").write_text(json.dumps({"mask": mask, "splits": {
-            "dev": {"rougeL": score, "exact_match": score / 2}, f"only_{mask}": {"rougeL": 1.0, "exact_match": 1.0}}}))
+        d.joinpath("eval.json").write_text(
+            json.dumps(
+                {
+                    "mask": mask,
+                    "splits": {
+                        "dev": {"rougeL": score, "exact_match": score / 2},
+                        f"only_{mask}": {"rougeL": 1.0, "exact_match": 1.0},
+                    },
+                }
+            )
+        )
         dirs.append(d)
     table = compare_runs(*dirs)["splits"]
     assert list(table) == ["dev"]  # splits all three runs share
@@ -51,8 +61,9 @@ def test_gap_recovered_and_compare(tmp_path):
 def test_eval_after_training(tiny_gist_run, tmp_path):
     """The contract: after a training run into DIR, a 2-rank eval of DIR writes DIR/eval.json."""
     run = copy_of(tiny_gist_run, tmp_path / "run")
-    torchrun(["eval", TINY, f"output_dir={run}", "data.num_eval=12", f"eval_max_new_tokens={MAX_NEW}",
-              "eval_batch_size=4"])
+    torchrun(
+        ["eval", TINY, f"output_dir={run}", "data.num_eval=12", f"eval_max_new_tokens={MAX_NEW}", "eval_batch_size=4"]
+    )
     result, outputs = read_eval(run)
     assert (run / "eval.md").is_file()
     assert result["world_size"] == 2 and result["mask"] == "gist" and result["model"].endswith("final")
@@ -80,16 +91,24 @@ def run_with_known_answers(tmp_path_factory):
     init_gist_embeddings(model, gist_ids, num_old, len(tok))
     model.save_pretrained(run / "final")
     tok.save_pretrained(run / "final")
-    (run / "final" / "gist_model.json").write_text(json.dumps(
-        {"mask": "gist", "num_gist": cfg.num_gist, "gist_tokens": tok.convert_ids_to_tokens(gist_ids)}))
+    (run / "final" / "gist_model.json").write_text(
+        json.dumps({"mask": "gist", "num_gist": cfg.num_gist, "gist_tokens": tok.convert_ids_to_tokens(gist_ids)})
+    )
     em = load_run_model(cfg)  # loaded back the way eval loads it
     template = GistTemplate(em.tok, em.gist_ids, cfg.data.max_length)
     splits = {}
     for split in ("seen", "unseen"):
         records = load_records(f"generated:{split}", n=10, seed=7)
         pieces = [template.pieces(r) for r in records]
-        answers = generate_uncached(em.model, [p + em.gist_ids for p, _, _ in pieces], [t for _, t, _ in pieces],
-                                    em.gist_ids, em.mask, MAX_NEW, em.tok.eos_token_id)
+        answers = generate_uncached(
+            em.model,
+            [p + em.gist_ids for p, _, _ in pieces],
+            [t for _, t, _ in pieces],
+            em.gist_ids,
+            em.mask,
+            MAX_NEW,
+            em.tok.eos_token_id,
+        )
         references = [em.tok.decode(a, skip_special_tokens=True).strip() for a in answers]
         assert all(references) and len(set(references)) > 1
         path = run / f"{split}.jsonl"
@@ -102,8 +121,14 @@ def run_with_known_answers(tmp_path_factory):
 def test_eval_reproduces_uncached_greedy_answers(run_with_known_answers, launch):
     """Every launch returns exactly the independent reference answers, so 1 rank == 2 ranks == ZeRO-3."""
     run, splits = run_with_known_answers
-    args = ["eval", TINY, f"output_dir={run}", "data.eval_splits=" + ",".join(f"{k}:{v}" for k, v in splits.items()),
-            f"eval_max_new_tokens={MAX_NEW}", "eval_batch_size=4"]  # 3 batches: uneven over 2 ranks
+    args = [
+        "eval",
+        TINY,
+        f"output_dir={run}",
+        "data.eval_splits=" + ",".join(f"{k}:{v}" for k, v in splits.items()),
+        f"eval_max_new_tokens={MAX_NEW}",
+        "eval_batch_size=4",
+    ]  # 3 batches: uneven over 2 ranks
     if launch == "one_rank":
         gist_dist(args)
     else:
@@ -131,8 +156,11 @@ def test_eval_of_a_distill_run(tmp_path):
 
     run = tmp_path / "distill"
     torchrun(["train", TINY, "objective=distill", f"output_dir={run}", "train.max_steps=2"], nproc=1)
-    result = run_eval(load_config(TINY, ["objective=distill", f"output_dir={run}", "data.num_eval=4",
-                                         f"eval_max_new_tokens={MAX_NEW}"]))
+    result = run_eval(
+        load_config(
+            TINY, ["objective=distill", f"output_dir={run}", "data.num_eval=4", f"eval_max_new_tokens={MAX_NEW}"]
+        )
+    )
     assert result["model"].endswith("gist.safetensors") and result["splits"]["seen"]["n"] == 4
     outputs = [json.loads(line) for line in (run / "eval_outputs.jsonl").read_text().splitlines()]
     gm = GistModel.load(run)
@@ -150,24 +178,56 @@ def test_eval_of_a_visible_prefix_run(tmp_path, objective):
 
     run = tmp_path / objective
     # a tiny lr keeps the tiny model near its prompt-sensitive init, so answers are not all eos
-    torchrun(["train", TINY, f"output_dir={run}", f"objective={objective}", "mask_prefix=visible", "train.max_steps=2",
-              "train.lr=1e-6"])
-    meta = (json.loads((run / "final" / "gist_model.json").read_text()) if objective == "finetune"
-            else artifact.load(run)[1])
+    torchrun(
+        [
+            "train",
+            TINY,
+            f"output_dir={run}",
+            f"objective={objective}",
+            "mask_prefix=visible",
+            "train.max_steps=2",
+            "train.lr=1e-6",
+        ]
+    )
+    meta = (
+        json.loads((run / "final" / "gist_model.json").read_text())
+        if objective == "finetune"
+        else artifact.load(run)[1]
+    )
     assert meta["mask_prefix_tokens"] == 2
-    cfg = load_config(TINY, [f"output_dir={run}", f"objective={objective}", "data.num_eval=6", f"eval_max_new_tokens={MAX_NEW}"])
+    cfg = load_config(
+        TINY, [f"output_dir={run}", f"objective={objective}", "data.num_eval=6", f"eval_max_new_tokens={MAX_NEW}"]
+    )
     result = run_eval(cfg)
     _, outputs = read_eval(run)
     em = load_run_model(cfg)
     assert em.prefix == 2
     template = GistTemplate(em.tok, em.gist_ids, cfg.data.max_length)
     pieces = [template.pieces({**o, "output": ""}) for o in outputs]
-    reference = generate_uncached(em.model, [p + em.gist_ids for p, _, _ in pieces], [t for _, t, _ in pieces],
-                                  em.gist_ids, em.mask, MAX_NEW, em.tok.eos_token_id, embed=em.embed, prefix=2)
+    reference = generate_uncached(
+        em.model,
+        [p + em.gist_ids for p, _, _ in pieces],
+        [t for _, t, _ in pieces],
+        em.gist_ids,
+        em.mask,
+        MAX_NEW,
+        em.tok.eos_token_id,
+        embed=em.embed,
+        prefix=2,
+    )
     assert [o["prediction"] for o in outputs] == [em.tok.decode(a, skip_special_tokens=True).strip() for a in reference]
     assert any(o["prediction"] for o in outputs)
-    hidden = generate_uncached(em.model, [p + em.gist_ids for p, _, _ in pieces], [t for _, t, _ in pieces],
-                               em.gist_ids, em.mask, MAX_NEW, em.tok.eos_token_id, embed=em.embed, prefix=0)
+    hidden = generate_uncached(
+        em.model,
+        [p + em.gist_ids for p, _, _ in pieces],
+        [t for _, t, _ in pieces],
+        em.gist_ids,
+        em.mask,
+        MAX_NEW,
+        em.tok.eos_token_id,
+        embed=em.embed,
+        prefix=0,
+    )
     assert hidden != reference  # the rule reaches inference: the same weights answer otherwise without it
     for name, s in result["splits"].items():
         lengths = [len(p) - 2 for (p, _, _), o in zip(pieces, outputs) if o["split"] == name]

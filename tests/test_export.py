@@ -1,20 +1,33 @@
 """Export: a PEFT prompt-tuning adapter and prompt_embeds from a distill artifact, the fine-tuned model
 folder with its model card, and what export refuses."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
-from conftest import TINY, gist_dist
 
+from conftest import TINY, gist_dist
 from gist_dist.config import load_config
 
 
 @pytest.fixture(scope="module")
 def no_prompt_artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("no_prompt")
-    gist_dist(["train", TINY, f"output_dir={out}", "objective=distill", "distill.student=no_prompt", "num_gist=2",
-               "train.max_steps=3", "data.num_train=32", "train.lr=0.05", "train.verify_frozen=false"])
+    gist_dist(
+        [
+            "train",
+            TINY,
+            f"output_dir={out}",
+            "objective=distill",
+            "distill.student=no_prompt",
+            "num_gist=2",
+            "train.max_steps=3",
+            "data.num_train=32",
+            "train.lr=0.05",
+            "train.verify_frozen=false",
+        ]
+    )
     return out
 
 
@@ -26,6 +39,7 @@ def test_peft_adapter_gives_the_logits_and_answers_of_gist_dist_generate(no_prom
 
     from gist_dist.inference import GistModel
     from gist_dist.model import load_model
+
     adapter = tmp_path / "adapter"
     gist_dist(["export", str(no_prompt_artifact), "--peft", str(adapter)])
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
@@ -40,7 +54,7 @@ def test_peft_adapter_gives_the_logits_and_answers_of_gist_dist_generate(no_prom
     tail = gm.tok("\nInput: " + query + "\nOutput:", add_special_tokens=False, return_tensors="pt")
     assert tail["input_ids"][0].tolist() == ids[2:]
     with torch.no_grad():
-        theirs = model(**tail).logits[0, -len(ids) + 2:]
+        theirs = model(**tail).logits[0, -len(ids) + 2 :]
         new = []  # greedy on the adapter's full forward each step (PEFT's own generate is not what is tested)
         for _ in range(8):
             seq = torch.tensor([ids[2:] + new])
@@ -55,6 +69,7 @@ def test_prompt_embeds_export_holds_the_rows_and_the_layout(no_prompt_artifact, 
     from safetensors import safe_open
 
     from gist_dist import artifact
+
     path = tmp_path / "gist_embeds.safetensors"
     gist_dist(["export", str(no_prompt_artifact), "--prompt-embeds", str(path)])
     with safe_open(str(path), "pt") as fh:
@@ -69,6 +84,7 @@ def test_export_refuses_a_gist_mask_artifact(tmp_path):
     import torch
 
     from gist_dist import artifact
+
     artifact.save(tmp_path, torch.zeros(1, 8), {"num_gist": 1, "student": "gist_mask", "base_model": "x"})
     proc = gist_dist(["export", str(tmp_path), "--peft", str(tmp_path / "adapter")], check=False)
     assert proc.returncode == 1 and "only no-prompt artifacts" in proc.stderr
@@ -81,10 +97,16 @@ def test_gist_model_folder_is_plain_hf_with_a_model_card(tiny_gist_run):
     assert "keep only the last 1 entries" in card.lower()
 
 
-@pytest.mark.parametrize("template, layout", [("chat", "one user turn `{instruction}<GIST_0>\\n{input}`"),
-                                              ("chat_system", "the system message `{instruction}<GIST_0>`")])
+@pytest.mark.parametrize(
+    "template, layout",
+    [
+        ("chat", "one user turn `{instruction}<GIST_0>\\n{input}`"),
+        ("chat_system", "the system message `{instruction}<GIST_0>`"),
+    ],
+)
 def test_model_card_follows_the_chat_templates(template, layout):
     from gist_dist.methods.finetune import model_card
+
     card = model_card(load_config(TINY, [f"data.template={template}"]), ["<GIST_0>"])
     assert f"data.template={template}" in card and layout in card and "Instruction: {instruction}" not in card
 
@@ -95,10 +117,22 @@ def test_export_refuses_an_artifact_whose_template_puts_text_before_the_gist(tmp
     import torch
 
     from gist_dist import artifact, export
-    artifact.save(tmp_path, torch.zeros(2, 64), {"num_gist": 2, "student": "no_prompt", "template": "chat_system",
-                                                "base_model": "configs/models/tiny.yaml", "tokenizer": "smollm2"})
-    for write in (lambda: export.export_prompt_embeds(tmp_path, tmp_path / "e.safetensors"),
-                  lambda: export.export_peft(tmp_path, tmp_path / "peft")):
+
+    artifact.save(
+        tmp_path,
+        torch.zeros(2, 64),
+        {
+            "num_gist": 2,
+            "student": "no_prompt",
+            "template": "chat_system",
+            "base_model": "configs/models/tiny.yaml",
+            "tokenizer": "smollm2",
+        },
+    )
+    for write in (
+        lambda: export.export_prompt_embeds(tmp_path, tmp_path / "e.safetensors"),
+        lambda: export.export_peft(tmp_path, tmp_path / "peft"),
+    ):
         with pytest.raises(artifact.ArtifactError, match="before the gist rows"):
             write()
     assert not (tmp_path / "e.safetensors").exists() and not (tmp_path / "peft").exists()

@@ -4,6 +4,7 @@ or stalled mid-training. Nothing is mocked: processes are really killed, stopped
 Ranks are started either by torchrun or, like `srun` does, as two plain processes with
 RANK/WORLD_SIZE set (then each rank's own exit code is what the scheduler sees).
 """
+
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import BIN, ROOT, TINY, free_port, torchrun
 
 pytestmark = pytest.mark.slow  # every test launches ranks
@@ -25,21 +27,33 @@ REQUEUE_EXIT_CODE = 75
 
 
 def losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-            if "loss" in r}
+    return {
+        r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    }
 
 
 def launch_ranks(out: Path, args: list[str], world: int = 2) -> list[subprocess.Popen]:
     """One plain `gist-dist train` process per rank, as srun starts them; logs in out.rankN.*."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "WORLD_SIZE": str(world),
+        "LOCAL_WORLD_SIZE": str(world),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
     procs = []
     for rank in range(world):
         log = out.parent / f"{out.name}.rank{rank}"
-        procs.append(subprocess.Popen(
-            [BIN / "gist-dist", "train", TINY, f"output_dir={out}", *args], cwd=ROOT,
-            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-            stdout=open(f"{log}.out", "w"), stderr=open(f"{log}.err", "w")))
+        procs.append(
+            subprocess.Popen(
+                [BIN / "gist-dist", "train", TINY, f"output_dir={out}", *args],
+                cwd=ROOT,
+                env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                stdout=open(f"{log}.out", "w"),
+                stderr=open(f"{log}.err", "w"),
+            )
+        )
     return procs
 
 
@@ -72,8 +86,11 @@ def assert_latest_is_complete(ckpt: Path, world: int = 2):
 def crashed_in_save(tmp_path_factory) -> tuple[Path, dict]:
     """Rank 1 dies after writing its shards of the step-8 checkpoint, before publication."""
     out = tmp_path_factory.mktemp("crash_in_save")
-    proc = torchrun(["train", TINY, f"output_dir={out}", *ARGS], check=False,
-                    env={"GIST_DIST_FAULT": f"die_in_save:rank1:step{STEPS}"})
+    proc = torchrun(
+        ["train", TINY, f"output_dir={out}", *ARGS],
+        check=False,
+        env={"GIST_DIST_FAULT": f"die_in_save:rank1:step{STEPS}"},
+    )
     assert proc.returncode != 0
     assert "fault injected: die_in_save on rank 1" in proc.stderr
     return out, losses(out)  # every step was logged before the crash: the uninterrupted reference
@@ -116,15 +133,34 @@ def test_preemption_signal_saves_requeues_and_resumes_exactly(crashed_in_save, t
 def test_killed_rank_under_torchrun(tmp_path):
     out = tmp_path / "killed"
     port = free_port()
-    proc = subprocess.Popen([BIN / "torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                             "--master_port", str(port), BIN / "gist-dist", "train", TINY, f"output_dir={out}",
-                             "train.max_steps=500", "train.save_every=1", "timeout_s=30"],
-                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            BIN / "torchrun",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            BIN / "gist-dist",
+            "train",
+            TINY,
+            f"output_dir={out}",
+            "train.max_steps=500",
+            "train.save_every=1",
+            "timeout_s=30",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_step(out, 3, [proc])
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-    rank1 = [int(c) for c in children if b"RANK=1\0" in Path(f"/proc/{c}/environ").read_bytes().replace(
-        b"LOCAL_RANK", b"L")]
+    rank1 = [
+        int(c) for c in children if b"RANK=1\0" in Path(f"/proc/{c}/environ").read_bytes().replace(b"LOCAL_RANK", b"L")
+    ]
     assert len(rank1) == 1
     os.kill(rank1[0], signal.SIGKILL)
     t0 = time.time()

@@ -1,12 +1,13 @@
 """Analytic FLOPs vs torch's FlopCounterMode on real forward passes; gist-cache correctness; CLI."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-from conftest import gist_dist
 
+from conftest import gist_dist
 from gist_dist.analysis import flops, latency
 from gist_dist.analysis.strategies import forward_after, strategy_cache
 from gist_dist.masks import make_attention_mask
@@ -14,8 +15,9 @@ from gist_dist.masks import make_attention_mask
 LENGTHS = [(5, 3), (26, 11), (40, 1)]  # (instruction tokens, tail tokens)
 
 
-@pytest.mark.parametrize("model, meta", [("tiny", False), pytest.param("smollm2", False, marks=pytest.mark.slow),
-                                         ("llama-7b", True)])
+@pytest.mark.parametrize(
+    "model, meta", [("tiny", False), pytest.param("smollm2", False, marks=pytest.mark.slow), ("llama-7b", True)]
+)
 def test_analytic_flops_match_counter_within_2_percent(model, meta):
     check = flops.check_against_counter(model, LENGTHS, num_gist=2, meta=meta)
     for strategy in flops.STRATEGIES:
@@ -43,15 +45,16 @@ def test_gist_prefix_gives_the_masked_full_sequence_logits():
     prefix = strategy_cache(net, prompt, gist, "gist")
     assert prefix.length == len(gist) and int(prefix.next_position[0]) == len(prompt) + len(gist)
     cached = forward_after(net, tail, prefix, logits_to_keep=0).logits
-    torch.testing.assert_close(cached[0], full[0, -len(tail):], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cached[0], full[0, -len(tail) :], rtol=1e-4, atol=1e-5)
 
 
 def test_kv_bytes_and_latency_per_strategy_on_a_real_model():
     net = flops.load_eager("tiny")
     shape = flops.shape_of("tiny", net.config)
     vocab = net.config.vocab_size
-    result = latency.measure_strategies(net, [(list(range(10, 34)), list(range(40, 45)))], [vocab - 1],
-                                        repeats=3, warmup=1, decode_tokens=3)
+    result = latency.measure_strategies(
+        net, [(list(range(10, 34)), list(range(40, 45)))], [vocab - 1], repeats=3, warmup=1, decode_tokens=3
+    )
     per_token = shape.kv_bytes_per_token("fp32")
     assert result["gist"]["kv_bytes_per_prompt"] == 1 * per_token
     assert result["instruction"]["kv_bytes_per_prompt"] == 24 * per_token
@@ -99,8 +102,10 @@ def test_cli_contract_single_prompt_length_without_weights():
 
 def test_cli_over_a_data_file(tmp_path):
     data = tmp_path / "d.jsonl"
-    recs = [{"instruction": "Say hello to the reader politely", "input": "", "output": "Hello"},
-            {"instruction": "Add the numbers", "input": "2 and 3", "output": "5"}]
+    recs = [
+        {"instruction": "Say hello to the reader politely", "input": "", "output": "Hello"},
+        {"instruction": "Add the numbers", "input": "2 and 3", "output": "5"},
+    ]
     data.write_text("\n".join(json.dumps(r) for r in recs))
     out_json = tmp_path / "flops.json"
     out = gist_dist(["flops", "--model", "tiny", "--data", str(data), "--out", str(out_json)], timeout=600)
@@ -109,14 +114,18 @@ def test_cli_over_a_data_file(tmp_path):
     assert result["examples"] == 2
     tok, _ = flops.tokenizer_for("tiny")
     assert result["mean_prompt_tokens"] == pytest.approx(
-        sum(len(tok(f"Instruction: {r['instruction']}\n", add_special_tokens=False)["input_ids"]) for r in recs) / 2)
+        sum(len(tok(f"Instruction: {r['instruction']}\n", add_special_tokens=False)["input_ids"]) for r in recs) / 2
+    )
 
 
-@pytest.mark.parametrize("args, code", [
-    (["--model", "llama-7b"], 2),                                  # neither --data nor --prompt-tokens
-    (["--model", "no-such-model", "--prompt-tokens", "5"], 1),
-    (["--model", "llama-7b", "--data", "/nonexistent.json"], 1),
-])
+@pytest.mark.parametrize(
+    "args, code",
+    [
+        (["--model", "llama-7b"], 2),  # neither --data nor --prompt-tokens
+        (["--model", "no-such-model", "--prompt-tokens", "5"], 1),
+        (["--model", "llama-7b", "--data", "/nonexistent.json"], 1),
+    ],
+)
 def test_cli_bad_input_is_one_line_and_nonzero(args, code):
     proc = gist_dist(["flops", *args], check=False, timeout=600)
     assert proc.returncode == code
@@ -128,11 +137,34 @@ def test_visible_prefix_is_measured_as_the_formula_counts(tmp_path):
     (the gist strategy reads k + n entries), and the n prefix entries are stored once, not per prompt;
     the JSON the report reads carries the latency table."""
     out = tmp_path / "flops.json"
-    proc = gist_dist(["flops", "--model", "tiny", "--num-gist", "2", "--prompt-tokens", "12", "--tail-tokens", "4",
-                      "--mask-prefix", "visible", "--measure", "--latency", "--repeats", "2", "--dtype", "fp32",
-                      "--out", str(out)], timeout=600)
+    proc = gist_dist(
+        [
+            "flops",
+            "--model",
+            "tiny",
+            "--num-gist",
+            "2",
+            "--prompt-tokens",
+            "12",
+            "--tail-tokens",
+            "4",
+            "--mask-prefix",
+            "visible",
+            "--measure",
+            "--latency",
+            "--repeats",
+            "2",
+            "--dtype",
+            "fp32",
+            "--out",
+            str(out),
+        ],
+        timeout=600,
+    )
     n = flops.visible_prefix_tokens("tiny")
-    assert "TTFT ms" in proc.stdout and n == 2 and f"{n}-token visible prefix" in proc.stdout  # "Instruction:" in SmolLM2's tokenizer
+    assert (
+        "TTFT ms" in proc.stdout and n == 2 and f"{n}-token visible prefix" in proc.stdout
+    )  # "Instruction:" in SmolLM2's tokenizer
     result = json.loads(out.read_text())
     per_token = flops.shape_of("tiny").kv_bytes_per_token("fp32")
     assert result["prefix_tokens"] == n and result["compression"] == (12 - n) / 2
@@ -146,6 +178,7 @@ def test_visible_prefix_is_measured_as_the_formula_counts(tmp_path):
     hidden = flops.check_against_counter("tiny", [(12, 4)], num_gist=2)
     assert result["measured_check"]["gist"]["measured"] > hidden["gist"]["measured"]
     assert result["measured_check"]["none"]["measured"] == hidden["none"]["measured"]
-    bad = gist_dist(["flops", "--model", "t5-tiny", "--prompt-tokens", "12", "--mask-prefix", "visible"],
-                    check=False, timeout=600)
+    bad = gist_dist(
+        ["flops", "--model", "t5-tiny", "--prompt-tokens", "12", "--mask-prefix", "visible"], check=False, timeout=600
+    )
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "decoder-only" in bad.stderr

@@ -1,13 +1,14 @@
 """Encoder-decoder (T5) FLOPs: analytic vs FlopCounterMode per strategy (the gist strategy through
 inference.seq2seq's own request path), cache bytes, parameter counts, the CLI."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-from conftest import gist_dist
 
+from conftest import gist_dist
 from gist_dist.analysis import flops
 
 LENGTHS = [(5, 3), (26, 11), (40, 1)]  # (instruction tokens, input tokens after the gist)
@@ -36,6 +37,7 @@ def test_parameter_count_matches_the_built_model(model, meta):
 def test_next_token_flops_match_counter():
     """One further decoder step: self-attention over the past, cross keys/values reused from the cache."""
     from torch.utils.flop_counter import FlopCounterMode
+
     net = flops.load_eager("flan-t5-xxl", meta=True)
     shape = flops.shape_of("flan-t5-xxl", net.config)
     seen = 9
@@ -52,6 +54,7 @@ def test_next_token_flops_match_counter():
 def test_cache_bytes_are_what_the_inference_cache_holds():
     """kv_bytes_per_token is what inference.seq2seq keeps per gist position of a real built cache."""
     from gist_dist.inference.seq2seq import build_seq2seq_cache
+
     net = flops.load_eager("t5-tiny")
     gist = [net.config.vocab_size - 2, net.config.vocab_size - 1]
     cache = build_seq2seq_cache(net, [list(range(30, 47)) + gist], gist, "gist")
@@ -66,7 +69,9 @@ def test_cli_table_and_json_for_flan_t5_xxl():
     shape = flops.shape_of("flan-t5-xxl")
     assert result["params"] == shape.params()
     g = result["gflops_per_example"]
-    assert g["none"] * 1e9 == pytest.approx(flops.encoder_flops(shape, 26 + 1 + 5) + flops.decoder_flops(shape, 26 + 1 + 5))
+    assert g["none"] * 1e9 == pytest.approx(
+        flops.encoder_flops(shape, 26 + 1 + 5) + flops.decoder_flops(shape, 26 + 1 + 5)
+    )
     assert g["gist"] * 1e9 == pytest.approx(flops.encoder_flops(shape, 5, 1) + flops.decoder_flops(shape, 1 + 5))
     assert result["gflops_build_cache"]["gist"] * 1e9 == pytest.approx(flops.encoder_flops(shape, 26 + 1))
     assert result["kv_bytes_per_prompt"] == {"none": 0, "gist": shape.kv_bytes_per_token("bf16"), "no_prompt": 0}

@@ -1,10 +1,11 @@
 """Gist KV cache: generation from the kept gist entries equals generation over the full masked input."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY
 
+from conftest import TINY
 from gist_dist.config import load_config
 from gist_dist.data import GistTemplate, load_records
 from gist_dist.inference import GistKVCache, build_cache, generate_from_cache, generate_uncached
@@ -40,8 +41,11 @@ def test_cached_generation_equals_uncached(tiny, mask):
     uncached = generate_uncached(model, prompts, tails, gist_ids, mask, NEW_TOKENS, tok.eos_token_id)
     assert cached == uncached
     assert all(len(a) > 0 for a in cached)
-    kept = {"gist": [len(gist_ids)] * len(prompts), "pos_control": [len(p) for p in prompts],
-            "neg_control": [0] * len(prompts)}[mask]
+    kept = {
+        "gist": [len(gist_ids)] * len(prompts),
+        "pos_control": [len(p) for p in prompts],
+        "neg_control": [0] * len(prompts),
+    }[mask]
     assert cache.attention_mask.sum(-1).tolist() == kept
 
 
@@ -50,8 +54,13 @@ def test_gist_cache_is_small_and_carries_the_prompt(tiny):
     cache = build_cache(model, prompts, gist_ids, "gist")
     k = len(gist_ids)
     assert cache.length == k
-    per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads \
-        * (model.config.hidden_size // model.config.num_attention_heads) * 4
+    per_token = (
+        2
+        * model.config.num_hidden_layers
+        * model.config.num_key_value_heads
+        * (model.config.hidden_size // model.config.num_attention_heads)
+        * 4
+    )
     assert cache.nbytes() == [k * per_token] * len(prompts)
     assert cache.full_prompt_nbytes() == [(len(p) - k) * per_token for p in prompts]
     # Same query after two different prompts: the answers differ only through the gist entries.
@@ -77,8 +86,9 @@ def test_saved_cache_answers_without_the_prompt(tiny, tmp_path):
     assert one == [expected[3]]
     order = [4, 2, 0, 3, 1]
     loaded = GistKVCache.stack([GistKVCache.load(paths[i]) for i in order])
-    again = generate_from_cache(model, loaded, [tails[i] for i in order], NEW_TOKENS, tok.eos_token_id,
-                                tok.pad_token_id)
+    again = generate_from_cache(
+        model, loaded, [tails[i] for i in order], NEW_TOKENS, tok.eos_token_id, tok.pad_token_id
+    )
     assert again == [expected[i] for i in order]
 
 

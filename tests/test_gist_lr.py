@@ -3,6 +3,7 @@ lr. Checked: before training the split model computes exactly what the plain one
 move at their lr while the vocabulary's gist rows do not; the exported model (rows written back into
 the vocabulary) computes the trained module's loss, tied and untied; and a 2-rank ZeRO-3 run's export
 reproduces the trainer's own final eval loss."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, T5, TINY, torchrun
 
+from conftest import ROOT, T5, TINY, torchrun
 from gist_dist.config import ConfigError, load_config
 from gist_dist.data import GistTemplate, load_records
 from gist_dist.data.batches import ShardedBatches
@@ -111,8 +112,12 @@ def test_zero3_run_exports_the_model_it_evaluated(tmp_path):
 
     cfg, tokens, method, template = setup(args)
     final = load_model(cfg.model.__class__(name=str(out / "final")))
-    evals = method.encode(template, load_records(cfg.data.eval, n=cfg.data.num_eval, seed=cfg.data.seed + 1,
-                                                 split="seen", role="eval"), None, "eval")
+    evals = method.encode(
+        template,
+        load_records(cfg.data.eval, n=cfg.data.num_eval, seed=cfg.data.seed + 1, split="seen", role="eval"),
+        None,
+        "eval",
+    )
     size = max(1, min(cfg.train.micro_batch_size, len(evals) // 2))  # as Trainer._load_data
     total = targets = 0.0
     with torch.no_grad():

@@ -1,5 +1,6 @@
 """The gist masks against their definition, and the claim they exist for: after the gist, the
 prompt can only reach later tokens through the gist tokens' keys/values."""
+
 import random
 
 import pytest
@@ -41,14 +42,14 @@ def random_batch(rng, B=5, T=14, k=2, left_pad=False):
     for b in range(B):
         n = rng.randint(k + 3, T)
         pad = T - n
-        start = (pad if left_pad else 0)
+        start = pad if left_pad else 0
         if left_pad:
             att[b, :pad] = 0
         else:
             att[b, n:] = 0
         if b != B - 1:  # last row has no gist at all: plain causal
             pos = start + rng.randint(1, n - k - 1)
-            ids[b, pos:pos + k] = torch.tensor(GIST[:k])
+            ids[b, pos : pos + k] = torch.tensor(GIST[:k])
     return ids, att
 
 
@@ -77,8 +78,15 @@ def test_float_mask_values():
 
 def tiny_llama(attn):
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=1100, initializer_range=0.15)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1100,
+        initializer_range=0.15,
+    )
     return LlamaForCausalLM._from_config(cfg, attn_implementation=attn).eval()
 
 
@@ -93,19 +101,24 @@ def test_prompt_reaches_later_tokens_only_through_gist_kv(attn):
     ids = torch.cat([prompt, torch.tensor([GIST[:k]]), post], 1)
     att = torch.ones_like(ids)
     with torch.no_grad():
-        full = model(ids, attention_mask=make_attention_mask(ids, att, GIST[:k], "gist"),
-                     position_ids=position_ids_from(att)).logits
+        full = model(
+            ids, attention_mask=make_attention_mask(ids, att, GIST[:k], "gist"), position_ids=position_ids_from(att)
+        ).logits
         head = ids[:, : 7 + k]
         cache = model(head, use_cache=True).past_key_values
         gist_only = DynamicCache()
         for layer, entry in enumerate(cache.layers):
             gist_only.update(entry.keys[:, :, 7:].clone(), entry.values[:, :, 7:].clone(), layer)
         T = ids.shape[1]
-        cont = model(post, past_key_values=gist_only, position_ids=torch.arange(7 + k, T)[None],
-                     attention_mask=torch.zeros(1, 1, post.shape[1], k + post.shape[1]).masked_fill_(
-                         ~torch.ones(post.shape[1], k + post.shape[1], dtype=torch.bool).tril(k),
-                         torch.finfo(torch.float32).min)).logits
-    assert torch.allclose(cont, full[:, 7 + k:], atol=1e-5), (cont - full[:, 7 + k:]).abs().max()
+        cont = model(
+            post,
+            past_key_values=gist_only,
+            position_ids=torch.arange(7 + k, T)[None],
+            attention_mask=torch.zeros(1, 1, post.shape[1], k + post.shape[1]).masked_fill_(
+                ~torch.ones(post.shape[1], k + post.shape[1], dtype=torch.bool).tril(k), torch.finfo(torch.float32).min
+            ),
+        ).logits
+    assert torch.allclose(cont, full[:, 7 + k :], atol=1e-5), (cont - full[:, 7 + k :]).abs().max()
 
 
 def test_controls_bound_the_gist():
@@ -121,8 +134,11 @@ def test_controls_bound_the_gist():
         emb = model.get_input_embeddings()(ids)
         emb[:, 6] *= gist_embed_scale
         with torch.no_grad():
-            return model(inputs_embeds=emb, attention_mask=make_attention_mask(ids, att, GIST[:k], mask),
-                         position_ids=position_ids_from(att)).logits[:, 6 + k:]
+            return model(
+                inputs_embeds=emb,
+                attention_mask=make_attention_mask(ids, att, GIST[:k], mask),
+                position_ids=position_ids_from(att),
+            ).logits[:, 6 + k :]
 
     assert not torch.allclose(post_logits(prompt_a, "pos_control"), post_logits(prompt_b, "pos_control"))
     assert not torch.allclose(post_logits(prompt_a, "gist"), post_logits(prompt_b, "gist"))

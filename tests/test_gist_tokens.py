@@ -1,4 +1,5 @@
 """Adding gist tokens: special tokens, resized embeddings, new rows at the mean of the old ones."""
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -18,8 +19,15 @@ def test_gist_tokens_are_new_special_tokens():
 
 def test_new_rows_are_the_mean_in_and_out_when_untied():
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=4, vocab_size=100, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=100,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg)
     old_in = model.get_input_embeddings().weight.detach().clone()
     old_out = model.get_output_embeddings().weight.detach().clone()

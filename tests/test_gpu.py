@@ -1,6 +1,7 @@
 """GPU-only tests (marked `gpu`): skipped where CUDA is absent, as in CI; benchmarks/gpu_check.sh runs
 them on a lent GPU. Like the check they use only the CLI and the files a run writes: these tests never
 run in CI, so an internal rename would break them unseen."""
+
 from __future__ import annotations
 
 import json
@@ -10,10 +11,13 @@ import subprocess
 
 import pytest
 import torch
+
 from conftest import BIN, ROOT, TINY, gist_dist, torchrun
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                  reason="needs a CUDA device (none here; CI has none)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here; CI has none)"),
+]
 INSTRUCTION = "Repeat the words of the input in reverse order."
 # On the lent GPU the embedded SmolLM2 is absent: benchmarks/gpu_check.sh points this at the carried tokenizer.
 TOKENIZER = f"model.tokenizer={os.environ.get('GPU_CHECK_TOKENIZER') or 'smollm2'}"
@@ -45,15 +49,30 @@ def test_eval_cache_equals_uncached_on_cuda_and_any_local_rank(tmp_path):
     inputs = ["apple river stone", "cloud piano tiger lemon", "candle forest", "silver window rocket garden"]
     split = tmp_path / "check.jsonl"
     split.write_text("".join(json.dumps({"instruction": INSTRUCTION, "input": x, "output": x}) + "\n" for x in inputs))
-    args = ["eval", TINY, TOKENIZER, "objective=distill", f"output_dir={run}", f"data.eval_splits=check:{split}", "eval_max_new_tokens=8"]
+    args = [
+        "eval",
+        TINY,
+        TOKENIZER,
+        "objective=distill",
+        f"output_dir={run}",
+        f"data.eval_splits=check:{split}",
+        "eval_max_new_tokens=8",
+    ]
     stale = {"LOCAL_RANK": str(torch.cuda.device_count())}
     gist_dist(args, env=stale)
     replicated = [json.loads(x)["prediction"] for x in (run / "eval_outputs.jsonl").read_text().splitlines()]
     torchrun(args + ["--zero3"], nproc=1)
     zero3 = [json.loads(x)["prediction"] for x in (run / "eval_outputs.jsonl").read_text().splitlines()]
-    uncached = subprocess.run([str(BIN / "gist-dist"), "generate", "--gist", str(run), "--instruction", INSTRUCTION,
-                               "--max-new-tokens", "8"], input="".join(x + "\n" for x in inputs), cwd=ROOT,
-                              env={**os.environ, **stale}, capture_output=True, text=True, timeout=600, check=True).stdout
+    uncached = subprocess.run(
+        [str(BIN / "gist-dist"), "generate", "--gist", str(run), "--instruction", INSTRUCTION, "--max-new-tokens", "8"],
+        input="".join(x + "\n" for x in inputs),
+        cwd=ROOT,
+        env={**os.environ, **stale},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    ).stdout
     assert len(replicated) == len(inputs) and any(replicated)
     assert zero3 == replicated
     assert "".join(a + "\n" for a in replicated) == uncached

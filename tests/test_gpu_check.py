@@ -1,4 +1,5 @@
 """benchmarks/gpu_check.sh --dry-run: the GPU check's own code path on CPU (tiny shape, fp32, 2 steps)."""
+
 from __future__ import annotations
 
 import json

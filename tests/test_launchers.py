@@ -1,4 +1,5 @@
 """Each launcher really starts a 2-rank ZeRO-3 training of the tiny config on this machine."""
+
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import BIN, ROOT, TINY, free_port, run
 
 pytestmark = pytest.mark.slow
@@ -32,8 +34,20 @@ def assert_trained(out: Path, launcher: str, steps: int) -> list[dict]:
 def test_deepspeed_launcher_trains_tiny_and_loss_falls(tmp_path):
     out = tmp_path / "run"
     # On CPU the launcher finds no GPUs: --num_accelerators says how many ranks to start.
-    run([BIN / "deepspeed", "--num_accelerators", "2", "--master_port", free_port(), "--module", "gist_dist.cli",
-         "train", TINY, f"output_dir={out}"])
+    run(
+        [
+            BIN / "deepspeed",
+            "--num_accelerators",
+            "2",
+            "--master_port",
+            free_port(),
+            "--module",
+            "gist_dist.cli",
+            "train",
+            TINY,
+            f"output_dir={out}",
+        ]
+    )
     steps = assert_trained(out, "deepspeed", 20)
     first = sum(r["loss"] for r in steps[:5]) / 5
     last = sum(r["loss"] for r in steps[-5:]) / 5
@@ -58,8 +72,13 @@ def test_deepspeed_hostfile_with_openmpi_launcher(tmp_path):
     out = tmp_path / "run"
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
-    env = {"HOSTFILE": str(hostfile), "LAUNCHER": "openmpi", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "LAUNCHER_ARGS": MPI_AS_ROOT}
+    env = {
+        "HOSTFILE": str(hostfile),
+        "LAUNCHER": "openmpi",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "LAUNCHER_ARGS": MPI_AS_ROOT,
+    }
     run([ROOT / "launchers" / "deepspeed.sh", TINY, f"output_dir={out}", *SHORT], env=env)
     assert_trained(out, "openmpi", 4)
 
@@ -79,16 +98,20 @@ def sshd_on_loopback(tmp_path):
     (d / "sshd_config").write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n"
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
-        f"PidFile {d}/sshd.pid\nStrictModes no\nUsePAM no\n")
+        f"PidFile {d}/sshd.pid\nStrictModes no\nUsePAM no\n"
+    )
     privsep = Path("/run/sshd")  # sshd refuses to start without its privilege-separation directory
     made_privsep = not privsep.exists()
     if made_privsep:
         privsep.mkdir(mode=0o755)
-    proc = subprocess.Popen([sshd, "-D", "-e", "-f", d / "sshd_config"], stdout=subprocess.DEVNULL,
-                            stderr=open(d / "sshd.log", "w"))
+    proc = subprocess.Popen(
+        [sshd, "-D", "-e", "-f", d / "sshd_config"], stdout=subprocess.DEVNULL, stderr=open(d / "sshd.log", "w")
+    )
     try:
-        ssh_args = (f"-i {d}/client_key -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
-                    "-o BatchMode=yes -o LogLevel=ERROR")
+        ssh_args = (
+            f"-i {d}/client_key -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
+            "-o BatchMode=yes -o LogLevel=ERROR"
+        )
         deadline = time.time() + 30
         while subprocess.run(["ssh", "-p", str(port), *ssh_args.split(), "localhost", "true"]).returncode:
             assert proc.poll() is None and time.time() < deadline, (d / "sshd.log").read_text()
@@ -105,8 +128,13 @@ def test_deepspeed_hostfile_with_pdsh_launcher(sshd_on_loopback, tmp_path):
     out = tmp_path / "run"
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
-    env = {"HOSTFILE": str(hostfile), "LAUNCHER": "pdsh", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), **sshd_on_loopback}
+    env = {
+        "HOSTFILE": str(hostfile),
+        "LAUNCHER": "pdsh",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        **sshd_on_loopback,
+    }
     proc = run([ROOT / "launchers" / "deepspeed.sh", TINY, f"output_dir={out}", *SHORT], env=env)
     assert "localhost: gist-dist: 2 ranks from deepspeed" in proc.stdout  # came back through pdsh
     assert_trained(out, "deepspeed", 4)

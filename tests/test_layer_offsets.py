@@ -4,16 +4,17 @@ First against the definition on the tiny model, then in a real 2-rank ZeRO-3 run
 (every parameter partitioned, the offsets too): only the gist rows and offsets train, the backbone
 stays bit for bit, the artifact carries the offsets, cached generation equals uncached, resume is exact.
 """
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-from conftest import T5, TINY, gist_dist, torchrun
 from safetensors.torch import load_file
 from test_resume import fresh_dir_resuming_from, losses
 
+from conftest import T5, TINY, gist_dist, torchrun
 from gist_dist import artifact
 from gist_dist.artifact import ArtifactError
 from gist_dist.config import load_config
@@ -23,8 +24,14 @@ from gist_dist.model import load_model, load_tokenizer
 from gist_dist.tokens import GistEmbedding, GistLayerOffsets, add_gist_tokens
 
 STEPS, SAVE_EVERY, K = 8, 4, 2
-ARGS = ["objective=distill", f"num_gist={K}", "distill.layer_offsets=true", "train.lr=0.01",
-        f"train.max_steps={STEPS}", f"train.save_every={SAVE_EVERY}"]
+ARGS = [
+    "objective=distill",
+    f"num_gist={K}",
+    "distill.layer_offsets=true",
+    "train.lr=0.01",
+    f"train.max_steps={STEPS}",
+    f"train.save_every={SAVE_EVERY}",
+]
 
 
 def test_offset_is_added_to_what_enters_each_layer_at_the_gist_positions_only():
@@ -43,7 +50,8 @@ def test_offset_is_added_to_what_enters_each_layer_at_the_gist_positions_only():
     rows = GistEmbedding(gist_ids, torch.randn(K, hidden), GistLayerOffsets(decoder, offsets))
     seen = []  # what enters the last layer, after the offsets' own pre-hook
     decoder.layers[-1].register_forward_pre_hook(
-        lambda _m, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+        lambda _m, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+    )
     ids = torch.tensor([[0, 11, 12, *gist_ids, 13], [14, 15, 16, 17, *gist_ids]])
     mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     with torch.no_grad():
@@ -112,18 +120,27 @@ def test_artifact_whose_offsets_disagree_with_its_config_is_refused(tmp_path):
 
 
 def test_export_refuses_offsets_in_one_line(tmp_path):
-    artifact.save(tmp_path, torch.zeros(K, 64), {"num_gist": K, "student": "no_prompt", "template": "alpaca",
-                                                 "base_model": "x"}, layer_offsets=torch.zeros(2, K, 64))
+    artifact.save(
+        tmp_path,
+        torch.zeros(K, 64),
+        {"num_gist": K, "student": "no_prompt", "template": "alpaca", "base_model": "x"},
+        layer_offsets=torch.zeros(2, K, 64),
+    )
     proc = gist_dist(["export", str(tmp_path), "--prompt-embeds", str(tmp_path / "e.safetensors")], check=False)
     assert proc.returncode != 0 and "distill.layer_offsets" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "e.safetensors").exists()
 
 
-@pytest.mark.parametrize("config, args, message", [
-    (T5, ["objective=distill"], "distill.layer_offsets needs a decoder-only model"),
-    (TINY, ["objective=finetune"], "distill.layer_offsets is for objective=distill"),
-])
+@pytest.mark.parametrize(
+    "config, args, message",
+    [
+        (T5, ["objective=distill"], "distill.layer_offsets needs a decoder-only model"),
+        (TINY, ["objective=finetune"], "distill.layer_offsets is for objective=distill"),
+    ],
+)
 def test_refused_in_one_line_before_anything_is_written(tmp_path, config, args, message):
-    proc = gist_dist(["train", config, *args, "distill.layer_offsets=true", f"output_dir={tmp_path / 'r'}"], check=False)
+    proc = gist_dist(
+        ["train", config, *args, "distill.layer_offsets=true", f"output_dir={tmp_path / 'r'}"], check=False
+    )
     assert proc.returncode == 2 and message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()

@@ -1,17 +1,19 @@
 """Logging: the backends are checked before anything is written, metrics reach TensorBoard and wandb
 (offline), progress is a bar on a terminal and plain lines in logs."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
-from conftest import TINY, gist_dist, torchrun
 
+from conftest import TINY, gist_dist, torchrun
 from gist_dist.config import load_config
 
 
 def test_log_backends_are_validated():
     from gist_dist.config import ConfigError
+
     with pytest.raises(ConfigError, match="log.backends must be one of jsonl, tensorboard, wandb, got .mlflow."):
         load_config(TINY, ["log.backends=jsonl,mlflow"])
     with pytest.raises(ConfigError, match="must include jsonl"):
@@ -23,6 +25,7 @@ def test_missing_logger_package_fails_before_anything_is_written(tmp_path):
     pytest.importorskip("tensorboard")  # the test environment has tensorboard, not wandb
     try:
         import wandb  # noqa: F401
+
         pytest.skip("wandb is installed here")
     except ImportError:
         pass
@@ -40,6 +43,7 @@ def test_wandb_sink_is_offline_and_gets_the_scalars_of_metrics_jsonl(tmp_path, m
     import types
 
     from gist_dist.metrics_log import MetricsLog, scalars
+
     calls = {"log": []}
 
     class Run:
@@ -57,7 +61,10 @@ def test_wandb_sink_is_offline_and_gets_the_scalars_of_metrics_jsonl(tmp_path, m
     monkeypatch.delenv("WANDB_MODE", raising=False)
     cfg = load_config(TINY, ["log.backends=jsonl,wandb", f"output_dir={tmp_path}"])
     log = MetricsLog(cfg, main=True, fresh=True)
-    steps = [{"step": 1, "loss": 2.5, "rank_tokens_per_s": [10.0, 12.0], "lr": 1e-4}, {"step": 2, "loss": 2.0, "lr": 1e-4}]
+    steps = [
+        {"step": 1, "loss": 2.5, "rank_tokens_per_s": [10.0, 12.0], "lr": 1e-4},
+        {"step": 2, "loss": 2.0, "lr": 1e-4},
+    ]
     log.record({"event": "start"})
     for r in steps:
         log.record(r)
@@ -72,6 +79,7 @@ def test_wandb_sink_is_offline_and_gets_the_scalars_of_metrics_jsonl(tmp_path, m
 @pytest.mark.parametrize("mode", ["bar", "lines"])
 def test_progress_is_a_bar_or_plain_lines(mode, capsys):
     from gist_dist.metrics_log import Progress
+
     progress = Progress(total=4, initial=0, every=2, main=True, desc="train[gist]", mode=mode)
     for step in range(1, 5):
         progress.update(step, loss=1.0 / step, tokens_per_s=10.0, step_time=0.5)
@@ -82,7 +90,8 @@ def test_progress_is_a_bar_or_plain_lines(mode, capsys):
     else:  # a Slurm output file: one line every 2 steps, no carriage return
         assert "\r" not in err and err.splitlines() == [
             "train[gist] step 2/4 loss 0.5000 tokens/s 10.0 step_time 0.50s",
-            "train[gist] step 4/4 loss 0.2500 tokens/s 10.0 step_time 0.50s"]
+            "train[gist] step 4/4 loss 0.2500 tokens/s 10.0 step_time 0.50s",
+        ]
 
 
 def test_two_rank_run_logs_the_same_scalars_to_tensorboard_and_plain_progress_lines(tmp_path):
@@ -90,8 +99,17 @@ def test_two_rank_run_logs_the_same_scalars_to_tensorboard_and_plain_progress_li
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    proc = torchrun(["train", TINY, f"output_dir={out}", "train.max_steps=4", "train.log_every=2",
-                     "log.backends=jsonl,tensorboard", "data.num_train=64"])
+    proc = torchrun(
+        [
+            "train",
+            TINY,
+            f"output_dir={out}",
+            "train.max_steps=4",
+            "train.log_every=2",
+            "log.backends=jsonl,tensorboard",
+            "data.num_train=64",
+        ]
+    )
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in line]
     start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert start["data"]["records"] == 64 and start["data"]["source_records"] == 64
@@ -107,5 +125,3 @@ def test_two_rank_run_logs_the_same_scalars_to_tensorboard_and_plain_progress_li
     lines = [line for line in proc.stderr.splitlines() if line.startswith("train[gist] step")]
     assert [line.split()[2] for line in lines] == ["2/4", "4/4"]
     assert "\r" not in proc.stderr
-
-

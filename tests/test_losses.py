@@ -1,5 +1,6 @@
 """The logit-light losses (the LM head runs only on labelled positions, summed over them) equal the
 full-logit mean losses once divided by the target tokens."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,15 +27,17 @@ def _setup(name, num_gist=2):
 
 def _full_kl(model, t_in, s_in, embeds, labels_t, labels_s, temperature):
     """The distill loss as first written: full [B, T, V] logits, rows picked afterwards."""
+
     def rows(logits, labels):
         pos = torch.zeros_like(labels, dtype=torch.bool)
         pos[:, :-1] = labels[:, 1:] != IGNORE
         return logits[pos]
+
     t = rows(model(**t_in).logits, labels_t).float() / temperature
     s_in = {k: v for k, v in s_in.items() if k != "input_ids"}
     s = rows(model(inputs_embeds=embeds, **s_in).logits, labels_s).float() / temperature
     kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
-    return kl.mean() * temperature ** 2
+    return kl.mean() * temperature**2
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -52,7 +55,9 @@ def test_finetune_loss_equals_hf_loss_and_its_gradients(name):
     theirs = model(**inputs, labels=batch["labels"]).loss  # HF: full logits, shifted CE
     theirs.backward()
     assert abs(float(ours.detach()) - float(theirs.detach())) <= 1e-6 * max(1.0, abs(float(theirs)))
-    torch.testing.assert_close(grad, model.get_input_embeddings().weight.grad, rtol=1e-5, atol=1e-5 * float(grad.abs().max()))
+    torch.testing.assert_close(
+        grad, model.get_input_embeddings().weight.grad, rtol=1e-5, atol=1e-5 * float(grad.abs().max())
+    )
 
 
 @pytest.mark.parametrize("lm_weight", [0.0, 0.3])
@@ -85,5 +90,6 @@ def test_distill_loss_equals_the_full_logit_loss(name, lm_weight):
 
 def test_gist_rows_need_consecutive_ids():
     from gist_dist.tokens import GistEmbedding
+
     with pytest.raises(ValueError, match="consecutive"):
         GistEmbedding([5, 7], torch.zeros(2, 4))

@@ -1,5 +1,6 @@
 """The model cache is filled by whichever rank takes its lock first: under a real 2-rank gloo group,
 rank 1 materializes the shapes (LLaMA and T5) while rank 0 waits, then both load the same weights."""
+
 import textwrap
 
 from conftest import BIN, ROOT, free_port, run
@@ -35,6 +36,18 @@ def test_rank_one_fills_the_shape_cache(tmp_path):
     script = tmp_path / "fill.py"
     script.write_text(SCRIPT)
     shapes = [ROOT / "configs" / "models" / "tiny.yaml", ROOT / "configs" / "models" / "t5-tiny.yaml"]
-    proc = run([BIN / "torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-                str(free_port()), script, *shapes], env={"GIST_DIST_CACHE": str(tmp_path / "cache")})
+    proc = run(
+        [
+            BIN / "torchrun",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            script,
+            *shapes,
+        ],
+        env={"GIST_DIST_CACHE": str(tmp_path / "cache")},
+    )
     assert proc.stdout.count("ok") == 2

@@ -2,6 +2,7 @@
 and distill (with and without layer offsets); the BlockMask's dense form equals the 4D mask, it skips
 exactly the blocks the 4D mask blocks, flex forward (CPU) matches sdpa, and model.attention=auto picks
 flex only on CUDA."""
+
 import random
 
 import pytest
@@ -54,8 +55,14 @@ def token_losses(model, examples, mask, with_grad=False, prefix=0):
 
 
 @settings(max_examples=16, deadline=None)
-@given(seed=st.integers(0, 10_000), n=st.integers(2, 9), k=st.integers(1, 3), capacity=st.integers(30, 80),
-       mask=st.sampled_from(MASKS), prefix=st.sampled_from([0, 0, 1, 2]))
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(2, 9),
+    k=st.integers(1, 3),
+    capacity=st.integers(30, 80),
+    mask=st.sampled_from(MASKS),
+    prefix=st.sampled_from([0, 0, 1, 2]),
+)
 def test_packed_token_losses_and_gradients_equal_unpacked(tiny, seed, n, k, capacity, mask, prefix):
     rng = random.Random(seed)
     examples = [random_example(rng, k, with_gist=rng.random() > 0.1) for _ in range(n)]
@@ -85,8 +92,10 @@ def test_packed_distill_loss_and_gradient_equal_unpacked(tiny, layer_offsets):
     pairs = []
     for i in range(6):
         student = random_example(rng, 2)
-        teacher = {"input_ids": [rng.randrange(100, 2000) for _ in range(rng.randrange(2, 9))] + student["input_ids"],
-                   "labels": None}
+        teacher = {
+            "input_ids": [rng.randrange(100, 2000) for _ in range(rng.randrange(2, 9))] + student["input_ids"],
+            "labels": None,
+        }
         teacher["labels"] = [IGNORE] * (len(teacher["input_ids"]) - len(student["input_ids"])) + student["labels"]
         pairs.append({"teacher": teacher, "student": student, "key": str(i)})
     # deep gist tokens hook the decoder's layers for good, so they get a model of their own
@@ -100,15 +109,25 @@ def test_packed_distill_loss_and_gradient_equal_unpacked(tiny, layer_offsets):
     params = list(module.gist_rows.parameters())
     assert len(params) == (len(model.get_decoder().layers) if layer_offsets else 1)  # rows + an offset per later layer
     out = []
-    for batch in (pairs, pack(pairs, 60, lambda e: max(len(e["teacher"]["input_ids"]), len(e["student"]["input_ids"])),
-                              lambda ps: {"teacher": join([p["teacher"] for p in ps]),
-                                          "student": join([p["student"] for p in ps])})):
+    for batch in (
+        pairs,
+        pack(
+            pairs,
+            60,
+            lambda e: max(len(e["teacher"]["input_ids"]), len(e["student"]["input_ids"])),
+            lambda ps: {"teacher": join([p["teacher"] for p in ps]), "student": join([p["student"] for p in ps])},
+        ),
+    ):
         t, s = batch_of([e["teacher"] for e in batch]), batch_of([e["student"] for e in batch])
         for p in params:
             p.grad = None
         with torch.enable_grad():
-            loss = module(teacher=model_inputs(t, GIST[:2], "pos_control"), student=model_inputs(s, GIST[:2], "gist"),
-                          labels_t=t["labels"], labels_s=s["labels"])
+            loss = module(
+                teacher=model_inputs(t, GIST[:2], "pos_control"),
+                student=model_inputs(s, GIST[:2], "gist"),
+                labels_t=t["labels"],
+                labels_s=s["labels"],
+            )
             loss.backward()
         out.append((float(loss), [p.grad.clone() for p in params]))
     assert len(batch) < len(pairs)  # something was packed together
@@ -131,8 +150,9 @@ def test_block_mask_dense_form_equals_the_4d_mask_and_flex_matches_sdpa(tiny, ma
     dense = allowed_attention(b["input_ids"], b["attention_mask"], GIST, mask, b["segments"])
     rendered = create_mask(mask_mod(b["input_ids"], b["segments"], GIST, mask), B, 1, T, T, device="cpu")
     assert torch.equal(rendered, dense)
-    flex_model = load_model(ModelConfig(name="configs/models/tiny.yaml", attn_implementation="flex_attention"),
-                            vocab_min=V).eval()
+    flex_model = load_model(
+        ModelConfig(name="configs/models/tiny.yaml", attn_implementation="flex_attention"), vocab_min=V
+    ).eval()
     with torch.no_grad():
         want = tiny(**model_inputs(b, GIST, mask)).logits
         got = flex_model(**model_inputs(b, GIST, mask, attention="flex")).logits

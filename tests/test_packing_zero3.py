@@ -2,6 +2,7 @@
 is bit-exact. For the fine-tune, the logged step loss and the gradient are those of the mean over the
 target tokens of the whole global batch (2 ranks x 2 micro-batches), checked against one process
 computing them from the same rows and initial weights."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, torchrun
 
+from conftest import TINY, torchrun
 from gist_dist.config import load_config
 from gist_dist.data import GistTemplate, load_records
 from gist_dist.data.batches import ShardedBatches
@@ -24,8 +25,15 @@ from gist_dist.model import load_model, load_tokenizer
 from gist_dist.tokens import add_gist_tokens, init_gist_embeddings
 
 STEPS, SAVE_EVERY = 6, 3
-ARGS = ["data.packing=true", "train.micro_batch_size=2", "train.grad_accum=2", "train.lr=1e-3",
-        f"train.max_steps={STEPS}", f"train.save_every={SAVE_EVERY}", "train.eval_every=3"]
+ARGS = [
+    "data.packing=true",
+    "train.micro_batch_size=2",
+    "train.grad_accum=2",
+    "train.lr=1e-3",
+    f"train.max_steps={STEPS}",
+    f"train.save_every={SAVE_EVERY}",
+    "train.eval_every=3",
+]
 
 
 def rows(out: Path) -> list[dict]:
@@ -94,8 +102,9 @@ def test_step_loss_and_gradient_are_those_of_the_global_batch_mean(packed_run):
             total = total + F.cross_entropy(lm_head_rows(model, r).float(), t, reduction="sum")
             targets += len(t)
     (total / targets).backward()
-    reference_norm = torch.linalg.vector_norm(torch.stack(
-        [p.grad.norm() for p in model.parameters() if p.grad is not None])).item()
+    reference_norm = torch.linalg.vector_norm(
+        torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])
+    ).item()
     logged = next(r for r in rows(packed_run) if r.get("step") == 1)
     assert abs(logged["loss"] - total.item() / targets) <= 1e-5 * abs(logged["loss"]), (logged, total / targets)
     assert logged["grad_norm"] == pytest.approx(reference_norm, rel=1e-4)

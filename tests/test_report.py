@@ -1,4 +1,5 @@
 """`gist-dist report` on real runs: numbers come from every rank's metrics, eval.json when present, plots."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,8 @@ import statistics
 
 import matplotlib.image
 import pytest
-from conftest import TINY, gist_dist
 
+from conftest import TINY, gist_dist
 from gist_dist.analysis.flops import forward_flops, shape_of
 from gist_dist.analysis.summary import read_metrics, summarize
 
@@ -50,8 +51,10 @@ def test_report_of_several_runs_with_eval(tiny_gist_run, tmp_path):
     shutil.copytree(tiny_gist_run, k1, ignore=shutil.ignore_patterns("checkpoints", "report*", "*.png", "eval*"))
     gist_dist(["train", TINY, f"output_dir={k2}", "num_gist=2", "train.max_steps=3"], timeout=600)
     for run in (k1, k2):
-        gist_dist(["eval", str(run / "config.yaml"), f"output_dir={run}", "data.num_eval=4",
-                   "eval_max_new_tokens=8"], timeout=600)
+        gist_dist(
+            ["eval", str(run / "config.yaml"), f"output_dir={run}", "data.num_eval=4", "eval_max_new_tokens=8"],
+            timeout=600,
+        )
     (k2 / "flops.json").write_text("{not json")  # a broken optional input: the table is recomputed
     out = tmp_path / "report"
     _report([str(k1), str(k2), "--out", str(out)])

@@ -3,6 +3,7 @@
 Real 2-rank ZeRO-3 runs of the tiny config (every parameter partitioned). A checkpoint taken in
 the middle of an uninterrupted run is copied to a fresh output dir and resumed there.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,16 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, free_port, gist_dist, torchrun
 from safetensors.torch import load_file
+
+from conftest import TINY, free_port, gist_dist, torchrun
 
 STEPS, SAVE_EVERY = 8, 4
 ARGS = [f"train.max_steps={STEPS}", f"train.save_every={SAVE_EVERY}"]
 
 
 def losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-            if "loss" in r}
+    return {
+        r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    }
 
 
 def one_rank(args: list[str], **kw):
@@ -57,6 +60,7 @@ def test_checkpoint_holds_everything_and_loads_weights_only(uninterrupted):
     # Every file DeepSpeed reads back loads with weights_only=True (plus DeepSpeed's 2 plain classes).
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+
     with torch.serialization.safe_globals([LossScaler, ZeroStageEnum]):
         for f in folder.glob("*.pt"):
             torch.load(f, weights_only=True)
@@ -72,8 +76,9 @@ def test_resume_is_bit_exact(uninterrupted, tmp_path):
     assert sorted(resumed) == list(range(SAVE_EVERY + 1, STEPS + 1))
     assert resumed == {s: reference[s] for s in resumed}  # exact float equality
     final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in line][-1]
-    ref_final = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()
-                 if '"step"' in line][-1]
+    ref_final = [
+        json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines() if '"step"' in line
+    ][-1]
     assert final["eval_loss"] == ref_final["eval_loss"]
 
 
@@ -137,8 +142,14 @@ def test_distill_checkpoints_leave_out_the_frozen_backbone_and_resume(tmp_path):
     """Packed distill (teacher and student rows packed alike): it saves only what trains (the gist
     embeddings + their optimizer state); the frozen backbone comes back from the base model, so
     resuming still reproduces every loss exactly."""
-    args = ["objective=distill", "num_gist=2", f"train.max_steps={STEPS}", f"train.save_every={SAVE_EVERY}",
-            "data.packing=true", "train.lr=0.01"]
+    args = [
+        "objective=distill",
+        "num_gist=2",
+        f"train.max_steps={STEPS}",
+        f"train.save_every={SAVE_EVERY}",
+        "data.packing=true",
+        "train.lr=0.01",
+    ]
     full = tmp_path / "full"
     proc = torchrun(["train", TINY, f"output_dir={full}", *args])
     assert "gist-dist: packed 512 examples into" in proc.stdout
@@ -162,6 +173,7 @@ def test_distill_checkpoints_leave_out_the_frozen_backbone_and_resume(tmp_path):
     assert torch.equal(load_file(out / "gist.safetensors")["gist"], load_file(full / "gist.safetensors")["gist"])
     # Another world size (universal checkpoint): 1 rank loads exactly the saved gist embeddings.
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
     one = fresh_dir_resuming_from(full, tag, tmp_path / "one_rank")
     proc = one_rank(["train", TINY, f"output_dir={one}", *args[:2], f"train.max_steps={SAVE_EVERY}"])
     assert "saved by 2 ranks, now 1" in proc.stdout

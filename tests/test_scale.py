@@ -3,6 +3,7 @@ ZeRO-3 built under zero.Init, persistence threshold 0, 2 CPU ranks) on the tiny 
 
 The tiny shape is small enough to be materialised once and loaded with from_pretrained; that load
 also runs inside zero.Init (the 7B-layer shapes are built with from_config inside zero.Init)."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,19 @@ SCRIPT = ROOT / "benchmarks" / "scale_zero3.py"
 
 def test_tiny_scale_proof_shards_and_counts_bytes(tmp_path):
     out = tmp_path / "scale"
-    run([sys.executable, SCRIPT, ROOT / "configs" / "scale.yaml", "model.name=configs/models/tiny.yaml",
-         f"output_dir={out}", "train.max_steps=3", "--ds-comms-logger", "--headroom-gb=0"], timeout=300)
+    run(
+        [
+            sys.executable,
+            SCRIPT,
+            ROOT / "configs" / "scale.yaml",
+            "model.name=configs/models/tiny.yaml",
+            f"output_dir={out}",
+            "train.max_steps=3",
+            "--ds-comms-logger",
+            "--headroom-gb=0",
+        ],
+        timeout=300,
+    )
     result = json.loads((out / "scale.json").read_text())
     p, m = result["prediction"], result["measured"]
     world = result["world_size"]

@@ -1,6 +1,7 @@
 """Encoder-decoder (T5) gist inference: the cached encoder equals the masked full encoder, greedy answers
 from the cache equal the uncached masked path, the prompt reaches the decoder only through the gist,
 and `gist-dist eval` of a T5 run gives the same answers on 1 and 2 ranks."""
+
 from __future__ import annotations
 
 import json
@@ -8,9 +9,9 @@ import json
 import matplotlib.image
 import pytest
 import torch
-from conftest import T5_DISTILL_ARGS, T5_GIST_ARGS, TINY, copy_of, torchrun
 from transformers import T5ForConditionalGeneration
 
+from conftest import T5_DISTILL_ARGS, T5_GIST_ARGS, TINY, copy_of, torchrun
 from gist_dist.analysis.report import write_report
 from gist_dist.config import ModelConfig, load_config
 from gist_dist.data import GistTemplate, load_records
@@ -65,7 +66,7 @@ def test_relative_position_bias_depends_only_on_distance(t5):
     for P in (k, 7, 40, 200):  # prompt + gist lengths, past T5's exact buckets and max distance
         full = attention.compute_bias(P + n, P + n)
         request = attention.compute_bias(n, k + n, past_seen_tokens=k)
-        assert torch.equal(request, full[:, :, P:, P - k:])
+        assert torch.equal(request, full[:, :, P:, P - k :])
 
 
 def test_cached_encoder_equals_masked_full_encoder(t5):
@@ -77,7 +78,7 @@ def test_cached_encoder_equals_masked_full_encoder(t5):
     full, full_cross = encode_full(model, prompts, tails, gist_ids, "gist")
     for b, (p, t) in enumerate(zip(prompts, tails)):  # the positions the decoder sees: gist + input
         seen = slice(len(p) - k, len(p) + len(t))
-        assert torch.allclose(cached[b, :k + len(t)], full[b, seen], atol=1e-5)
+        assert torch.allclose(cached[b, : k + len(t)], full[b, seen], atol=1e-5)
         assert cached_cross[b].sum() == full_cross[b].sum() == k + len(t)
     decoder = torch.randint(0, 5000, (len(prompts), 6), generator=torch.Generator().manual_seed(3))
     a, b = decoder_logits(model, cached, cached_cross, decoder), decoder_logits(model, full, full_cross, decoder)
@@ -104,8 +105,14 @@ def test_cached_greedy_equals_uncached(t5, mask):
 def test_neg_control_cache_needs_nothing_of_the_prompt(t5):
     model, tok, gist_ids = t5
     tails = random_rows(6, TAIL_LENGTHS)
-    states = [encode_after_cache(model, build_seq2seq_cache(model, random_rows(seed, PROMPT_LENGTHS, gist_ids),
-                                                            gist_ids, "neg_control"), tails)[0] for seed in (7, 8)]
+    states = [
+        encode_after_cache(
+            model,
+            build_seq2seq_cache(model, random_rows(seed, PROMPT_LENGTHS, gist_ids), gist_ids, "neg_control"),
+            tails,
+        )[0]
+        for seed in (7, 8)
+    ]
     assert states[0].shape[1] == max(TAIL_LENGTHS) and torch.equal(states[0], states[1])
     with pytest.raises(ValueError, match="pos_control"):
         build_seq2seq_cache(model, random_rows(7, PROMPT_LENGTHS, gist_ids), gist_ids, "pos_control")
@@ -117,6 +124,7 @@ def full_logits(model, prompts, tails, gist_ids, decoder, hold=None):
     gist = torch.tensor(gist_ids)
     outputs, handles = [], []
     for layer, block in enumerate(model.get_encoder().block):
+
         def hook(module, args, out, layer=layer):
             h = out[0]
             if hold is not None:
@@ -124,6 +132,7 @@ def full_logits(model, prompts, tails, gist_ids, decoder, hold=None):
                 h = torch.where(at, hold[layer], h)
             outputs.append(h)
             return (h, *out[1:])
+
         handles.append(block.register_forward_hook(hook))
     ids = torch.tensor([p + t for p, t in zip(prompts, tails)])  # equal lengths: gist columns line up
     try:
@@ -146,8 +155,9 @@ def test_prompt_reaches_decoder_only_through_gist(t5):
     assert torch.allclose(b_held, a, atol=1e-5)  # prompt B with A's gist states: A's logits
     assert (b_free - a).abs().max() > 1e-2  # the prompt does matter, through the gist
     # the cached path is that very computation: A's cache answers any input as A's full run does
-    cached = decoder_logits(model, *encode_after_cache(model, build_seq2seq_cache(model, prompt_a, gist_ids), tails),
-                            decoder)
+    cached = decoder_logits(
+        model, *encode_after_cache(model, build_seq2seq_cache(model, prompt_a, gist_ids), tails), decoder
+    )
     assert (cached - a).abs().max() <= 1e-5 * a.abs().max()
 
 
@@ -161,8 +171,16 @@ def uncached_predictions(cfg, records) -> list[str]:
     em = load_run_model(cfg)
     template = GistTemplate(em.tok, em.gist_ids, 1 << 30, template=em.template or cfg.data.template)
     pieces = [template.pieces({**r, "output": ""}) for r in records]
-    answers = generate_uncached_seq2seq(em.model, [p + em.gist_ids for p, _, _ in pieces], [t for _, t, _ in pieces],
-                                        em.gist_ids, em.mask, MAX_NEW, em.tok.eos_token_id, embed=em.embed)
+    answers = generate_uncached_seq2seq(
+        em.model,
+        [p + em.gist_ids for p, _, _ in pieces],
+        [t for _, t, _ in pieces],
+        em.gist_ids,
+        em.mask,
+        MAX_NEW,
+        em.tok.eos_token_id,
+        embed=em.embed,
+    )
     return [em.tok.decode(a, skip_special_tokens=True).strip() for a in answers]
 
 
@@ -174,8 +192,9 @@ def t5_run(tmp_path_factory):
     model, tok, gist_ids = tiny_t5(num_gist=1)
     model.save_pretrained(run / "final")
     tok.save_pretrained(run / "final")
-    (run / "final" / "gist_model.json").write_text(json.dumps(
-        {"mask": "gist", "num_gist": 1, "gist_tokens": tok.convert_ids_to_tokens(gist_ids)}))
+    (run / "final" / "gist_model.json").write_text(
+        json.dumps({"mask": "gist", "num_gist": 1, "gist_tokens": tok.convert_ids_to_tokens(gist_ids)})
+    )
     cfg = load_config(TINY, [f"output_dir={run}"])
     assert load_run_model(cfg).family == "seq2seq"
     splits = {}
@@ -193,8 +212,17 @@ def t5_run(tmp_path_factory):
 def test_eval_of_a_t5_run_gives_its_uncached_answers(t5_run):
     """gist-dist eval of a T5 folder: the cached answers are the uncached reference, exactly."""
     run, splits = t5_run
-    result = run_eval(load_config(TINY, [f"output_dir={run}", f"eval_max_new_tokens={MAX_NEW}", "eval_batch_size=4",
-                                         "data.eval_splits=" + ",".join(f"{k}:{v}" for k, v in splits.items())]))
+    result = run_eval(
+        load_config(
+            TINY,
+            [
+                f"output_dir={run}",
+                f"eval_max_new_tokens={MAX_NEW}",
+                "eval_batch_size=4",
+                "data.eval_splits=" + ",".join(f"{k}:{v}" for k, v in splits.items()),
+            ],
+        )
+    )
     _, outputs = read_eval(run)
     assert result["mask"] == "gist" and [o["prediction"] for o in outputs] == [o["reference"] for o in outputs]
     for s in result["splits"].values():
@@ -214,7 +242,10 @@ def test_eval_of_trained_t5_runs(t5_gist_run, t5_distill_run, tmp_path):
     torchrun(["eval", T5_CONFIG, f"output_dir={gist}", *T5_GIST_ARGS, *args, "--zero3"])
     two, two_outputs = read_eval(gist)
     assert (one["world_size"], two["world_size"], two["zero3"]) == (1, 2, True) and two["model"].endswith("final")
-    same = lambda splits: {n: {k: v for k, v in s.items() if k != "generate_s"} for n, s in splits.items()}
+
+    def same(splits):
+        return {n: {k: v for k, v in s.items() if k != "generate_s"} for n, s in splits.items()}
+
     assert same(one["splits"]) == same(two["splits"]) and one_outputs == two_outputs
     assert [o["prediction"] for o in one_outputs] == uncached_predictions(cfg, one_outputs)
     assert any(o["prediction"] for o in one_outputs)  # some answers are more than eos
@@ -228,4 +259,6 @@ def test_eval_of_trained_t5_runs(t5_gist_run, t5_distill_run, tmp_path):
     result = run_eval(cfg)
     _, outputs = read_eval(distill)
     assert result["model"].endswith("gist.safetensors") and result["splits"]["seen"]["n"] == 10
-    assert [o["prediction"] for o in outputs] == uncached_predictions(cfg, outputs) and any(o["prediction"] for o in outputs)
+    assert [o["prediction"] for o in outputs] == uncached_predictions(cfg, outputs) and any(
+        o["prediction"] for o in outputs
+    )

@@ -1,5 +1,6 @@
 """Encoder-decoder gist masks against the paper's definition, one (query, key) pair at a time,
 and the HF T5 forward taking them (4D encoder mask, broadcast cross-attention mask)."""
+
 import random
 
 import pytest
@@ -19,10 +20,10 @@ def reference(ids, att, gist_ids, mask):
     for b in range(B):
         g = [t for t in range(S) if att[b, t] and int(ids[b, t]) in gist_ids]
 
-        def group(t):  # "head": prompt and gist tokens; "tail": the input after the last gist
+        def group(t, g=g):  # "head": prompt and gist tokens; "tail": the input after the last gist
             return "all" if not g else ("head" if t <= g[-1] else "tail")
 
-        def tail_sees(k):  # what an input token (and the decoder) may see
+        def tail_sees(k, g=g):  # what an input token (and the decoder) may see
             if not g or mask == "pos_control":
                 return True
             return k >= g[0] if mask == "gist" else k > g[-1]
@@ -68,8 +69,7 @@ def test_t5_forward_honours_the_masks():
     def logits(x):
         m = seq2seq_masks(x, att, GIST[:2], "gist")
         enc = model.encoder(input_ids=x, attention_mask=m["attention_mask"])
-        return model(encoder_outputs=enc, attention_mask=m["encoder_attention_mask"],
-                     decoder_input_ids=decoder).logits
+        return model(encoder_outputs=enc, attention_mask=m["encoder_attention_mask"], decoder_input_ids=decoder).logits
 
     changed = ids.clone()
     for b in range(4):  # new prompt tokens before the first gist

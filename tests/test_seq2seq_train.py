@@ -2,6 +2,7 @@
 partitioned): fine-tuning with the three masks, with export and bit-exact resume, and distillation of
 the gist rows with a frozen backbone, with bit-exact resume. Recorded eval losses are recomputed on
 one process from what was exported."""
+
 from __future__ import annotations
 
 import json
@@ -9,15 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from test_resume import fresh_dir_resuming_from
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
 from conftest import T5, TINY, torchrun
 from conftest import T5_DISTILL_ARGS as DISTILL_ARGS
 from conftest import T5_GIST_ARGS as GIST_ARGS
 from conftest import T5_SAVE_EVERY as SAVE_EVERY
 from conftest import T5_STEPS as STEPS
-from safetensors.torch import load_file
-from test_resume import fresh_dir_resuming_from
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-
 from gist_dist import artifact
 from gist_dist.config import ConfigError, ModelConfig, load_config
 from gist_dist.data import GistTemplate, load_records
@@ -127,7 +128,8 @@ def test_logit_light_loss_equals_hf_loss(mask):
     ours = module(**batch)
     model = module.model
     answers = torch.nn.utils.rnn.pad_sequence(
-        [torch.tensor(split(e, 0)[1]["labels"][1:]) for e in examples], batch_first=True, padding_value=-100)
+        [torch.tensor(split(e, 0)[1]["labels"][1:]) for e in examples], batch_first=True, padding_value=-100
+    )
     encoded = model.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     theirs = model(encoder_outputs=encoded, attention_mask=batch["encoder_attention_mask"], labels=answers).loss
     count = (answers != -100).sum()
@@ -215,16 +217,18 @@ def test_distill_artifact_round_trip(distill_run):
     tok = load_tokenizer(cfg.model)
     tokens = Tokens(tok, add_gist_tokens(tok, 2), len(tok) - 2, tok.pad_token_id)
     base = load_model(cfg.model, vocab_min=tokens.num_old).eval()
-    gist, meta = artifact.load(distill_run, expected_fingerprint=artifact.BaseModel(
-        base.config, base.get_input_embeddings().weight))
+    gist, meta = artifact.load(
+        distill_run, expected_fingerprint=artifact.BaseModel(base.config, base.get_input_embeddings().weight)
+    )
     assert gist.shape == (2, 64) and meta["gist_tokens"] == ["<GIST_0>", "<GIST_1>"]
     saved = get_fp32_state_dict_from_zero_checkpoint(str(distill_run / "checkpoints"))
     assert list(saved) == ["gist_rows.gist"] and torch.equal(gist, saved["gist_rows.gist"])
 
     other = load_model(ModelConfig(name=SHAPE.name, tokenizer="smollm2", seed=1))
     with pytest.raises(artifact.ArtifactError, match="trained for base model"):
-        artifact.load(distill_run, expected_fingerprint=artifact.BaseModel(
-            other.config, other.get_input_embeddings().weight))
+        artifact.load(
+            distill_run, expected_fingerprint=artifact.BaseModel(other.config, other.get_input_embeddings().weight)
+        )
 
     method = method_for(cfg)(cfg, tokens, torch.float32)
     module, _ = method.wrap(base)

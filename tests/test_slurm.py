@@ -3,6 +3,7 @@ templates: training preempted twice (the USR1 warning to the batch shell, then S
 torchrun itself), requeued and resumed each time; a job submitted with --export=NONE that gets its
 environment from the SETUP hook; a sweep array over srun --mpi=pmix followed by the dependent report
 job, and a report job cancelled when its sweep fails."""
+
 from __future__ import annotations
 
 import json
@@ -18,16 +19,18 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, ROOT, TINY, free_port
 
+from conftest import BIN, ROOT, TINY, free_port
 from gist_dist.dist import slurm_port  # the port launchers/trainer_env.sh derives too
 
 pytestmark = pytest.mark.slow
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "sinfo", "scancel")
 missing = [d for d in DAEMONS if shutil.which(d) is None and not Path("/usr/sbin", d).exists()]
 if missing:
-    pytest.skip(f"Slurm/munge not installed ({', '.join(missing)} missing: apt slurm-wlm munge, "
-                "or `make setup-test`)", allow_module_level=True)
+    pytest.skip(
+        f"Slurm/munge not installed ({', '.join(missing)} missing: apt slurm-wlm munge, or `make setup-test`)",
+        allow_module_level=True,
+    )
 if os.geteuid() != 0:
     pytest.skip("slurmd must run as root to start job steps", allow_module_level=True)
 
@@ -86,21 +89,41 @@ class SlurmCluster:
             (d / sub).mkdir()
         (d / "munge").chmod(0o755)  # munged insists the socket directory is reachable by all
         subprocess.run([sbin("mungekey"), "-c", "-k", d / "munge" / "munge.key"], check=True)
-        self._spawn([sbin("munged"), "-F", f"--socket={d}/munge/munge.sock", f"--key-file={d}/munge/munge.key",
-                     f"--pid-file={d}/munge/munged.pid", f"--log-file={d}/munge/munged.log",
-                     f"--seed-file={d}/munge/seed"], "munged")
-        self.conf.write_text(SLURM_CONF.format(host=socket.gethostname().split(".")[0], d=d, cpus=os.cpu_count(),
-                                               ctld_port=free_port(), slurmd_port=free_port()))
+        self._spawn(
+            [
+                sbin("munged"),
+                "-F",
+                f"--socket={d}/munge/munge.sock",
+                f"--key-file={d}/munge/munge.key",
+                f"--pid-file={d}/munge/munged.pid",
+                f"--log-file={d}/munge/munged.log",
+                f"--seed-file={d}/munge/seed",
+            ],
+            "munged",
+        )
+        self.conf.write_text(
+            SLURM_CONF.format(
+                host=socket.gethostname().split(".")[0],
+                d=d,
+                cpus=os.cpu_count(),
+                ctld_port=free_port(),
+                slurmd_port=free_port(),
+            )
+        )
         self._wait_for(lambda: (d / "munge" / "munge.sock").exists(), "munged socket")
         self._spawn([sbin("slurmctld"), "-D", "-f", self.conf], "slurmctld")
         self._spawn([sbin("slurmd"), "-D", "-f", self.conf, "-N", "localhost"], "slurmd")
-        self._wait_for(lambda: self.cmd(["sinfo", "-h", "-o", "%T"], check=False).stdout.strip() == "idle",
-                       "node localhost idle")
+        self._wait_for(
+            lambda: self.cmd(["sinfo", "-h", "-o", "%T"], check=False).stdout.strip() == "idle", "node localhost idle"
+        )
 
     def _spawn(self, cmd, name):
         log = open(self.root / f"{name}.stdout", "w")
-        self.procs.append(subprocess.Popen([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT,
-                                           env=self.env, start_new_session=True))
+        self.procs.append(
+            subprocess.Popen(
+                [str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
+        )
 
     def _wait_for(self, ready, what, timeout=60):
         deadline = time.time() + timeout
@@ -119,14 +142,21 @@ class SlurmCluster:
             out.append(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:]))
         # Who holds ports of the job-port range: a job that fails at its rendezvous names the holder.
         if shutil.which("ss"):
-            held = subprocess.run(["ss", "-Htanp", "( sport >= :10000 and sport <= :29999 )"], capture_output=True,
-                                  text=True).stdout
+            held = subprocess.run(
+                ["ss", "-Htanp", "( sport >= :10000 and sport <= :29999 )"], capture_output=True, text=True
+            ).stdout
             out.append("--- sockets on ports 10000-29999\n" + (held.strip() or "none"))
         return "\n".join(out)
 
     def cmd(self, args, check=True, env=None, cwd=ROOT):
-        proc = subprocess.run([str(a) for a in args], env={**self.env, **(env or {})}, cwd=cwd,
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [str(a) for a in args],
+            env={**self.env, **(env or {})},
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if check and proc.returncode:
             raise AssertionError(f"{' '.join(map(str, args))} exited {proc.returncode}: {proc.stderr}")
         return proc
@@ -243,10 +273,15 @@ def sigterm_without_warning(slurm, job: str, launch: str) -> bool:
 # srun: one task per rank, each exits 75. torchrun: one task running torchrun with 2 ranks on the
 # task's 2 CPUs (so 1 thread each), which exits 1 however its ranks ended; the trainer's "stop"
 # record is what makes the job requeue. OMP_NUM_THREADS is left to the template to derive.
-LAUNCHES = {"srun": (["--ntasks=2"], {}, "slurm", 120),
-            "torchrun": (["--ntasks=1", "--cpus-per-task=2"],
-                         {"LAUNCH": "torchrun", "NPROC_PER_NODE": "2", "SBATCH_SIGNAL": "B:USR1@300"},
-                         "torchrun", 300)}
+LAUNCHES = {
+    "srun": (["--ntasks=2"], {}, "slurm", 120),
+    "torchrun": (
+        ["--ntasks=1", "--cpus-per-task=2"],
+        {"LAUNCH": "torchrun", "NPROC_PER_NODE": "2", "SBATCH_SIGNAL": "B:USR1@300"},
+        "torchrun",
+        300,
+    ),
+}
 
 
 @pytest.mark.parametrize("launch", list(LAUNCHES))
@@ -257,16 +292,29 @@ def test_sbatch_training_is_preempted_requeued_and_resumes(slurm, tmp_path, laun
     out, log = tmp_path / "run", tmp_path / "job.out"
     steps = 40
     sbatch_args, env, launcher, lead = LAUNCHES[launch]
-    job = slurm.sbatch([*sbatch_args, f"--output={log}", ROOT / "slurm" / "train.sbatch", f"train.max_steps={steps}",
-                        "train.save_every=0"],
-                       env={"CONFIG": TINY, "OUTPUT_DIR": str(out), "VENV": str(BIN.parent), "OMP_NUM_THREADS": "",
-                            **env})
+    job = slurm.sbatch(
+        [
+            *sbatch_args,
+            f"--output={log}",
+            ROOT / "slurm" / "train.sbatch",
+            f"train.max_steps={steps}",
+            "train.save_every=0",
+        ],
+        env={"CONFIG": TINY, "OUTPUT_DIR": str(out), "VENV": str(BIN.parent), "OMP_NUM_THREADS": "", **env},
+    )
     # The preemption warning, as --signal=B:USR1@LEAD sends it: USR1 to the batch shell only.
     slurm.wait_for(job, lambda _: steps_logged(out) >= 2, "2 training steps", timeout=300)
     slurm.cmd(["scancel", "--signal=USR1", "--batch", job])
     # Resumed: two more steps, then SIGTERM, not to the batch shell.
-    slurm.wait_for(job, lambda _: stops_logged(out) and steps_logged(out) >= stops_logged(out)[0]["after_step"] + 2
-                   and sigterm_without_warning(slurm, job, launch), "SIGTERM to the resumed training")
+    slurm.wait_for(
+        job,
+        lambda _: (
+            stops_logged(out)
+            and steps_logged(out) >= stops_logged(out)[0]["after_step"] + 2
+            and sigterm_without_warning(slurm, job, launch)
+        ),
+        "SIGTERM to the resumed training",
+    )
     info = slurm.wait_done(job)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{text[-3000:]}\n{slurm.logs(60)}"
@@ -293,14 +341,28 @@ def test_export_none_job_gets_its_environment_from_the_setup_hook(slurm, tmp_pat
     gist-setup.sh hook in the submit directory sets it all up (as `module load` would), and the job
     steps see it. One srun task with 2 CPUs: srun is given them, and the rank runs 2 threads."""
     out, log = tmp_path / "run", tmp_path / "job.out"
-    site = {k: os.environ[k] for k in ("GIST_DIST_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR",
-                                       "PYTHONPATH") if k in os.environ}
+    site = {
+        k: os.environ[k]
+        for k in ("GIST_DIST_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR", "PYTHONPATH")
+        if k in os.environ
+    }
     site.update(REPO=str(ROOT), VENV=str(BIN.parent), CONFIG=TINY, OUTPUT_DIR=str(out))
-    (tmp_path / "gist-setup.sh").write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in site.items())
-                                            + 'echo "gist-setup.sh sourced"\n')
-    job = slurm.sbatch(["--export=NONE", "--ntasks=1", "--cpus-per-task=2", f"--output={log}",
-                        ROOT / "slurm" / "train.sbatch", "train.max_steps=2", "train.eval_batches=1"],
-                       env={"CONFIG": "/not/this/one.yaml", "OMP_NUM_THREADS": "7"}, cwd=tmp_path)
+    (tmp_path / "gist-setup.sh").write_text(
+        "".join(f"export {k}={shlex.quote(v)}\n" for k, v in site.items()) + 'echo "gist-setup.sh sourced"\n'
+    )
+    job = slurm.sbatch(
+        [
+            "--export=NONE",
+            "--ntasks=1",
+            "--cpus-per-task=2",
+            f"--output={log}",
+            ROOT / "slurm" / "train.sbatch",
+            "train.max_steps=2",
+            "train.eval_batches=1",
+        ],
+        env={"CONFIG": "/not/this/one.yaml", "OMP_NUM_THREADS": "7"},
+        cwd=tmp_path,
+    )
     info = slurm.wait_done(job)
     text = log.read_text() if log.exists() else ""
     assert info["JobState"] == "COMPLETED", f"{info}\n{text[-3000:]}\n{slurm.logs(30)}"
@@ -314,9 +376,17 @@ def test_job_whose_port_is_held_on_its_host_takes_a_free_one(slurm, tmp_path):
     """Something on the first host holds the port derived from the job id: the batch shell picks a
     free one instead, says so, and both ranks meet there (rather than failing at the rendezvous)."""
     out, log = tmp_path / "run", tmp_path / "job.out"
-    job = slurm.sbatch(["--hold", "--ntasks=2", f"--output={log}", ROOT / "slurm" / "train.sbatch",
-                        "train.max_steps=1", "train.eval_batches=1"],
-                       env={"CONFIG": TINY, "OUTPUT_DIR": str(out), "VENV": str(BIN.parent)})
+    job = slurm.sbatch(
+        [
+            "--hold",
+            "--ntasks=2",
+            f"--output={log}",
+            ROOT / "slurm" / "train.sbatch",
+            "train.max_steps=1",
+            "train.eval_batches=1",
+        ],
+        env={"CONFIG": TINY, "OUTPUT_DIR": str(out), "VENV": str(BIN.parent)},
+    )
     port = slurm_port(int(job))
     with socket.socket() as holder:
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # an earlier job's TIME_WAIT is no hold
@@ -335,13 +405,21 @@ def test_job_whose_port_is_held_on_its_host_takes_a_free_one(slurm, tmp_path):
 def test_sweep_array_over_srun_pmix_then_dependent_report(slurm, tmp_path):
     """One array task (gist, k=2) trains and evaluates on 2 PMIx ranks; the report job waits for it."""
     out = tmp_path / "sweep"
-    env = {"CONFIG": TINY, "OUTPUT_DIR": str(out), "VENV": str(BIN.parent), "RUNS": "gist:2",
-           "ARRAY_ARGS": f"--ntasks=2 --output={tmp_path}/array-%a.out",
-           "REPORT_SBATCH_ARGS": f"--output={tmp_path}/report.out",
-           # srun --mpi=pmix starts the ranks; discovery reads PMIX_RANK and asks mpi4py for the sizes.
-           "SRUN_ARGS": "--mpi=pmix", "GIST_DIST_LAUNCHER": "pmix", "REPORT_ARGS": "--no-plots --peak-gflops 100"}
-    proc = slurm.cmd([ROOT / "slurm" / "submit_sweep.sh", "train.max_steps=3", "data.num_eval=4",
-                      "eval_max_new_tokens=4"], env=env)
+    env = {
+        "CONFIG": TINY,
+        "OUTPUT_DIR": str(out),
+        "VENV": str(BIN.parent),
+        "RUNS": "gist:2",
+        "ARRAY_ARGS": f"--ntasks=2 --output={tmp_path}/array-%a.out",
+        "REPORT_SBATCH_ARGS": f"--output={tmp_path}/report.out",
+        # srun --mpi=pmix starts the ranks; discovery reads PMIX_RANK and asks mpi4py for the sizes.
+        "SRUN_ARGS": "--mpi=pmix",
+        "GIST_DIST_LAUNCHER": "pmix",
+        "REPORT_ARGS": "--no-plots --peak-gflops 100",
+    }
+    proc = slurm.cmd(
+        [ROOT / "slurm" / "submit_sweep.sh", "train.max_steps=3", "data.num_eval=4", "eval_max_new_tokens=4"], env=env
+    )
     array_job, report_job = proc.stdout.split()
     assert slurm.job(report_job).get("Dependency", "").startswith("afterok:")
     slurm.wait_done(report_job)
@@ -360,10 +438,23 @@ def test_sweep_array_over_srun_pmix_then_dependent_report(slurm, tmp_path):
     # and the job requeued, which evaluates from the start again.
     (run_dir / "eval.json").unlink()
     log = tmp_path / "eval.out"
-    job = slurm.sbatch(["--ntasks=2", f"--output={log}", ROOT / "slurm" / "eval.sbatch", "mask=gist", "num_gist=2",
-                        "data.num_eval=4", "eval_max_new_tokens=4"], env={**env, "OUTPUT_DIR": str(run_dir)})
-    slurm.wait_for(job, lambda _: f"{job}.0" in slurm.cmd(["squeue", "-h", "-s", "-j", job, "-o", "%i"]).stdout.split(),
-                   "the evaluation step")
+    job = slurm.sbatch(
+        [
+            "--ntasks=2",
+            f"--output={log}",
+            ROOT / "slurm" / "eval.sbatch",
+            "mask=gist",
+            "num_gist=2",
+            "data.num_eval=4",
+            "eval_max_new_tokens=4",
+        ],
+        env={**env, "OUTPUT_DIR": str(run_dir)},
+    )
+    slurm.wait_for(
+        job,
+        lambda _: f"{job}.0" in slurm.cmd(["squeue", "-h", "-s", "-j", job, "-o", "%i"]).stdout.split(),
+        "the evaluation step",
+    )
     slurm.cmd(["scancel", "--signal=USR1", "--batch", job])
     info = slurm.wait_done(job)
     text = log.read_text()
@@ -373,9 +464,14 @@ def test_sweep_array_over_srun_pmix_then_dependent_report(slurm, tmp_path):
 
 def test_report_job_is_cancelled_when_a_sweep_task_fails(slurm, tmp_path):
     """--kill-on-invalid-dep=yes: the report's afterok can never be met, so it leaves the queue."""
-    env = {"CONFIG": str(tmp_path / "missing.yaml"), "OUTPUT_DIR": str(tmp_path / "sweep"), "VENV": str(BIN.parent),
-           "RUNS": "gist:1", "ARRAY_ARGS": f"--ntasks=1 --output={tmp_path}/array-%a.out",
-           "REPORT_SBATCH_ARGS": f"--output={tmp_path}/report.out"}
+    env = {
+        "CONFIG": str(tmp_path / "missing.yaml"),
+        "OUTPUT_DIR": str(tmp_path / "sweep"),
+        "VENV": str(BIN.parent),
+        "RUNS": "gist:1",
+        "ARRAY_ARGS": f"--ntasks=1 --output={tmp_path}/array-%a.out",
+        "REPORT_SBATCH_ARGS": f"--output={tmp_path}/report.out",
+    }
     array_job, report_job = slurm.cmd([ROOT / "slurm" / "submit_sweep.sh"], env=env).stdout.split()
     info = slurm.wait_done(report_job, timeout=300)
     assert slurm.job(f"{array_job}_0")["JobState"] == "FAILED"

@@ -1,10 +1,11 @@
 """Templates by config (alpaca | chat | chat_system), compress in the chat template, fidelity's free answers."""
+
 import json
 
 import pytest
 import torch
-from conftest import ROOT, TINY
 
+from conftest import ROOT, TINY
 from gist_dist import artifact, compress
 from gist_dist.config import ConfigError, ModelConfig, load_config
 from gist_dist.data import IGNORE, DataError, GistTemplate
@@ -30,8 +31,10 @@ def test_chat_template_labels_only_the_answer_and_places_the_gist(tok_gist):
     t = GistTemplate(tok, gist, 256, template="chat")
     ex = t.encode(rec)
     text = tok.decode(ex["input_ids"])
-    assert text.endswith("<|im_start|>user\nTranslate <|im_end|> into French.<GIST_0><GIST_1>\nthe cat<|im_end|>\n"
-                         "<|im_start|>assistant\nle chat<|im_end|>")
+    assert text.endswith(
+        "<|im_start|>user\nTranslate <|im_end|> into French.<GIST_0><GIST_1>\nthe cat<|im_end|>\n"
+        "<|im_start|>assistant\nle chat<|im_end|>"
+    )
     assert text.startswith("<|im_start|>system\n")  # the template's own header (SmolLM2's default system turn)
     assert tok.decode(answer_of(ex)) == "le chat<|im_end|>" and answer_of(ex)[-1] == tok.eos_token_id
     assert ex["input_ids"].count(tok.eos_token_id) == 3  # header, user turn, answer: the data's "<|im_end|>" is text
@@ -40,7 +43,7 @@ def test_chat_template_labels_only_the_answer_and_places_the_gist(tok_gist):
     alone = t.encode({**rec, "input": ""})
     assert tok.decode(alone["input_ids"]).split("<GIST_1>")[1].startswith("<|im_end|>\n<|im_start|>assistant\n")
     no_prompt = t.encode(rec, with_prompt=False)  # the fixed header stays, the instruction goes
-    assert no_prompt["input_ids"][:len(t.prefix)] == t.prefix and no_prompt["input_ids"][len(t.prefix)] == gist[0]
+    assert no_prompt["input_ids"][: len(t.prefix)] == t.prefix and no_prompt["input_ids"][len(t.prefix)] == gist[0]
     assert answer_of(no_prompt) == answer_of(ex)
 
 
@@ -48,12 +51,15 @@ def test_chat_system_layout_and_alpaca_unchanged(tok_gist):
     tok, gist = tok_gist
     rec = {"instruction": "You sell ferry tickets.", "input": "How much?", "output": ""}
     ex = GistTemplate(tok, gist, 256, template="chat_system").encode(rec)
-    assert tok.decode(ex["input_ids"]) == ("<|im_start|>system\nYou sell ferry tickets.<GIST_0><GIST_1><|im_end|>\n"
-                                           "<|im_start|>user\nHow much?<|im_end|>\n<|im_start|>assistant\n<|im_end|>")
+    assert tok.decode(ex["input_ids"]) == (
+        "<|im_start|>system\nYou sell ferry tickets.<GIST_0><GIST_1><|im_end|>\n"
+        "<|im_start|>user\nHow much?<|im_end|>\n<|im_start|>assistant\n<|im_end|>"
+    )
     assert answer_of(ex) == [tok.eos_token_id]  # an empty answer is an eos-only target, never "."
     alpaca = GistTemplate(tok, gist, 256).encode({**rec, "output": "9 euros"})
-    assert tok.decode(alpaca["input_ids"]) == ("Instruction: You sell ferry tickets.\n<GIST_0><GIST_1>\n"
-                                               "Input: How much?\nOutput: 9 euros<|im_end|>")
+    assert tok.decode(alpaca["input_ids"]) == (
+        "Instruction: You sell ferry tickets.\n<GIST_0><GIST_1>\nInput: How much?\nOutput: 9 euros<|im_end|>"
+    )
 
 
 def test_template_config_and_errors_are_one_line(tok_gist):
@@ -91,21 +97,32 @@ def compressed(tmp_path_factory, tok_gist):
     tok, gist_ids = tok_gist
     base = load_model(ModelConfig(name=SHAPE, tokenizer="smollm2"), vocab_min=len(tok) - len(gist_ids))
     embedding = base.get_input_embeddings().weight
-    meta = {"base_fingerprint": artifact.model_fingerprint(base.config, embedding), "base_model": SHAPE,
-            "tokenizer": "smollm2", "num_gist": 2, "gist_tokens": ["<GIST_0>", "<GIST_1>"], "student": "no_prompt",
-            "template": "chat_system", **json.loads((run / "compress_data" / "prompt.json").read_text())}
+    meta = {
+        "base_fingerprint": artifact.model_fingerprint(base.config, embedding),
+        "base_model": SHAPE,
+        "tokenizer": "smollm2",
+        "num_gist": 2,
+        "gist_tokens": ["<GIST_0>", "<GIST_1>"],
+        "student": "no_prompt",
+        "template": "chat_system",
+        **json.loads((run / "compress_data" / "prompt.json").read_text()),
+    }
     artifact.save(run, embedding.mean(0, keepdim=True).repeat(2, 1), meta)
     return run, prompt, queries, [tok.decode(s) for s in seen]
 
 
 def test_compress_uses_the_chat_template_and_counts_dropped_answers(compressed):
     run, prompt, queries, teacher_inputs = compressed
-    assert teacher_inputs[0] == (f"<|im_start|>system\n{prompt}<|im_end|>\n<|im_start|>user\n{queries[0]}"
-                                 "<|im_end|>\n<|im_start|>assistant\n")
+    assert teacher_inputs[0] == (
+        f"<|im_start|>system\n{prompt}<|im_end|>\n<|im_start|>user\n{queries[0]}<|im_end|>\n<|im_start|>assistant\n"
+    )
     meta = json.loads((run / "compress_data" / "prompt.json").read_text())
     assert meta["template"] == "chat_system" and meta["queries"] == 9 and meta["dropped_empty_answers"] == 3
-    records = [json.loads(line) for name in ("train", "heldout")
-               for line in (run / "compress_data" / f"{name}.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line)
+        for name in ("train", "heldout")
+        for line in (run / "compress_data" / f"{name}.jsonl").read_text().splitlines()
+    ]
     assert len(records) == 6 and all(r["output"].strip() and r["output"] != "." for r in records)
     assert [r["input"] for r in records] == [q for i, q in enumerate(queries) if i % 3 != 2]
 
@@ -117,8 +134,9 @@ def test_compress_run_config_rebuilds_the_template(compressed, tmp_path, monkeyp
     prompt_file.write_text(compressed[1])
     queries_file.write_text("\n".join(compressed[2]))
     data = {f.name: f.read_text() for f in (run / "compress_data").iterdir()}
-    cfg = compress.prepare(load_config(TINY, [f"output_dir={run}", "num_gist=2"]), str(prompt_file), str(queries_file),
-                           9, 6, 0.4)
+    cfg = compress.prepare(
+        load_config(TINY, [f"output_dir={run}", "num_gist=2"]), str(prompt_file), str(queries_file), 9, 6, 0.4
+    )
     assert cfg.data.template == "chat_system" and cfg.distill.student == "no_prompt"
     assert {f.name: f.read_text() for f in (run / "compress_data").iterdir()} == data  # reused (same prompt, queries)
 
@@ -126,6 +144,7 @@ def test_compress_run_config_rebuilds_the_template(compressed, tmp_path, monkeyp
 def test_fidelity_reports_free_answers(compressed):
     from gist_dist.fidelity import evaluate_heldout
     from gist_dist.inference import GistModel
+
     run = compressed[0]
     result = evaluate_heldout(run)
     held = (run / "compress_data" / "heldout.jsonl").read_text().splitlines()
@@ -150,8 +169,16 @@ def test_fidelity_reports_free_answers(compressed):
 
 def test_query_intervals_resample_whole_queries():
     from gist_dist.fidelity import query_intervals
-    row = {"answer_tokens": 10, "student_agreeing": 9, "baseline_agreeing": 7, "student_exact_match": 1.0,
-           "baseline_exact_match": 0.0, "student_rougeL": 0.5, "baseline_rougeL": 0.25}
+
+    row = {
+        "answer_tokens": 10,
+        "student_agreeing": 9,
+        "baseline_agreeing": 7,
+        "student_exact_match": 1.0,
+        "baseline_exact_match": 0.0,
+        "student_rougeL": 0.5,
+        "baseline_rougeL": 0.25,
+    }
     same = query_intervals([row] * 5)
     assert same["student_agreement"] == [0.9, 0.9] and same["baseline_answer_rougeL"] == [0.25, 0.25]
     # a long query agreeing everywhere and a short one nowhere (pooled: 10/11): each draw's agreement
@@ -164,6 +191,7 @@ def test_query_intervals_resample_whole_queries():
 
 def test_an_empty_prediction_scores_zero(tok_gist):
     from gist_dist.fidelity import compare_answers
+
     means, rows = compare_answers({"student": ["14 euros", ""], "baseline": ["no", "no"]}, ["14 euros", "yes"])
     assert means["student_answer_exact_match"] == 0.5 and means["student_answer_rougeL"] == pytest.approx(0.5)
     assert means["baseline_answer_rougeL"] == 0.0 and rows[0]["student_exact_match"] == 1.0
@@ -183,11 +211,18 @@ def test_heldout_queries_file_is_the_heldout_split_and_never_trained_on(tmp_path
     def split(held_queries):
         held.write_text("".join(q + "\n" for q in held_queries))
         compress.prepare(cfg, str(prompt), str(train), 0, 4, 0.2, str(held))
-        return [[json.loads(line)["input"] for line in (run / "compress_data" / f"{name}.jsonl").read_text().splitlines()]
-                for name in ("train", "heldout")]
+        return [
+            [json.loads(line)["input"] for line in (run / "compress_data" / f"{name}.jsonl").read_text().splitlines()]
+            for name in ("train", "heldout")
+        ]
 
-    assert split(["held one?", "held two?"]) == [[f"question number {i}?" for i in range(5)], ["held one?", "held two?"]]
+    assert split(["held one?", "held two?"]) == [
+        [f"question number {i}?" for i in range(5)],
+        ["held one?", "held two?"],
+    ]
     assert split(["held three?"])[1] == ["held three?"]
     assert json.loads((run / "compress_data" / "prompt.json").read_text())["heldout_queries"] == 1
-    with pytest.raises(DataError, match=r"1 held-out queries are also training queries .* \(first: 'question number 3\?'\)"):
+    with pytest.raises(
+        DataError, match=r"1 held-out queries are also training queries .* \(first: 'question number 3\?'\)"
+    ):
         split(["held four?", "question number 3?"])

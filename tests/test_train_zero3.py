@@ -1,4 +1,5 @@
 """2-rank ZeRO-3 training of configs/tiny.yaml (every parameter partitioned: persistence 0)."""
+
 import json
 from pathlib import Path
 

@@ -1,6 +1,7 @@
 """Two hosts with their own addresses: two network namespaces joined by a veth pair (a private /24
 made here, traffic only between them), one rank in each, a 2-node ZeRO-3 training of the tiny
 config through launchers/torchrun.sh (c10d rendezvous on the first host's address)."""
+
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ import shutil
 import subprocess
 
 import pytest
+
 from conftest import ROOT, TINY
 
 pytestmark = pytest.mark.slow
@@ -48,18 +50,38 @@ def two_hosts():
 
 def test_two_node_zero3_training_across_namespaces(two_hosts, tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NNODES": "2", "NPROC_PER_NODE": "1",
-           "RDZV_ENDPOINT": f"{HOSTS['a']}:29400", "RDZV_ID": f"two-hosts-{os.getpid()}",
-           "GLOO_SOCKET_IFNAME": "veth0"}  # gloo would otherwise pick an address from the hostname
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "NNODES": "2",
+        "NPROC_PER_NODE": "1",
+        "RDZV_ENDPOINT": f"{HOSTS['a']}:29400",
+        "RDZV_ID": f"two-hosts-{os.getpid()}",
+        "GLOO_SOCKET_IFNAME": "veth0",
+    }  # gloo would otherwise pick an address from the hostname
     procs = {}
     try:
         for h, ns in two_hosts.items():
             procs[h] = subprocess.Popen(
-                ["ip", "netns", "exec", ns, str(ROOT / "launchers" / "torchrun.sh"), TINY, f"output_dir={out}",
-                 "train.max_steps=6", "train.eval_batches=1"],
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    str(ROOT / "launchers" / "torchrun.sh"),
+                    TINY,
+                    f"output_dir={out}",
+                    "train.max_steps=6",
+                    "train.eval_batches=1",
+                ],
                 # veth0 is not the address of the hostname: say which host runs the rendezvous store.
-                env={**env, "LOCAL_ADDR": HOSTS[h], "RDZV_CONF": f"is_host={int(h == 'a')}"}, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                text=True, start_new_session=True)
+                env={**env, "LOCAL_ADDR": HOSTS[h], "RDZV_CONF": f"is_host={int(h == 'a')}"},
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
         logs = {h: p.communicate(timeout=900)[0] for h, p in procs.items()}
     finally:
         for p in procs.values():

@@ -56,17 +56,18 @@ Kept per prompt with the gist cache: k * (E + 1) * h values (the gist states ent
 layer, and the final ones); caching keys/values instead would save the 4*h*n*k per layer for 2*n/h
 times the bytes.
 """
+
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 from ..atomic import write_text
 from ..config import ConfigError
+from ..model import ROOT, config_from_shape, is_shape_file, resolve_model_path
 from .strategies import STRATEGIES
-from ..model import ROOT, is_shape_file, config_from_shape, resolve_model_path
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 SEQ2SEQ_STRATEGIES = ("none", "gist", "no_prompt")
@@ -86,8 +87,10 @@ class Shape:
     strategies: ClassVar[tuple] = STRATEGIES
 
     def describe(self) -> str:
-        return (f"L={self.layers} h={self.hidden} heads={self.heads}/{self.kv_heads} I={self.intermediate} "
-                f"V={self.vocab} tied={self.tied}")
+        return (
+            f"L={self.layers} h={self.hidden} heads={self.heads}/{self.kv_heads} I={self.intermediate} "
+            f"V={self.vocab} tied={self.tied}"
+        )
 
     def strategy_inputs(self, prompt: int, tail: int, num_gist: int, prefix: int = 0) -> dict:
         return strategy_inputs(prompt, tail, num_gist, prefix)
@@ -99,8 +102,10 @@ class Shape:
         return forward_flops(self, 1, past + new)  # the first output token, after the cache grew by `new`
 
     def cache_build_flops(self, prompt: int, num_gist: int) -> dict:
-        return {"instruction": forward_flops(self, prompt, 0, logits=0),
-                "gist": forward_flops(self, prompt + num_gist, 0, logits=0)}
+        return {
+            "instruction": forward_flops(self, prompt, 0, logits=0),
+            "gist": forward_flops(self, prompt + num_gist, 0, logits=0),
+        }
 
     @property
     def linear_per_token(self) -> int:
@@ -127,6 +132,7 @@ class Shape:
 @dataclass(frozen=True)
 class Seq2SeqShape:
     """A T5-family encoder-decoder (notation in the module docstring)."""
+
     name: str
     encoder_layers: int
     decoder_layers: int
@@ -149,8 +155,10 @@ class Seq2SeqShape:
         return 3 if self.gated else 2
 
     def describe(self) -> str:
-        return (f"encoder-decoder E={self.encoder_layers} D={self.decoder_layers} h={self.hidden} "
-                f"heads={self.heads}x{self.head_dim} F={self.ff} gated={self.gated} V={self.vocab} tied={self.tied}")
+        return (
+            f"encoder-decoder E={self.encoder_layers} D={self.decoder_layers} h={self.hidden} "
+            f"heads={self.heads}x{self.head_dim} F={self.ff} gated={self.gated} V={self.vocab} tied={self.tied}"
+        )
 
     def strategy_inputs(self, prompt: int, tail: int, num_gist: int, prefix: int = 0) -> dict:
         """(encoder new tokens, encoder cached tokens, encoder positions the decoder sees) per strategy."""
@@ -201,7 +209,7 @@ def decoder_flops(shape: Seq2SeqShape, seen: int, new: int = 1, past: int = 0, l
 
 
 def model_shape_path(name: str) -> str:
-    """"llama-7b" -> configs/models/llama-7b.yaml; anything else as model.resolve_model_path."""
+    """ "llama-7b" -> configs/models/llama-7b.yaml; anything else as model.resolve_model_path."""
     named = ROOT / "configs" / "models" / f"{name}.yaml"
     if named.is_file():
         return str(named)
@@ -215,16 +223,21 @@ def hf_config(name: str):
     if is_shape_file(path):
         return config_from_shape(path)
     from transformers import AutoConfig
+
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"model {name!r}: no shape file, HF folder or config.json ({str(e).splitlines()[0]})") from None
+        raise FileNotFoundError(
+            f"model {name!r}: no shape file, HF folder or config.json ({str(e).splitlines()[0]})"
+        ) from None
 
 
 def shape_of(name: str, config=None) -> Shape | Seq2SeqShape:
     if config is None and is_shape(name):  # plain YAML: no transformers import, answers in a second
         from types import SimpleNamespace
+
         from ..model import load_shape
+
         config = SimpleNamespace(**load_shape(model_shape_path(name)))
     c = config if config is not None else hf_config(name)
     if getattr(c, "model_type", "llama") == "t5":
@@ -232,11 +245,16 @@ def shape_of(name: str, config=None) -> Shape | Seq2SeqShape:
     text = getattr(c, "get_text_config", lambda: c)()
     heads = text.num_attention_heads
     return Shape(
-        name=name, layers=text.num_hidden_layers, hidden=text.hidden_size, heads=heads,
+        name=name,
+        layers=text.num_hidden_layers,
+        hidden=text.hidden_size,
+        heads=heads,
         kv_heads=getattr(text, "num_key_value_heads", None) or heads,
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
-        intermediate=text.intermediate_size, vocab=text.vocab_size,
-        tied=bool(getattr(c, "tie_word_embeddings", False)))
+        intermediate=text.intermediate_size,
+        vocab=text.vocab_size,
+        tied=bool(getattr(c, "tie_word_embeddings", False)),
+    )
 
 
 def seq2seq_shape_of(name: str, c) -> Seq2SeqShape:
@@ -246,10 +264,18 @@ def seq2seq_shape_of(name: str, c) -> Seq2SeqShape:
     # as scale_decoder_outputs (T5 v1.1 / FLAN-T5: False, a separate lm_head)
     tied = getattr(c, "scale_decoder_outputs", getattr(c, "tie_word_embeddings", True))
     return Seq2SeqShape(
-        name=name, encoder_layers=c.num_layers, decoder_layers=get("num_decoder_layers", c.num_layers),
-        hidden=c.d_model, heads=c.num_heads, head_dim=get("d_kv", 64), ff=c.d_ff,
-        gated=get("feed_forward_proj", "relu").startswith("gated-"), vocab=c.vocab_size, tied=bool(tied),
-        buckets=get("relative_attention_num_buckets", 32))
+        name=name,
+        encoder_layers=c.num_layers,
+        decoder_layers=get("num_decoder_layers", c.num_layers),
+        hidden=c.d_model,
+        heads=c.num_heads,
+        head_dim=get("d_kv", 64),
+        ff=c.d_ff,
+        gated=get("feed_forward_proj", "relu").startswith("gated-"),
+        vocab=c.vocab_size,
+        tied=bool(tied),
+        buckets=get("relative_attention_num_buckets", 32),
+    )
 
 
 def forward_flops(shape: Shape, new: int, past: int = 0, logits: int = 1) -> int:
@@ -269,14 +295,18 @@ def example_flops(shape: Shape | Seq2SeqShape, prompt: int, tail: int, num_gist:
     prompt (a visible prefix is kept once per model, not per prompt); `build/` the one-off cache builds."""
     per = {}
     for s, inputs in shape.strategy_inputs(prompt, tail, num_gist, prefix).items():
-        per[s], per[f"next/{s}"], per[f"cached/{s}"] = \
-            shape.first_token_flops(*inputs), shape.next_token_flops(*inputs), inputs[1] - (prefix if s == "gist" else 0)
+        per[s], per[f"next/{s}"], per[f"cached/{s}"] = (
+            shape.first_token_flops(*inputs),
+            shape.next_token_flops(*inputs),
+            inputs[1] - (prefix if s == "gist" else 0),
+        )
     per.update({f"build/{s}": f for s, f in shape.cache_build_flops(prompt, num_gist).items()})
     return per
 
 
-def dataset_flops(shape: Shape | Seq2SeqShape, lengths: list[tuple[int, int]], num_gist: int, dtype: str = "bf16",
-                  prefix: int = 0) -> dict:
+def dataset_flops(
+    shape: Shape | Seq2SeqShape, lengths: list[tuple[int, int]], num_gist: int, dtype: str = "bf16", prefix: int = 0
+) -> dict:
     """Aggregate over real (prompt tokens, tail tokens) pairs: mean FLOPs, reduction, KV bytes.
     `prefix` > 0 (mask_prefix=visible): its entries are read by every query and stored once."""
     if not lengths:
@@ -290,9 +320,16 @@ def dataset_flops(shape: Shape | Seq2SeqShape, lengths: list[tuple[int, int]], n
     mean_prompt = sum(p for p, _ in lengths) / n
     kv = shape.kv_bytes_per_token(dtype)
     return {
-        "model": asdict(shape), "shape": shape.describe(), "params": shape.params(), "num_gist": num_gist, "examples": n, "dtype": dtype,
-        "mean_prompt_tokens": mean_prompt, "mean_tail_tokens": sum(t for _, t in lengths) / n,
-        "compression": (mean_prompt - prefix) / num_gist, "prefix_tokens": prefix,
+        "model": asdict(shape),
+        "shape": shape.describe(),
+        "params": shape.params(),
+        "num_gist": num_gist,
+        "examples": n,
+        "dtype": dtype,
+        "mean_prompt_tokens": mean_prompt,
+        "mean_tail_tokens": sum(t for _, t in lengths) / n,
+        "compression": (mean_prompt - prefix) / num_gist,
+        "prefix_tokens": prefix,
         "kv_bytes_shared": prefix * kv,
         "gflops_per_example": {s: mean[s] / 1e9 for s in shape.strategies},
         "gflops_next_token": {s: mean[f"next/{s}"] / 1e9 for s in shape.strategies},
@@ -305,6 +342,7 @@ def dataset_flops(shape: Shape | Seq2SeqShape, lengths: list[tuple[int, int]], n
 def prompt_lengths(records: list[dict], tokenizer) -> list[tuple[int, int]]:
     """(instruction tokens, tail tokens) per record, in the training template (data.GistTemplate)."""
     from ..data import GistTemplate
+
     template = GistTemplate(tokenizer, [], max_length=1 << 30)
     return [(len(p), len(t)) for p, t, _ in map(template.pieces, records)]
 
@@ -316,18 +354,26 @@ def format_table(result: dict) -> str:
         f"model {m['name']}: {result['params'] / 1e9:.3f} B params, {result['shape']}",
         f"{result['examples']} example(s), mean instruction {result['mean_prompt_tokens']:.1f} tokens, "
         f"mean tail {result['mean_tail_tokens']:.1f} tokens, k={result['num_gist']} "
-        f"(compression {result['compression']:.1f}x)" + (f", tokenizer {result['tokenizer']}" if "tokenizer" in result else ""),
+        f"(compression {result['compression']:.1f}x)"
+        + (f", tokenizer {result['tokenizer']}" if "tokenizer" in result else ""),
         f"{'strategy':<12} {'GFLOPs/example':>15} {'vs none':>9} {'KV bytes/prompt (' + result['dtype'] + ')':>26}",
     ]
     for s in g:
         lines.append(f"{s:<12} {g[s]:>15.3f} {-r[s]:>+9.1%} {kv[s]:>26,.0f}")
-    lines.append("each further output token: " + ", ".join(f"{s} {v:.3f}" for s, v in result["gflops_next_token"].items())
-                 + " GFLOPs")
-    lines.append("one-off cache build per prompt: " + ", ".join(
-        f"{s} {v:.3f} GFLOPs" for s, v in result["gflops_build_cache"].items()))
+    lines.append(
+        "each further output token: "
+        + ", ".join(f"{s} {v:.3f}" for s, v in result["gflops_next_token"].items())
+        + " GFLOPs"
+    )
+    lines.append(
+        "one-off cache build per prompt: "
+        + ", ".join(f"{s} {v:.3f} GFLOPs" for s, v in result["gflops_build_cache"].items())
+    )
     if result.get("prefix_tokens"):
-        lines.append(f"mask_prefix=visible: the gist strategy also reads the {result['prefix_tokens']} fixed head "
-                     f"entries, kept once per model ({result['kv_bytes_shared']:,.0f} bytes), not per prompt")
+        lines.append(
+            f"mask_prefix=visible: the gist strategy also reads the {result['prefix_tokens']} fixed head "
+            f"entries, kept once per model ({result['kv_bytes_shared']:,.0f} bytes), not per prompt"
+        )
     return "\n".join(lines)
 
 
@@ -335,13 +381,16 @@ def write_json(result: dict, path: str | Path) -> None:
     write_text(path, json.dumps(result, indent=2))
 
 
-def measured_flops(model, prompt: list[int], tail: list[int], gist_ids: list[int], strategy: str, prefix: int = 0) -> int:
+def measured_flops(
+    model, prompt: list[int], tail: list[int], gist_ids: list[int], strategy: str, prefix: int = 0
+) -> int:
     """FlopCounterMode's count of the first-token forward of one strategy on a real model.
 
     Load the model with attn_implementation="eager": its attention is two counted matmuls, while
     CPU sdpa dispatches to a fused kernel torch's counter has no formula for.
     """
     from torch.utils.flop_counter import FlopCounterMode
+
     from .strategies import first_token_input, forward_after, strategy_cache
 
     cache = strategy_cache(model, prompt, gist_ids, strategy, prefix)
@@ -353,6 +402,7 @@ def measured_flops(model, prompt: list[int], tail: list[int], gist_ids: list[int
 def tokenizer_for(model: str, tokenizer: str = ""):
     """The model's own tokenizer when it has one, else SmolLM2's (shape files carry none)."""
     from transformers import AutoTokenizer
+
     name = tokenizer or model
     path = model_shape_path(name)
     if is_shape_file(path) or not (Path(path) / "tokenizer_config.json").is_file():
@@ -364,13 +414,26 @@ def visible_prefix_tokens(model: str, tokenizer: str = "") -> int:
     """mask_prefix=visible: tokens of the Alpaca template's fixed head (BOS when the tokenizer adds one,
     "Instruction:") that every query of the gist strategy reads, in the model's tokenizer."""
     from ..data import GistTemplate
+
     if isinstance(shape_of(model), Seq2SeqShape):
-        raise ConfigError("--mask-prefix visible is for decoder-only models (encoder-decoder runs refuse mask_prefix=visible)")
+        raise ConfigError(
+            "--mask-prefix visible is for decoder-only models (encoder-decoder runs refuse mask_prefix=visible)"
+        )
     return len(GistTemplate(tokenizer_for(model, tokenizer)[0], [], max_length=1 << 30).fixed_head)
 
 
-def flops_for(model: str, num_gist: int, *, data: str = "", prompt_tokens: int = 0, tail_tokens: int = 4,
-              n: int = 0, dtype: str = "bf16", tokenizer: str = "", prefix: int = 0) -> dict:
+def flops_for(
+    model: str,
+    num_gist: int,
+    *,
+    data: str = "",
+    prompt_tokens: int = 0,
+    tail_tokens: int = 4,
+    n: int = 0,
+    dtype: str = "bf16",
+    tokenizer: str = "",
+    prefix: int = 0,
+) -> dict:
     """`gist-dist flops`: one prompt length, or the real lengths of a data file's records. `prefix`: the
     instruction's first tokens kept visible (mask_prefix=visible), counted inside its length."""
     if num_gist < 1:
@@ -384,7 +447,9 @@ def flops_for(model: str, num_gist: int, *, data: str = "", prompt_tokens: int =
         result.update(tokenizer=tok_name, data=data)
         return result
     if prompt_tokens <= prefix or tail_tokens < 1:
-        raise ConfigError(f"give --data FILE, or --prompt-tokens N (> {prefix}, the visible prefix) with --tail-tokens M (>= 1)")
+        raise ConfigError(
+            f"give --data FILE, or --prompt-tokens N (> {prefix}, the visible prefix) with --tail-tokens M (>= 1)"
+        )
     return dataset_flops(shape, [(prompt_tokens, tail_tokens)], num_gist, dtype, prefix=prefix)
 
 
@@ -392,6 +457,7 @@ def load_eager(model: str, meta: bool = False, dtype=None):
     """The model with eager attention (counted matmuls). meta=True: no weights, for shapes of any size."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
     path = model_shape_path(model)
     dtype = dtype or torch.float32
     config = hf_config(model)
@@ -408,9 +474,12 @@ def untie_lm_head(net):
     """transformers 5 builds every T5 with lm_head tied to the embedding; a T5 v1.1 / FLAN-T5
     checkpoint has its own head (google/flan-t5-xxl: 11.135 B, not 11.004 B): give it one."""
     import torch
+
     if not shape_of("t5", net.config).tied and net.lm_head.weight is net.shared.weight:
         weight = torch.empty_like(net.shared.weight)
-        net.lm_head.weight = torch.nn.Parameter(weight if weight.is_meta else weight.normal_(std=net.config.d_model ** -0.5))
+        net.lm_head.weight = torch.nn.Parameter(
+            weight if weight.is_meta else weight.normal_(std=net.config.d_model**-0.5)
+        )
     return net
 
 
@@ -423,7 +492,9 @@ def measured_seq2seq_flops(model, new: int, cached: int, seen: int) -> int:
     over the `cached` + `new` encoder states. Building the cache is not counted."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
+
     from ..inference.seq2seq import Seq2SeqGistCache, encode_after_cache
+
     c, device, dtype = model.config, model.device, model.dtype
     ids = torch.zeros(1, new, dtype=torch.long, device=device)
     start = torch.zeros(1, 1, dtype=torch.long, device=device)
@@ -439,8 +510,9 @@ def measured_seq2seq_flops(model, new: int, cached: int, seen: int) -> int:
     return counter.get_total_flops()
 
 
-def check_against_counter(model: str, lengths: list[tuple[int, int]], num_gist: int, meta: bool = False,
-                          prefix: int = 0) -> dict:
+def check_against_counter(
+    model: str, lengths: list[tuple[int, int]], num_gist: int, meta: bool = False, prefix: int = 0
+) -> dict:
     """Analytic vs FlopCounterMode per strategy on forward passes of the model (token ids arbitrary:
     FLOPs depend on lengths only). Returns per strategy the summed analytic and measured FLOPs.
     `prefix`: the prompts' first tokens the gist strategy keeps visible (mask_prefix=visible)."""
@@ -452,12 +524,20 @@ def check_against_counter(model: str, lengths: list[tuple[int, int]], num_gist: 
         p_ids, t_ids = list(range(10, 10 + prompt)), list(range(20, 20 + tail))
         for s, inputs in shape.strategy_inputs(prompt, tail, num_gist, prefix).items():
             out[s]["analytic"] += shape.first_token_flops(*inputs)
-            out[s]["measured"] += (measured_seq2seq_flops(net, *inputs) if isinstance(shape, Seq2SeqShape)
-                                   else measured_flops(net, p_ids, t_ids, gist_ids, s, prefix))
+            out[s]["measured"] += (
+                measured_seq2seq_flops(net, *inputs)
+                if isinstance(shape, Seq2SeqShape)
+                else measured_flops(net, p_ids, t_ids, gist_ids, s, prefix)
+            )
     for s in shape.strategies:
         out[s]["rel_error"] = out[s]["analytic"] / out[s]["measured"] - 1
-    return {"model": model, "weights": "meta (none)" if meta else "real", "examples": len(lengths),
-            "strategies": list(shape.strategies), **out}
+    return {
+        "model": model,
+        "weights": "meta (none)" if meta else "real",
+        "examples": len(lengths),
+        "strategies": list(shape.strategies),
+        **out,
+    }
 
 
 def is_shape(model: str) -> bool:
@@ -466,6 +546,7 @@ def is_shape(model: str) -> bool:
 
 def load_records_for(data: str, n: int) -> list[dict]:
     from ..data import load_records
+
     return load_records(data, n=n)
 
 
@@ -473,6 +554,8 @@ def format_check(check: dict) -> str:
     lines = [f"FlopCounterMode check ({check['model']}, {check['weights']} weights, {check['examples']} example(s)):"]
     for s in check["strategies"]:
         c = check[s]
-        lines.append(f"  {s:<12} analytic {c['analytic'] / 1e9:.4f} GFLOPs, measured {c['measured'] / 1e9:.4f} "
-                     f"GFLOPs, error {c['rel_error']:+.3%}")
+        lines.append(
+            f"  {s:<12} analytic {c['analytic'] / 1e9:.4f} GFLOPs, measured {c['measured'] / 1e9:.4f} "
+            f"GFLOPs, error {c['rel_error']:+.3%}"
+        )
     return "\n".join(lines)

@@ -10,6 +10,7 @@ gives the masked full-sequence logits (tests/test_gist_kv_cache.py).
 The cache is built once per prompt and is not part of the time to first token: that is the point
 of caching (the paper's Table 3 measures the same way).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -28,13 +29,20 @@ def _timed(fn) -> float:
 
 def _stats(seconds: list[float]) -> dict:
     q = statistics.quantiles(seconds, n=4) if len(seconds) > 1 else seconds * 3
-    return {"median_ms": 1e3 * statistics.median(seconds), "p25_ms": 1e3 * q[0], "p75_ms": 1e3 * q[2],
-            "min_ms": 1e3 * min(seconds), "max_ms": 1e3 * max(seconds), "n": len(seconds)}
+    return {
+        "median_ms": 1e3 * statistics.median(seconds),
+        "p25_ms": 1e3 * q[0],
+        "p75_ms": 1e3 * q[2],
+        "min_ms": 1e3 * min(seconds),
+        "max_ms": 1e3 * max(seconds),
+        "n": len(seconds),
+    }
 
 
 @torch.no_grad()
-def measure_strategy(model, prompt, tail, gist_ids, strategy, repeats=10, warmup=2, decode_tokens=8,
-                     visible_prefix=0) -> dict:
+def measure_strategy(
+    model, prompt, tail, gist_ids, strategy, repeats=10, warmup=2, decode_tokens=8, visible_prefix=0
+) -> dict:
     """TTFT (the first-token forward given the strategy's prefix) and greedy per-token decode time.
     `visible_prefix`: the prompt's first tokens the gist strategy keeps too (mask_prefix=visible)."""
     prefix = strategy_cache(model, prompt, gist_ids, strategy, visible_prefix)
@@ -48,18 +56,27 @@ def measure_strategy(model, prompt, tail, gist_ids, strategy, repeats=10, warmup
         out = forward_after(model, [token], prefix, cache=cache)
         decode.append(time.perf_counter() - t0)
         token = int(out.logits[0, -1].argmax())
-    return {"ttft": _stats(ttft), "decode_per_token": _stats(decode[warmup:]),
-            "first_forward_tokens": len(first), "cached_tokens": prefix.length, "kv_bytes": prefix.nbytes()[0],
-            "kv_bytes_shared": prefix.shared_nbytes()}
+    return {
+        "ttft": _stats(ttft),
+        "decode_per_token": _stats(decode[warmup:]),
+        "first_forward_tokens": len(first),
+        "cached_tokens": prefix.length,
+        "kv_bytes": prefix.nbytes()[0],
+        "kv_bytes_shared": prefix.shared_nbytes(),
+    }
 
 
-def measure_strategies(model, examples: list[tuple[list[int], list[int]]], gist_ids, repeats=10, warmup=2,
-                       decode_tokens=8, prefix=0) -> dict:
+def measure_strategies(
+    model, examples: list[tuple[list[int], list[int]]], gist_ids, repeats=10, warmup=2, decode_tokens=8, prefix=0
+) -> dict:
     """Per strategy: medians over examples of each example's median TTFT/decode, mean KV bytes (a
     visible prefix's entries, kept once per model, under kv_bytes_shared)."""
     result = {}
     for strategy in STRATEGIES:
-        runs = [measure_strategy(model, p, t, gist_ids, strategy, repeats, warmup, decode_tokens, prefix) for p, t in examples]
+        runs = [
+            measure_strategy(model, p, t, gist_ids, strategy, repeats, warmup, decode_tokens, prefix)
+            for p, t in examples
+        ]
         result[strategy] = {
             "ttft_ms": statistics.median(r["ttft"]["median_ms"] for r in runs),
             "ttft_p25_ms": statistics.median(r["ttft"]["p25_ms"] for r in runs),
@@ -69,21 +86,37 @@ def measure_strategies(model, examples: list[tuple[list[int], list[int]]], gist_
             "kv_bytes_shared": runs[0]["kv_bytes_shared"],
             "examples": runs,
         }
-    result["settings"] = {"repeats": repeats, "warmup": warmup, "decode_tokens": decode_tokens,
-                          "threads": torch.get_num_threads(), "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+    result["settings"] = {
+        "repeats": repeats,
+        "warmup": warmup,
+        "decode_tokens": decode_tokens,
+        "threads": torch.get_num_threads(),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+    }
     return result
 
 
-def latency_for(model: str, num_gist: int, *, data: str = "", n: int = 4, prompt_tokens: int = 0,
-                tail_tokens: int = 3, repeats: int = 10, warmup: int = 2, decode_tokens: int = 8, prefix: int = 0) -> dict:
+def latency_for(
+    model: str,
+    num_gist: int,
+    *,
+    data: str = "",
+    n: int = 4,
+    prompt_tokens: int = 0,
+    tail_tokens: int = 3,
+    repeats: int = 10,
+    warmup: int = 2,
+    decode_tokens: int = 8,
+    prefix: int = 0,
+) -> dict:
     """`gist-dist flops --latency`: load the model (sdpa attention, fp32 on CPU) and time each strategy
     on the first `n` records of `data`, or on one synthetic prompt of the given lengths; `prefix`: the
     prompts' first tokens the gist strategy keeps visible (mask_prefix=visible)."""
     from transformers import AutoModelForCausalLM
 
     from ..config import ConfigError
+    from ..model import config_from_shape, is_shape_file, local_device, resolve_dtype
     from .flops import model_shape_path, shape_of, tokenizer_for
-    from ..model import is_shape_file, config_from_shape, local_device, resolve_dtype
 
     shape = shape_of(model)
     if shape.params() > 2e9:
@@ -102,26 +135,37 @@ def latency_for(model: str, num_gist: int, *, data: str = "", n: int = 4, prompt
         gist = list(range(shape.vocab - num_gist, shape.vocab))
     if data:
         from ..data import GistTemplate, load_records
+
         template = GistTemplate(tok, gist, max_length=1 << 30)
         examples = [template.pieces(r)[:2] for r in load_records(data, n=n)]
     else:
         examples = [(list(range(100, 100 + prompt_tokens)), list(range(200, 200 + tail_tokens)))]
     result = measure_strategies(net, examples, gist, repeats, warmup, decode_tokens, prefix)
-    result["settings"].update(model=model, tokenizer=tok_name, data=data or "synthetic", num_gist=num_gist, prefix_tokens=prefix,
-                              mean_prompt_tokens=sum(len(p) for p, _ in examples) / len(examples))
+    result["settings"].update(
+        model=model,
+        tokenizer=tok_name,
+        data=data or "synthetic",
+        num_gist=num_gist,
+        prefix_tokens=prefix,
+        mean_prompt_tokens=sum(len(p) for p, _ in examples) / len(examples),
+    )
     return result
 
 
 def format_latency(result: dict) -> str:
     s = result["settings"]
-    lines = [f"latency on this machine ({s['threads']} threads, {s['dtype']}, {s['repeats']} repeats after "
-             f"{s['warmup']} warm-up, median [p25-p75]; {s['data']}, mean instruction {s['mean_prompt_tokens']:.1f} tokens)",
-             f"{'strategy':<12} {'TTFT ms':>22} {'decode ms/token':>16} {'KV bytes/prompt':>16}"]
+    lines = [
+        f"latency on this machine ({s['threads']} threads, {s['dtype']}, {s['repeats']} repeats after "
+        f"{s['warmup']} warm-up, median [p25-p75]; {s['data']}, mean instruction {s['mean_prompt_tokens']:.1f} tokens)",
+        f"{'strategy':<12} {'TTFT ms':>22} {'decode ms/token':>16} {'KV bytes/prompt':>16}",
+    ]
     for name in STRATEGIES:
         r = result[name]
         ttft = f"{r['ttft_ms']:.2f} [{r['ttft_p25_ms']:.2f}-{r['ttft_p75_ms']:.2f}]"
         lines.append(f"{name:<12} {ttft:>22} {r['decode_ms_per_token']:>16.2f} {r['kv_bytes_per_prompt']:>16,.0f}")
     if s.get("prefix_tokens"):
-        lines.append(f"gist also reads the {s['prefix_tokens']}-token visible prefix, "
-                     f"{result['gist']['kv_bytes_shared']:,} bytes kept once for every prompt")
+        lines.append(
+            f"gist also reads the {s['prefix_tokens']}-token visible prefix, "
+            f"{result['gist']['kv_bytes_shared']:,} bytes kept once for every prompt"
+        )
     return "\n".join(lines)

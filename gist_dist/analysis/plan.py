@@ -38,6 +38,7 @@ with a memory-efficient sdpa kernel on GPU (no s x s probabilities). On CPU T5's
 float relative-position bias) takes sdpa's math path, which also keeps b*heads*s^2 per layer.
 Checkpointing keeps each layer's input (p*b*s*h per encoder, p*b*t*h per decoder layer) plus one layer.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,14 +69,19 @@ class Setup:
     def world(self) -> int:
         return self.nodes * self.gpus_per_node
 
-    def validate(self) -> "Setup":
+    def validate(self) -> Setup:
         checks = [
             (self.nodes >= 1 and self.gpus_per_node >= 1, "--nodes and --gpus-per-node must be >= 1"),
-            (self.objective in ("finetune", "distill"), f"--objective must be finetune or distill, got {self.objective!r}"),
+            (
+                self.objective in ("finetune", "distill"),
+                f"--objective must be finetune or distill, got {self.objective!r}",
+            ),
             (self.dtype in DTYPE_BYTES, f"--dtype must be one of {', '.join(DTYPE_BYTES)}"),
             (self.offload in ("none", "cpu"), f"--offload must be none or cpu, got {self.offload!r}"),
-            (self.num_gist >= 1 and self.micro_batch >= 1 and self.seq_len >= 1 and self.target_len >= 1,
-             "--num-gist, --micro-batch, --seq-len and --target-len must be >= 1"),
+            (
+                self.num_gist >= 1 and self.micro_batch >= 1 and self.seq_len >= 1 and self.target_len >= 1,
+                "--num-gist, --micro-batch, --seq-len and --target-len must be >= 1",
+            ),
             (self.gpu_mem_gb > 0, "--gpu-mem-gb must be > 0"),
         ]
         for ok, message in checks:
@@ -95,8 +101,11 @@ def model_states(shape: Shape | Seq2SeqShape, setup: Setup) -> dict:
     master = 4 if p < 4 else 0
     sharded = {"parameters": p * n / w, "gradients": 4 * t / w, "optimizer": (8 + master) * t / w}
     working = (p + (p if setup.objective == "finetune" else 0)) * shape.largest_module_params()
-    gpu = {**sharded, "working": working} if setup.offload == "none" else \
-        {"parameters": 0.0, "gradients": 0.0, "optimizer": 0.0, "working": working}
+    gpu = (
+        {**sharded, "working": working}
+        if setup.offload == "none"
+        else {"parameters": 0.0, "gradients": 0.0, "optimizer": 0.0, "working": working}
+    )
     cpu_per_node = sum(sharded.values()) * setup.gpus_per_node if setup.offload == "cpu" else 0.0
     return {"gpu": gpu, "gpu_total": sum(gpu.values()), "cpu_per_node": cpu_per_node}
 
@@ -137,8 +146,14 @@ def activations(shape: Shape | Seq2SeqShape, setup: Setup) -> float:
     return shape.layers * per_layer + logits
 
 
-def comm_bytes_per_step(shape: Shape | Seq2SeqShape, objective: str, world: int, dtype: str = "bf16", micro_batches: int = 1,
-                        num_gist: int = 1) -> dict:
+def comm_bytes_per_step(
+    shape: Shape | Seq2SeqShape,
+    objective: str,
+    world: int,
+    dtype: str = "bf16",
+    micro_batches: int = 1,
+    num_gist: int = 1,
+) -> dict:
     """Bytes each rank sends (and receives) per optimizer step under ZeRO-3, ring collectives.
 
     A ring all-gather or reduce-scatter of a B-byte buffer moves B * (W-1)/W per rank. Per micro batch:
@@ -152,8 +167,14 @@ def comm_bytes_per_step(shape: Shape | Seq2SeqShape, objective: str, world: int,
     forwards = 1 if objective == "finetune" else 2
     gather = (forwards + 1) * shape.params() * p * ring * micro_batches
     scatter = trainable_params(shape, objective, num_gist) * p * ring * micro_batches
-    return {"all_gather": gather, "reduce_scatter": scatter, "total": gather + scatter,
-            "forward_passes": forwards, "world": world, "dtype": dtype}
+    return {
+        "all_gather": gather,
+        "reduce_scatter": scatter,
+        "total": gather + scatter,
+        "forward_passes": forwards,
+        "world": world,
+        "dtype": dtype,
+    }
 
 
 def plan(model: str, setup: Setup) -> dict:
@@ -163,12 +184,20 @@ def plan(model: str, setup: Setup) -> dict:
     act = activations(shape, setup)
     total = states["gpu_total"] + act
     return {
-        "model": model, "shape": shape.describe(), "params": shape.params(),
-        "tokens": f"{setup.seq_len} encoder + {setup.target_len} decoder tokens" if isinstance(shape, Seq2SeqShape)
-        else f"{setup.seq_len} tokens", "largest_module_params": shape.largest_module_params(),
-        "trainable_params": trainable_params(shape, setup.objective, setup.num_gist), "setup": setup.__dict__,
-        "world": setup.world, "gpu_bytes": {**states["gpu"], "activations": act}, "gpu_model_states": states["gpu_total"],
-        "gpu_total": total, "cpu_bytes_per_node": states["cpu_per_node"],
+        "model": model,
+        "shape": shape.describe(),
+        "params": shape.params(),
+        "tokens": f"{setup.seq_len} encoder + {setup.target_len} decoder tokens"
+        if isinstance(shape, Seq2SeqShape)
+        else f"{setup.seq_len} tokens",
+        "largest_module_params": shape.largest_module_params(),
+        "trainable_params": trainable_params(shape, setup.objective, setup.num_gist),
+        "setup": setup.__dict__,
+        "world": setup.world,
+        "gpu_bytes": {**states["gpu"], "activations": act},
+        "gpu_model_states": states["gpu_total"],
+        "gpu_total": total,
+        "cpu_bytes_per_node": states["cpu_per_node"],
         "fits": total <= (1 - RESERVE) * setup.gpu_mem_gb * GiB,
         "comm_bytes_per_step": comm_bytes_per_step(shape, setup.objective, setup.world, setup.dtype, 1, setup.num_gist),
     }
@@ -177,8 +206,10 @@ def plan(model: str, setup: Setup) -> dict:
 def format_plan(r: dict) -> str:
     s, g = r["setup"], r["gpu_bytes"]
     lines = [
-        f"{r['model']}: {r['params'] / 1e9:.3f} B params ({r['trainable_params']:,} trainable, objective {s['objective']}), "
-        f"ZeRO-3 over {s['nodes']} node(s) x {s['gpus_per_node']} GPU(s) = {r['world']}, {s['dtype']}, offload {s['offload']}",
+        f"{r['model']}: {r['params'] / 1e9:.3f} B params "
+        f"({r['trainable_params']:,} trainable, objective {s['objective']}), "
+        f"ZeRO-3 over {s['nodes']} node(s) x {s['gpus_per_node']} GPU(s) = {r['world']}, "
+        f"{s['dtype']}, offload {s['offload']}",
         f"per GPU (GiB): parameters {g['parameters'] / GiB:.2f}, gradients {g['gradients'] / GiB:.2f}, "
         f"optimizer {g['optimizer'] / GiB:.2f}, gathered working set {g['working'] / GiB:.2f}",
         f"  model states {r['gpu_model_states'] / GiB:.2f} GiB + activations {g['activations'] / GiB:.2f} GiB "
@@ -190,8 +221,10 @@ def format_plan(r: dict) -> str:
     verdict = "fits" if r["fits"] else "does NOT fit"
     lines.append(f"{verdict} in {s['gpu_mem_gb']:g} GiB per GPU (keeping {RESERVE:.0%} free)")
     c = r["comm_bytes_per_step"]
-    lines.append(f"communication per rank per micro batch: all-gather {c['all_gather'] / GiB:.2f} GiB, "
-                 f"reduce-scatter {c['reduce_scatter'] / GiB:.4f} GiB")
+    lines.append(
+        f"communication per rank per micro batch: all-gather {c['all_gather'] / GiB:.2f} GiB, "
+        f"reduce-scatter {c['reduce_scatter'] / GiB:.4f} GiB"
+    )
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
 """PNG plots for the cluster report (matplotlib, no display needed)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,7 +22,7 @@ def loss_curves(report: dict, path: Path) -> Path:
     for run in report["runs"]:
         name = Path(run["run_dir"]).name
         steps, loss = zip(*run["train"]["loss_curve"])
-        line, = ax.plot(steps, loss, label=f"{name} train")
+        (line,) = ax.plot(steps, loss, label=f"{name} train")
         if run["train"]["eval_curve"]:
             s, e = zip(*run["train"]["eval_curve"])
             ax.plot(s, e, "o--", color=line.get_color(), label=f"{name} eval")
@@ -48,13 +49,15 @@ def strategies(flops: dict, path: Path) -> Path:
     (the table's own strategies: decoder-only and T5 shapes have different ones)."""
     names = list(flops["gflops_per_example"])
     latency = flops.get("latency") or {}
-    panels = [("GFLOPs to first token", [flops["gflops_per_example"][s] for s in names]),
-              ("KV bytes per prompt", [flops["kv_bytes_per_prompt"][s] for s in names])]
+    panels = [
+        ("GFLOPs to first token", [flops["gflops_per_example"][s] for s in names]),
+        ("KV bytes per prompt", [flops["kv_bytes_per_prompt"][s] for s in names]),
+    ]
     if all(s in latency for s in names):
         panels.append(("TTFT ms (measured)", [latency[s]["ttft_ms"] for s in names]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5))
     for ax, (title, values) in zip(axes, panels):
-        ax.bar(names, values, color=["tab:gray", "tab:blue", "tab:green"][:len(names)])
+        ax.bar(names, values, color=["tab:gray", "tab:blue", "tab:green"][: len(names)])
         ax.set_title(title, fontsize=10)
     fig.suptitle(f"{flops['model']['name']}, k={flops['num_gist']}, {flops['examples']} prompts", fontsize=10)
     return _save(fig, path)

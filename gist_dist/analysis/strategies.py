@@ -1,9 +1,10 @@
 """Caching strategies the FLOPs and latency reports compare, one prompt at a time:
 
-    none         nothing cached: the first forward reads instruction + tail
-    instruction  a plain prompt cache: every instruction token's KV kept
-    gist         instruction + gist run once, only the k gist entries kept
+none         nothing cached: the first forward reads instruction + tail
+instruction  a plain prompt cache: every instruction token's KV kept
+gist         instruction + gist run once, only the k gist entries kept
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,6 +13,7 @@ from ..inference.causal import GistKVCache, build_cache, empty_layers
 from ..inference.decoding import device_dtype
 
 STRATEGIES = ("none", "instruction", "gist")
+
 
 def strategy_cache(model, prompt: list[int], gist_ids: list[int], strategy: str, prefix: int = 0) -> GistKVCache:
     """One prompt's cache under a caching strategy; `prefix`: the prompt's first tokens the gist strategy
@@ -23,7 +25,9 @@ def strategy_cache(model, prompt: list[int], gist_ids: list[int], strategy: str,
     if strategy == "gist":
         return build_cache(model, [list(prompt) + list(gist_ids)], gist_ids, "gist", prefix=prefix)
     zeros = torch.zeros(1, dtype=torch.long)
-    return GistKVCache(empty_layers(model, 1), empty_layers(model, 1), torch.zeros(1, 0, dtype=torch.long), zeros, zeros)
+    return GistKVCache(
+        empty_layers(model, 1), empty_layers(model, 1), torch.zeros(1, 0, dtype=torch.long), zeros, zeros
+    )
 
 
 def first_token_input(prompt: list[int], tail: list[int], strategy: str) -> list[int]:
@@ -45,9 +49,11 @@ def forward_after(model, ids: list[int], prefix: GistKVCache, cache=None, logits
     past = cache.get_seq_length()
     start = int(prefix.next_position[0]) + past - prefix.length
     device, dtype = device_dtype(model)  # device "meta" for weightless FLOP counts
-    return model(input_ids=torch.tensor([ids], device=device),
-                 attention_mask=attention_mask_4d(len(ids), past, dtype, device),
-                 position_ids=torch.arange(start, start + len(ids), device=device)[None],
-                 past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep)
-
-
+    return model(
+        input_ids=torch.tensor([ids], device=device),
+        attention_mask=attention_mask_4d(len(ids), past, dtype, device),
+        position_ids=torch.arange(start, start + len(ids), device=device)[None],
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=logits_to_keep,
+    )

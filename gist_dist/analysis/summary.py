@@ -1,4 +1,5 @@
 """A few lines about a finished run: loss before/after, throughput per rank, where outputs are."""
+
 from __future__ import annotations
 
 import json
@@ -19,15 +20,19 @@ def summarize(run_dir: str | Path) -> str:
         raise FileNotFoundError(f"{run_dir}: metrics.jsonl has no training steps yet")
     start = next((r for r in rows if r.get("event") == "start"), {})
     timed = steps[1:] or steps  # the first step includes warm-up (JIT, allocation)
-    per_rank = [sum(r["rank_tokens_per_s"][i] for r in timed) / len(timed)
-                for i in range(len(timed[0]["rank_tokens_per_s"]))]
+    per_rank = [
+        sum(r["rank_tokens_per_s"][i] for r in timed) / len(timed) for i in range(len(timed[0]["rank_tokens_per_s"]))
+    ]
     evals = [r["eval_loss"] for r in steps if "eval_loss" in r]
     out = Path(run_dir)
     lines = [
-        f"run:          {out} (objective={start.get('objective')}, mask={start.get('mask')}, k={start.get('num_gist')}, ranks={start.get('world_size')})",
+        f"run:          {out} (objective={start.get('objective')}, mask={start.get('mask')}, "
+        f"k={start.get('num_gist')}, ranks={start.get('world_size')})",
         f"loss:         {steps[0]['loss']:.4f} (step 1) -> {steps[-1]['loss']:.4f} (step {steps[-1]['step']})",
         f"eval loss:    {evals[-1]:.4f}" if evals else "eval loss:    (none logged)",
-        "tokens/s:     " + ", ".join(f"rank {i}: {v:.0f}" for i, v in enumerate(per_rank)) + f" (total {sum(per_rank):.0f})",
+        "tokens/s:     "
+        + ", ".join(f"rank {i}: {v:.0f}" for i, v in enumerate(per_rank))
+        + f" (total {sum(per_rank):.0f})",
         f"step time:    {sum(r['step_time_s'] for r in timed) / len(timed):.2f} s (mean after step 1)",
         "peak memory:  " + ", ".join(f"rank {i}: {v:.2f} GB" for i, v in enumerate(steps[-1]["rank_peak_mem_gb"])),
         f"outputs:      {out / 'metrics.jsonl'}, {out / 'checkpoints'}, "
@@ -42,6 +47,9 @@ def eval_lines(run_dir: Path) -> list[str]:
     if not path.is_file():
         return []
     result = json.loads(path.read_text())
-    return [f"held-out {name}: exact match {s['exact_match']:.2f}, ROUGE-L {s['rougeL']:.2f} on {s['n']} tasks, "
-            f"prompt of {s['prompt_tokens']['mean']:.1f} tokens (mean) in {result['num_gist']} gist token(s): "
-            f"{s['compression_ratio']['mean']:.1f}x compression" for name, s in result["splits"].items()]
+    return [
+        f"held-out {name}: exact match {s['exact_match']:.2f}, ROUGE-L {s['rougeL']:.2f} on {s['n']} tasks, "
+        f"prompt of {s['prompt_tokens']['mean']:.1f} tokens (mean) in {result['num_gist']} gist token(s): "
+        f"{s['compression_ratio']['mean']:.1f}x compression"
+        for name, s in result["splits"].items()
+    ]

@@ -1,5 +1,6 @@
 """Records -> examples -> batches: sources, the cache, the gist template, compact examples, collation,
 packing and per-rank batching."""
+
 from .collate import pad_batch
 from .examples import IGNORE, Examples
 from .records import DataError, DataStats

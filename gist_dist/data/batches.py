@@ -12,17 +12,18 @@ Position = (epoch, examples of this epoch consumed before this world size took o
 rank since). Resumed at another world size, the new ranks split the rest of the same epoch's order,
 so no example is repeated or skipped.
 """
+
 from __future__ import annotations
 
 import torch
 
 
 class ShardedBatches:
-    def __init__(self, examples, batch_size: int, rank: int, world: int, seed: int, shuffle=True,
-                 pinned=False):
+    def __init__(self, examples, batch_size: int, rank: int, world: int, seed: int, shuffle=True, pinned=False):
         if len(examples) < batch_size * world:
-            raise ValueError(f"{len(examples)} examples are fewer than one batch per rank "
-                             f"({batch_size} x {world} ranks)")
+            raise ValueError(
+                f"{len(examples)} examples are fewer than one batch per rank ({batch_size} x {world} ranks)"
+            )
         self.examples, self.batch_size, self.rank, self.world = examples, batch_size, rank, world
         self.seed, self.shuffle, self.pinned = seed, shuffle, pinned
         self.epoch, self.index, self.offset, self.epoch_world = 0, 0, 0, world
@@ -45,7 +46,7 @@ class ShardedBatches:
             owned = [list(range(r, n, w)) for r in range(w)]
             perms = [[mine[i] for i in self._perm(len(mine), r + 1)] for r, mine in enumerate(owned)]
             per_rank = min(len(p) for p in perms) // bs
-            order = [i for j in range(per_rank) for p in perms for i in p[j * bs:(j + 1) * bs]]
+            order = [i for j in range(per_rank) for p in perms for i in p[j * bs : (j + 1) * bs]]
         self._cached = ((self.epoch, self.epoch_world), order)
         return order
 
@@ -62,15 +63,20 @@ class ShardedBatches:
             self.epoch, self.index, self.offset, self.epoch_world = self.epoch + 1, 0, 0, self.world
         start = self.offset + (self.index * self.world + self.rank) * self.batch_size
         self.index += 1
-        return [self.examples[i] for i in self._order()[start:start + self.batch_size]]
+        return [self.examples[i] for i in self._order()[start : start + self.batch_size]]
 
     def rewind(self):
         """Back to the start of epoch 0 (eval batches are re-read from the top)."""
         self.epoch, self.index, self.offset, self.epoch_world = 0, 0, 0, self.world
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "world": self.world, "offset": self.offset,
-                "epoch_world": self.epoch_world}
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "world": self.world,
+            "offset": self.offset,
+            "epoch_world": self.epoch_world,
+        }
 
     def load_state_dict(self, state: dict):
         self.epoch, self.index = state["epoch"], state["index"]

@@ -1,6 +1,7 @@
 """The data cache: checked records and encoded examples, built once by whichever process takes the
 lock first and read by every rank from memory-mapped files. Entries are keyed by content (a file's
 sha256, a dataset's fingerprint), never by path and mtime."""
+
 from __future__ import annotations
 
 import hashlib
@@ -94,8 +95,12 @@ def cached_records(source: str, key: list, records, stats: DataStats) -> Records
             if writer.finalize()[0] == 0:
                 raise DataError(f"{source}: no usable records")
 
-    return cached([CACHE_VERSION, source, *key], write,
-                   lambda folder: Records(datasets.Dataset.from_file(str(folder / "records.arrow")), folder.name), stats)
+    return cached(
+        [CACHE_VERSION, source, *key],
+        write,
+        lambda folder: Records(datasets.Dataset.from_file(str(folder / "records.arrow")), folder.name),
+        stats,
+    )
 
 
 def file_digest(path: Path) -> str:

@@ -1,5 +1,6 @@
 """Encoded examples: ids and labels (IGNORE over the prompt, gist and tail; the answer's ids after),
 stored compactly as flat int32 arrays."""
+
 from __future__ import annotations
 
 from array import array
@@ -53,7 +54,7 @@ class Examples(ListLike):
             index = np.arange(len(self))[i] if self.index is None else self.index[i]
             return Examples(self.ids, self.starts, self.heads, self.prompts, index)
         j = range(len(self))[i] if self.index is None else int(self.index[i])
-        ids = self.ids[self.starts[j]:self.starts[j + 1]].tolist()
+        ids = self.ids[self.starts[j] : self.starts[j + 1]].tolist()
         head = int(self.heads[j])
         return {"input_ids": ids, "labels": [IGNORE] * head + ids[head:], "prompt_tokens": int(self.prompts[j])}
 

@@ -7,6 +7,7 @@ loader position in a checkpoint stays valid), and rows are shuffled by the batch
 Inside a row, masks.py keeps every example to itself (its own gist rule, positions from 0), and the
 labels are each example's own, so every token's loss is what it would be unpacked.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -34,9 +35,11 @@ def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
 
 def join(parts: list[dict]) -> dict:
     """One packed row: ids and labels end to end, and each example's length (its segment)."""
-    return {"input_ids": [t for p in parts for t in p["input_ids"]],
-            "labels": [t for p in parts for t in p["labels"]],
-            "lengths": [len(p["input_ids"]) for p in parts]}
+    return {
+        "input_ids": [t for p in parts for t in p["input_ids"]],
+        "labels": [t for p in parts for t in p["labels"]],
+        "lengths": [len(p["input_ids"]) for p in parts],
+    }
 
 
 def pack(examples, capacity: int, length, combine) -> list:

@@ -1,5 +1,6 @@
 """What a record is: the instruction / input / output fields, their checks, and the mappings onto
 them (data.columns, `messages` and ShareGPT `conversations`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -40,8 +41,10 @@ def _from_conversation(turns, where: str) -> dict:
         pairs.append((ROLES[role], text))
     roles = [r for r, _ in pairs]
     if roles not in (["user", "assistant"], ["system", "user", "assistant"]):
-        raise DataError(f"{where}: expected [system,] user, assistant turns, got {roles} "
-                        f"(multi-turn conversations are not split into records; use bad_records=skip to count and skip them)")
+        raise DataError(
+            f"{where}: expected [system,] user, assistant turns, got {roles} "
+            f"(multi-turn conversations are not split into records; use bad_records=skip to count and skip them)"
+        )
     texts = dict(pairs)
     if "system" in texts:
         return {"instruction": texts["system"], "input": texts["user"], "output": texts["assistant"]}

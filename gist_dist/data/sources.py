@@ -1,5 +1,6 @@
 """Where records come from: generated tasks, JSON / JSONL files, or any `datasets` source (a local
 dataset folder, or a hub name when online). Files and datasets are checked once into the cache."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +13,6 @@ from filelock import FileLock
 from . import datagen
 from .cache import cached_records, data_cache_dir, file_digest
 from .records import FIELDS, DataError, DataStats, check_record, checked
-
 
 GENERATED_DEFAULT = {"train": 2000, "eval": 64}  # generated data has no natural size
 
@@ -79,6 +79,7 @@ def _saved_to_disk(folder: Path) -> bool:
 
 def _open_dataset(source: str, cache_dir: Path | None = None):
     import datasets
+
     name, _, ds_split = source.partition(":")
     try:
         if _saved_to_disk(Path(name)):
@@ -89,9 +90,17 @@ def _open_dataset(source: str, cache_dir: Path | None = None):
         raise DataError(f"{source}: cannot load data ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
-def load_records(source: str, *, split: str = "seen", n: int = 0, seed: int = 0,
-                 bad_records: str = "error", stats: DataStats | None = None, role: str = "train",
-                 columns: dict | None = None) -> Sequence[dict]:
+def load_records(
+    source: str,
+    *,
+    split: str = "seen",
+    n: int = 0,
+    seed: int = 0,
+    bad_records: str = "error",
+    stats: DataStats | None = None,
+    role: str = "train",
+    columns: dict | None = None,
+) -> Sequence[dict]:
     """Records from "generated[:seen|unseen]", a JSON/JSONL file, or a `datasets` source.
 
     Files and `datasets` sources are checked once into an Arrow file in data_cache_dir() (keyed by
@@ -107,14 +116,24 @@ def load_records(source: str, *, split: str = "seen", n: int = 0, seed: int = 0,
         raise DataError(f"data.columns: unknown field {sorted(unknown)[0]!r} (map onto {', '.join(FIELDS)})")
     if source.startswith("generated"):
         gen_split = source.split(":", 1)[1] if ":" in source else split
-        records = [check_record(r, "generated") for r in datagen.generate(n or GENERATED_DEFAULT[role], gen_split, seed)]
+        records = [
+            check_record(r, "generated") for r in datagen.generate(n or GENERATED_DEFAULT[role], gen_split, seed)
+        ]
     elif Path(source).is_file():
         path, skip = Path(source), bad_records == "skip"
         digest = file_digest(path)  # every rank hashes (a streaming read); one parses
-        records = cached_records(source, ["file", digest, columns or {}, skip],
-                                  lambda counts: iter_file(path, counts, skip, columns or {}), stats)
-    elif Path(source).suffix in (".json", ".jsonl") or "/" in source and source.startswith((".", "/")) \
-            and not Path(source.partition(":")[0]).exists():  # "folder:split" names a folder's split
+        records = cached_records(
+            source,
+            ["file", digest, columns or {}, skip],
+            lambda counts: iter_file(path, counts, skip, columns or {}),
+            stats,
+        )
+    elif (
+        Path(source).suffix in (".json", ".jsonl")
+        or "/" in source
+        and source.startswith((".", "/"))
+        and not Path(source.partition(":")[0]).exists()
+    ):  # "folder:split" names a folder's split
         raise DataError(f"{source}: data file not found")
     else:  # any `datasets` source: a local dataset folder, or a hub name when online
         skip = bad_records == "skip"
@@ -124,13 +143,21 @@ def load_records(source: str, *, split: str = "seen", n: int = 0, seed: int = 0,
             stamp = [(str(f.relative_to(folder)), file_digest(f)) for f in files]  # path and mtime
             hf_cache = data_cache_dir() / ("hf-" + hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:24])
         else:  # save_to_disk folders carry a content fingerprint; hub datasets are versioned
-            stamp, hf_cache = [(str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns) for f in files], None
+            stamp, hf_cache = (
+                [(str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns) for f in files],
+                None,
+            )
         lock = hashlib.sha256(source.encode()).hexdigest()[:24]
         with FileLock(data_cache_dir() / f"{lock}.open.lock"):  # a hub download is prepared once, too
             ds = _open_dataset(source, hf_cache)
-        records = cached_records(source, ["datasets", ds._fingerprint, stamp, columns or {}, skip],
-                                  lambda counts: checked(((rec, f"{source}: record {i}") for i, rec in enumerate(ds)),
-                                                          counts, skip, columns or {}), stats)
+        records = cached_records(
+            source,
+            ["datasets", ds._fingerprint, stamp, columns or {}, skip],
+            lambda counts: checked(
+                ((rec, f"{source}: record {i}") for i, rec in enumerate(ds)), counts, skip, columns or {}
+            ),
+            stats,
+        )
     if not records:
         raise DataError(f"{source}: no usable records")
     stats.source_records = len(records)

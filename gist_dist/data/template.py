@@ -11,6 +11,7 @@ stays visible):
 User text is tokenized with `split_special_tokens=True`, and gist ids are inserted as ids, so text
 like "<GIST_0>" or "<|im_start|>" inside data can never become a special token.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,8 +44,11 @@ def chat_segments(tokenizer, layout: str) -> tuple[list[int], list[int], list[in
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"data.template={layout}: the tokenizer has no chat template (use data.template=alpaca)")
     instruction, inp, output = _SLOTS
-    turns = ([{"role": "system", "content": instruction}, {"role": "user", "content": inp}] if layout == "chat_system"
-             else [{"role": "user", "content": instruction + inp}])
+    turns = (
+        [{"role": "system", "content": instruction}, {"role": "user", "content": inp}]
+        if layout == "chat_system"
+        else [{"role": "user", "content": instruction + inp}]
+    )
     text = tokenizer.apply_chat_template(turns + [{"role": "assistant", "content": output}], tokenize=False)
     parts = []
     for slot in _SLOTS:
@@ -54,15 +58,16 @@ def chat_segments(tokenizer, layout: str) -> tuple[list[int], list[int], list[in
         parts.append(before)
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in parts + [text]]  # template text: specials stay
     eos = tokenizer.eos_token_id
-    end = ids[3][:ids[3].index(eos) + 1] if eos in ids[3] else [eos]
+    end = ids[3][: ids[3].index(eos) + 1] if eos in ids[3] else [eos]
     return ids[0], ids[1], ids[2], end
 
 
 class GistTemplate:
     """Tokenizes records into the gist template. One instance per (tokenizer, gist ids, template)."""
 
-    def __init__(self, tokenizer, gist_ids: list[int], max_length: int, overlong: str = "truncate",
-                 template: str = "alpaca"):
+    def __init__(
+        self, tokenizer, gist_ids: list[int], max_length: int, overlong: str = "truncate", template: str = "alpaca"
+    ):
         if template not in TEMPLATES:
             raise DataError(f"data.template must be one of {', '.join(TEMPLATES)}, got {template!r}")
         self.tok = tokenizer
@@ -93,8 +98,15 @@ class GistTemplate:
         tail = f"\nInput: {rec['input']}\nOutput:" if rec.get("input") else "\nOutput:"
         return prompt, self.text_ids(tail), self.text_ids(" " + rec["output"]) + [self.eos]
 
-    def encode(self, rec: dict, stats: DataStats | None = None, *, with_gist: bool = True,
-               with_prompt: bool = True, with_output: bool = True) -> dict | None:
+    def encode(
+        self,
+        rec: dict,
+        stats: DataStats | None = None,
+        *,
+        with_gist: bool = True,
+        with_prompt: bool = True,
+        with_output: bool = True,
+    ) -> dict | None:
         """One example. Returns None if it must be dropped (overlong and overlong=drop). Without the
         prompt the sequence still starts with the prefix (the BOS when the model takes one; the chat header)."""
         prompt, tail, output = self.pieces(rec)
@@ -122,17 +134,32 @@ class GistTemplate:
         if not isinstance(records, Records) or backend is None:
             return self._encode_all(records, stats, kw)
         code = inspect.getsource(GistTemplate)  # a changed template never reads old examples
-        key = [CACHE_VERSION, "examples", records.key, hashlib.sha256(backend.to_str().encode()).hexdigest(),
-               hashlib.sha256(code.encode()).hexdigest(), self.gist_ids, self.max_length, self.overlong, self.eos,
-               sorted(kw.items()), self.template, self.chat]
+        key = [
+            CACHE_VERSION,
+            "examples",
+            records.key,
+            hashlib.sha256(backend.to_str().encode()).hexdigest(),
+            hashlib.sha256(code.encode()).hexdigest(),
+            self.gist_ids,
+            self.max_length,
+            self.overlong,
+            self.eos,
+            sorted(kw.items()),
+            self.template,
+            self.chat,
+        ]
 
         def write(folder, counts):
             ex = self._encode_all(records, counts, kw)
             for name in Examples.ARRAYS:
                 np.save(folder / f"{name}.npy", getattr(ex, name))
 
-        return cached(key, write, lambda folder: Examples(
-            *(np.load(folder / f"{name}.npy", mmap_mode="r") for name in Examples.ARRAYS)), stats)
+        return cached(
+            key,
+            write,
+            lambda folder: Examples(*(np.load(folder / f"{name}.npy", mmap_mode="r") for name in Examples.ARRAYS)),
+            stats,
+        )
 
     def _encode_all(self, records, stats, kw) -> Examples:
         return Examples.pack(ex for ex in (self.encode(rec, stats, **kw) for rec in records) if ex is not None)

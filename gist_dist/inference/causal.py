@@ -18,6 +18,7 @@ every prompt) are kept too, in front: `shared` = n columns, counted once per mod
     cache.row(0).save("prompt0.safetensors")                     # later, without the prompt:
     generate_from_cache(model, GistKVCache.load("prompt0.safetensors"), [tail], 32, tok.eos_token_id)
 """
+
 from __future__ import annotations
 
 import json
@@ -35,6 +36,7 @@ from .decoding import cut_at_eos, device_dtype, padded_prompts
 @dataclass
 class GistKVCache:
     """Kept KV for a batch of prompts: per layer [B, kv_heads, C, head_dim], left-padded along C."""
+
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     attention_mask: torch.Tensor  # [B, C], 0 on padding columns
@@ -52,8 +54,10 @@ class GistKVCache:
 
     def bytes_per_token(self) -> int:
         """KV bytes one cached token costs (all layers, keys + values)."""
-        return sum(k.shape[1] * k.shape[3] * k.element_size() + v.shape[1] * v.shape[3] * v.element_size()
-                   for k, v in zip(self.keys, self.values))
+        return sum(
+            k.shape[1] * k.shape[3] * k.element_size() + v.shape[1] * v.shape[3] * v.element_size()
+            for k, v in zip(self.keys, self.values)
+        )
 
     def nbytes(self) -> list[int]:
         """Per row: bytes of the entries this cache keeps for that prompt (padding and the shared prefix
@@ -71,18 +75,23 @@ class GistKVCache:
     def dynamic_cache(self):
         """A fresh HF DynamicCache over these tensors (generate grows it by concatenation, never in place)."""
         from transformers import DynamicCache
+
         return DynamicCache(ddp_cache_data=list(zip(self.keys, self.values)))
 
-    def row(self, i: int) -> "GistKVCache":
+    def row(self, i: int) -> GistKVCache:
         """One prompt's cache, its padding columns dropped."""
         start = self.length - int(self.attention_mask[i].sum())
-        return GistKVCache([k[i:i + 1, :, start:].clone() for k in self.keys],
-                           [v[i:i + 1, :, start:].clone() for v in self.values],
-                           self.attention_mask[i:i + 1, start:].clone(), self.next_position[i:i + 1].clone(),
-                           self.prompt_tokens[i:i + 1].clone(), self.shared)
+        return GistKVCache(
+            [k[i : i + 1, :, start:].clone() for k in self.keys],
+            [v[i : i + 1, :, start:].clone() for v in self.values],
+            self.attention_mask[i : i + 1, start:].clone(),
+            self.next_position[i : i + 1].clone(),
+            self.prompt_tokens[i : i + 1].clone(),
+            self.shared,
+        )
 
     @staticmethod
-    def stack(caches: list["GistKVCache"]) -> "GistKVCache":
+    def stack(caches: list[GistKVCache]) -> GistKVCache:
         """Batch several caches (e.g. loaded one per prompt), left-padding shorter ones."""
         C = max(c.length for c in caches)
         if len({c.shared for c in caches}) > 1:
@@ -94,35 +103,53 @@ class GistKVCache:
             return torch.cat([t.new_zeros(shape), t], dim)
 
         layers = range(len(caches[0].keys))
-        return GistKVCache([torch.cat([lpad(c.keys[i], 2) for c in caches]) for i in layers],
-                           [torch.cat([lpad(c.values[i], 2) for c in caches]) for i in layers],
-                           torch.cat([lpad(c.attention_mask, 1) for c in caches]),
-                           torch.cat([c.next_position for c in caches]), torch.cat([c.prompt_tokens for c in caches]),
-                           caches[0].shared)
+        return GistKVCache(
+            [torch.cat([lpad(c.keys[i], 2) for c in caches]) for i in layers],
+            [torch.cat([lpad(c.values[i], 2) for c in caches]) for i in layers],
+            torch.cat([lpad(c.attention_mask, 1) for c in caches]),
+            torch.cat([c.next_position for c in caches]),
+            torch.cat([c.prompt_tokens for c in caches]),
+            caches[0].shared,
+        )
 
     def save(self, path, meta: dict | None = None):
-        tensors = {"attention_mask": self.attention_mask, "next_position": self.next_position,
-                   "prompt_tokens": self.prompt_tokens}
+        tensors = {
+            "attention_mask": self.attention_mask,
+            "next_position": self.next_position,
+            "prompt_tokens": self.prompt_tokens,
+        }
         for layer, (k, v) in enumerate(zip(self.keys, self.values)):
             tensors[f"keys.{layer}"], tensors[f"values.{layer}"] = k.contiguous(), v.contiguous()
-        save_file(tensors, str(path), metadata={"format": "gist-kv", "num_layers": str(len(self.keys)),
-                                                "shared": str(self.shared), "meta": json.dumps(meta or {})})
+        save_file(
+            tensors,
+            str(path),
+            metadata={
+                "format": "gist-kv",
+                "num_layers": str(len(self.keys)),
+                "shared": str(self.shared),
+                "meta": json.dumps(meta or {}),
+            },
+        )
 
     @classmethod
-    def load(cls, path) -> "GistKVCache":
+    def load(cls, path) -> GistKVCache:
         t = load_file(str(path))
         with safe_open(str(path), "pt") as f:
             shared = int(f.metadata()["shared"])
         n = sum(1 for name in t if name.startswith("keys."))
-        return cls([t[f"keys.{i}"] for i in range(n)], [t[f"values.{i}"] for i in range(n)],
-                   t["attention_mask"], t["next_position"], t["prompt_tokens"], shared)
+        return cls(
+            [t[f"keys.{i}"] for i in range(n)],
+            [t[f"values.{i}"] for i in range(n)],
+            t["attention_mask"],
+            t["next_position"],
+            t["prompt_tokens"],
+            shared,
+        )
 
 
 def kept_entries(mask: str, num_gist: int, padded_length: int) -> int:
     """How many trailing prompt+gist entries later tokens can see under `mask`."""
     return {"gist": num_gist, "pos_control": padded_length, "neg_control": 0}[mask]
-
-
 
 
 def empty_layers(model, batch: int) -> list[torch.Tensor]:
@@ -134,11 +161,10 @@ def empty_layers(model, batch: int) -> list[torch.Tensor]:
     return [torch.zeros(batch, heads, 0, head_dim, dtype=dtype, device=device)] * cfg.num_hidden_layers
 
 
-
-
 @torch.no_grad()
-def build_cache(model, prompts: list[list[int]], gist_ids: list[int], mask: str = "gist",
-                embed=None, prefix: int = 0) -> GistKVCache:
+def build_cache(
+    model, prompts: list[list[int]], gist_ids: list[int], mask: str = "gist", embed=None, prefix: int = 0
+) -> GistKVCache:
     """One forward over left-padded prompt+gist rows (each ending in the gist ids) under `mask`.
 
     `embed(input_ids) -> inputs_embeds` splices trained gist rows in (distill artifacts); `prefix`:
@@ -163,19 +189,28 @@ def build_cache(model, prompts: list[list[int]], gist_ids: list[int], mask: str 
         cols = (L - lengths.to(device))[:, None] + torch.arange(shared, device=device)
         for layer in out.past_key_values.layers:
             at = cols[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
-            keys.append(torch.cat([layer.keys.gather(2, at), layer.keys[:, :, L - keep:]], 2))
-            values.append(torch.cat([layer.values.gather(2, at), layer.values[:, :, L - keep:]], 2))
+            keys.append(torch.cat([layer.keys.gather(2, at), layer.keys[:, :, L - keep :]], 2))
+            values.append(torch.cat([layer.values.gather(2, at), layer.values[:, :, L - keep :]], 2))
     else:
         keys = values = empty_layers(model, len(prompts))
     book = device if device.type != "meta" else "cpu"  # weightless FLOP counts still need real positions
-    kept_mask = torch.cat([torch.ones(len(prompts), shared, dtype=batch["attention_mask"].dtype),
-                           batch["attention_mask"][:, L - keep:]], 1)
+    kept_mask = torch.cat(
+        [torch.ones(len(prompts), shared, dtype=batch["attention_mask"].dtype), batch["attention_mask"][:, L - keep :]],
+        1,
+    )
     return GistKVCache(keys, values, kept_mask.to(book), lengths.to(book), (lengths - k - shared).to(book), shared)
 
 
 @torch.no_grad()
-def generate_from_cache(model, cache: GistKVCache, tails: list[list[int]], max_new_tokens: int, eos_id: int,
-                        pad_id: int = 0, synced_gpus: bool = False) -> list[list[int]]:
+def generate_from_cache(
+    model,
+    cache: GistKVCache,
+    tails: list[list[int]],
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int = 0,
+    synced_gpus: bool = False,
+) -> list[list[int]]:
     """Greedy answers after each row's cache: tails (e.g. "\\nInput: ...\\nOutput:") left-padded,
     positions resuming at cache.next_position. Returns the new ids per row, cut at the first eos."""
     from transformers import GenerationConfig
@@ -184,19 +219,33 @@ def generate_from_cache(model, cache: GistKVCache, tails: list[list[int]], max_n
     batch = pad_batch([{"input_ids": list(t)} for t in tails], pad_id=pad_id, left=True)
     tail_mask = batch["attention_mask"].to(device)
     T = tail_mask.shape[1]
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_id,
-                              pad_token_id=pad_id, use_cache=True)
-    out = model.generate(input_ids=batch["input_ids"].to(device),
-                         attention_mask=torch.cat([cache.attention_mask.long(), tail_mask], 1),
-                         position_ids=cache.next_position[:, None] + (tail_mask.cumsum(-1) - 1).clamp_min(0),
-                         past_key_values=cache.dynamic_cache(), generation_config=config, synced_gpus=synced_gpus)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True
+    )
+    out = model.generate(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=torch.cat([cache.attention_mask.long(), tail_mask], 1),
+        position_ids=cache.next_position[:, None] + (tail_mask.cumsum(-1) - 1).clamp_min(0),
+        past_key_values=cache.dynamic_cache(),
+        generation_config=config,
+        synced_gpus=synced_gpus,
+    )
     return [cut_at_eos(row.tolist(), eos_id) for row in out[:, T:]]
 
 
-
-
-def greedy(model, prompts: list[list[int]], tails: list[list[int]], gist_ids: list[int], mask: str,
-           max_new_tokens: int, eos_id: int, pad_id: int = 0, embed=None, synced_gpus: bool = False, prefix: int = 0):
+def greedy(
+    model,
+    prompts: list[list[int]],
+    tails: list[list[int]],
+    gist_ids: list[int],
+    mask: str,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int = 0,
+    embed=None,
+    synced_gpus: bool = False,
+    prefix: int = 0,
+):
     """The batched greedy decoder: cache each prompt (ending in the gist ids; none for a plain prompt
     cache, mask pos_control) under `mask`, then answer after each tail. Returns (answers, cache)."""
     cache = build_cache(model, prompts, gist_ids, mask, embed=embed, prefix=prefix)
@@ -204,8 +253,17 @@ def greedy(model, prompts: list[list[int]], tails: list[list[int]], gist_ids: li
 
 
 @torch.no_grad()
-def generate_uncached(model, prompts: list[list[int]], tails: list[list[int]], gist_ids: list[int], mask: str,
-                      max_new_tokens: int, eos_id: int, embed=None, prefix: int = 0) -> list[list[int]]:
+def generate_uncached(
+    model,
+    prompts: list[list[int]],
+    tails: list[list[int]],
+    gist_ids: list[int],
+    mask: str,
+    max_new_tokens: int,
+    eos_id: int,
+    embed=None,
+    prefix: int = 0,
+) -> list[list[int]]:
     """Reference: greedy decoding that reruns the whole prompt + gist + tail + answer under the mask
     every step (no cache at all). Slow; for checking the cached path."""
     device, dtype = device_dtype(model)

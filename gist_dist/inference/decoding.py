@@ -1,4 +1,5 @@
 """Decoding helpers shared by the causal and the seq2seq decoders."""
+
 from __future__ import annotations
 
 import torch
@@ -14,7 +15,7 @@ def device_dtype(model) -> tuple[torch.device, torch.dtype]:
 
 def cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
     """The ids before the first eos (all of them when none)."""
-    return ids[:ids.index(eos_id)] if eos_id in ids else ids
+    return ids[: ids.index(eos_id)] if eos_id in ids else ids
 
 
 def padded_prompts(prompts: list[list[int]], gist_ids: list[int]) -> dict:

@@ -1,8 +1,9 @@
 """A distill artifact in use: the base model answering with k trained gist tokens in place of its prompt.
 
-    gm = GistModel.load("runs/compress")
-    gm.generate("What are your opening hours?")
+gm = GistModel.load("runs/compress")
+gm.generate("What are your opening hours?")
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,7 +24,7 @@ class GistModel:
         self.template = GistTemplate(run.tok, run.gist_ids, max_length=1 << 30, template=run.template or "alpaca")
 
     @classmethod
-    def load(cls, directory, model_name: str | None = None, tokenizer: str | None = None) -> "GistModel":
+    def load(cls, directory, model_name: str | None = None, tokenizer: str | None = None) -> GistModel:
         return cls(load_run(directory, ModelConfig(name=model_name or "", tokenizer=tokenizer or "")))
 
     def prompt_and_tail(self, query: str, instruction: str | None = None) -> tuple[list[int], list[int]]:
@@ -41,14 +42,28 @@ class GistModel:
         """[T, vocab] logits of one sequence under the gist mask (teacher-forced scoring)."""
         device = device_dtype(self.model)[0]
         input_ids = torch.tensor([ids], device=device)
-        mask = make_attention_mask(input_ids, torch.ones_like(input_ids), self.run.gist_ids, "gist", self.model.dtype,
-                                   prefix=self.run.prefix)
-        return self.model(inputs_embeds=self.run.embed(input_ids), attention_mask=mask,
-                          position_ids=torch.arange(len(ids), device=device)[None]).logits[0]
+        mask = make_attention_mask(
+            input_ids, torch.ones_like(input_ids), self.run.gist_ids, "gist", self.model.dtype, prefix=self.run.prefix
+        )
+        return self.model(
+            inputs_embeds=self.run.embed(input_ids),
+            attention_mask=mask,
+            position_ids=torch.arange(len(ids), device=device)[None],
+        ).logits[0]
 
     def generate(self, query: str, instruction: str | None = None, max_new_tokens: int = 64) -> str:
         """Greedy answer. Without an instruction the gist embeddings stand in for the prompt."""
         prompt, tail = self.prompt_and_tail(query, instruction)
-        answers, _ = greedy(self.model, [prompt], [tail], self.run.gist_ids, "gist", max_new_tokens,
-                            self.tok.eos_token_id, self.tok.pad_token_id, embed=self.run.embed, prefix=self.run.prefix)
+        answers, _ = greedy(
+            self.model,
+            [prompt],
+            [tail],
+            self.run.gist_ids,
+            "gist",
+            max_new_tokens,
+            self.tok.eos_token_id,
+            self.tok.pad_token_id,
+            embed=self.run.embed,
+            prefix=self.run.prefix,
+        )
         return self.tok.decode(answers[0], skip_special_tokens=True).strip()

@@ -6,6 +6,7 @@ and mask) or a distill artifact (RUN/gist.safetensors + gist_config.json) applie
     run = load_run("runs/tiny")
     answers, cache = run.answer(prompts, tails, max_new_tokens=32)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,6 +31,7 @@ DECODERS = {"causal": greedy, "seq2seq": greedy_seq2seq}
 @dataclass
 class RunModel:
     """A trained run ready for inference: fine-tuned final/ or the base model + a distill artifact."""
+
     model: torch.nn.Module
     tok: object
     gist_ids: list[int]
@@ -44,9 +46,19 @@ class RunModel:
 
     def answer(self, prompts: list[list[int]], tails: list[list[int]], max_new_tokens: int, synced_gpus: bool = False):
         """Batched greedy answers by this run's family and mask: (answers, cache with nbytes / full_prompt_nbytes)."""
-        return DECODERS[self.family](self.model, prompts, tails, self.gist_ids, self.mask, max_new_tokens,
-                                     self.tok.eos_token_id, self.tok.pad_token_id, embed=self.embed,
-                                     synced_gpus=synced_gpus, prefix=self.prefix)
+        return DECODERS[self.family](
+            self.model,
+            prompts,
+            tails,
+            self.gist_ids,
+            self.mask,
+            max_new_tokens,
+            self.tok.eos_token_id,
+            self.tok.pad_token_id,
+            embed=self.embed,
+            synced_gpus=synced_gpus,
+            prefix=self.prefix,
+        )
 
 
 def load_inference_model(model_cfg: ModelConfig, ds_config: dict | None = None, vocab_min: int = 0):
@@ -56,6 +68,7 @@ def load_inference_model(model_cfg: ModelConfig, ds_config: dict | None = None, 
         model = load_model(model_cfg, vocab_min=vocab_min).eval()
         if ds_config:
             import deepspeed
+
             model = deepspeed.initialize(model=model, config=ds_config)[0].module.eval()
     return model
 
@@ -82,15 +95,25 @@ def load_run(run_dir, model_cfg: ModelConfig | None = None, ds_config: dict | No
         tok = AutoTokenizer.from_pretrained(final)
         cfg = dataclasses.replace(model_cfg, name=str(final), tokenizer="")
         model = load_inference_model(cfg, ds_config)  # load_model picks the seq2seq class from the saved config
-        return RunModel(model, tok, tok.convert_tokens_to_ids(meta["gist_tokens"]),
-                        meta["mask"], source=str(final), meta=meta,
-                        template=run_template(out, meta), family=model_family(model.config),
-                        prefix=meta.get("mask_prefix_tokens", 0))
+        return RunModel(
+            model,
+            tok,
+            tok.convert_tokens_to_ids(meta["gist_tokens"]),
+            meta["mask"],
+            source=str(final),
+            meta=meta,
+            template=run_template(out, meta),
+            family=model_family(model.config),
+            prefix=meta.get("mask_prefix_tokens", 0),
+        )
     if not (out / artifact.WEIGHTS).is_file():
-        raise FileNotFoundError(f"{out}: no trained model here (neither final/ nor {artifact.WEIGHTS}); train into it first")
+        raise FileNotFoundError(
+            f"{out}: no trained model here (neither final/ nor {artifact.WEIGHTS}); train into it first"
+        )
     meta = artifact.load(out)[1]
-    cfg = dataclasses.replace(model_cfg, name=model_cfg.name or meta["base_model"],
-                              tokenizer=model_cfg.tokenizer or meta.get("tokenizer", ""))
+    cfg = dataclasses.replace(
+        model_cfg, name=model_cfg.name or meta["base_model"], tokenizer=model_cfg.tokenizer or meta.get("tokenizer", "")
+    )
     tok = load_tokenizer(cfg)
     num_old = len(tok)
     gist_ids = add_gist_tokens(tok, meta["num_gist"])
@@ -103,7 +126,16 @@ def load_run(run_dir, model_cfg: ModelConfig | None = None, ds_config: dict | No
     if offsets is not None:  # hooked onto the decoder's layers: every forward of this model with gist rows adds them
         offsets = GistLayerOffsets(model.get_decoder(), offsets.to(**like))
     rows = GistEmbedding(gist_ids, gist.to(**like), offsets).eval()
-    return RunModel(model, tok, gist_ids, "gist", embed=lambda ids: rows(ids, embedding),
-                    source=f"{cfg.name} + {out / artifact.WEIGHTS}", meta=meta, gist=rows.gist.detach(),
-                    template=run_template(out, meta), family=model_family(model.config),
-                    prefix=meta.get("mask_prefix_tokens", 0))
+    return RunModel(
+        model,
+        tok,
+        gist_ids,
+        "gist",
+        embed=lambda ids: rows(ids, embedding),
+        source=f"{cfg.name} + {out / artifact.WEIGHTS}",
+        meta=meta,
+        gist=rows.gist.detach(),
+        template=run_template(out, meta),
+        family=model_family(model.config),
+        prefix=meta.get("mask_prefix_tokens", 0),
+    )

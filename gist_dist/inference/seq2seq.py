@@ -26,6 +26,7 @@ HF's T5 forward hands its `attention_mask` to the encoder and to the cross-atten
 the encoder is run on its own and the decoder gets only the cross-attention mask. Eval mode only
 (dropout is not applied).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from .decoding import cut_at_eos, device_dtype, padded_prompts
 @dataclass
 class Seq2SeqGistCache:
     """What a batch of prompts leaves for later inputs: per encoder layer [B, k, d] states, [B, k, d] output."""
+
     states: list[torch.Tensor]  # per layer: the gist positions' hidden states entering it
     output: torch.Tensor  # final encoder output at the gist positions (what cross-attention reads)
     prompt_tokens: torch.Tensor  # [B], instruction tokens the cache replaces (for the bytes report)
@@ -93,12 +95,15 @@ def _empty_layers(model, batch: int) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def build_seq2seq_cache(model, prompts: list[list[int]], gist_ids: list[int], mask: str = "gist",
-                        embed=None) -> Seq2SeqGistCache:
+def build_seq2seq_cache(
+    model, prompts: list[list[int]], gist_ids: list[int], mask: str = "gist", embed=None
+) -> Seq2SeqGistCache:
     """Encode left-padded prompt + gist rows (each ending in the gist ids) once; keep the gist states."""
     if mask == "pos_control":
-        raise ValueError("pos_control: every prompt state depends on the input, nothing can be cached "
-                         "(answer with greedy_seq2seq, which takes the uncached path)")
+        raise ValueError(
+            "pos_control: every prompt state depends on the input, nothing can be cached "
+            "(answer with greedy_seq2seq, which takes the uncached path)"
+        )
     device, dtype = device_dtype(model)
     k = len(gist_ids)
     batch = padded_prompts(prompts, gist_ids)
@@ -132,8 +137,7 @@ def encode_after_cache(model, cache: Seq2SeqGistCache, inputs: list[list[int]], 
 
 
 @torch.no_grad()
-def encode_full(model, prompts: list[list[int]], inputs: list[list[int]], gist_ids: list[int], mask: str,
-                embed=None):
+def encode_full(model, prompts: list[list[int]], inputs: list[list[int]], gist_ids: list[int], mask: str, embed=None):
     """The masked uncached path: prompt + gist + input (right-padded) through HF's encoder under the
     seq2seq mask. Returns (encoder states [B, S, d], cross-attention mask [B, S])."""
     device, dtype = device_dtype(model)
@@ -146,33 +150,58 @@ def encode_full(model, prompts: list[list[int]], inputs: list[list[int]], gist_i
 
 def _encoder_outputs(states):
     from transformers.modeling_outputs import BaseModelOutput
+
     return BaseModelOutput(last_hidden_state=states)
 
 
 @torch.no_grad()
 def decoder_logits(model, states, cross_mask, decoder_input_ids) -> torch.Tensor:
     """[B, T, vocab] teacher-forced decoder logits over given encoder states (no encoder rerun)."""
-    return model(encoder_outputs=_encoder_outputs(states), attention_mask=cross_mask,
-                 decoder_input_ids=decoder_input_ids, use_cache=False).logits
+    return model(
+        encoder_outputs=_encoder_outputs(states),
+        attention_mask=cross_mask,
+        decoder_input_ids=decoder_input_ids,
+        use_cache=False,
+    ).logits
 
 
 @torch.no_grad()
-def generate_from_encoder(model, states, cross_mask, max_new_tokens: int, eos_id: int, pad_id: int = 0,
-                          synced_gpus: bool = False) -> list[list[int]]:
+def generate_from_encoder(
+    model, states, cross_mask, max_new_tokens: int, eos_id: int, pad_id: int = 0, synced_gpus: bool = False
+) -> list[list[int]]:
     """Greedy answers (HF generate, decoder KV cache) over encoder states; new ids per row, cut at eos."""
     from transformers import GenerationConfig
 
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_id,
-                              pad_token_id=pad_id, decoder_start_token_id=model.config.decoder_start_token_id,
-                              use_cache=True)
-    out = model.generate(encoder_outputs=_encoder_outputs(states), attention_mask=cross_mask,
-                         generation_config=config, synced_gpus=synced_gpus)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        decoder_start_token_id=model.config.decoder_start_token_id,
+        use_cache=True,
+    )
+    out = model.generate(
+        encoder_outputs=_encoder_outputs(states),
+        attention_mask=cross_mask,
+        generation_config=config,
+        synced_gpus=synced_gpus,
+    )
     return [cut_at_eos(row.tolist(), eos_id) for row in out[:, 1:]]  # column 0: the decoder start
 
 
-def greedy_seq2seq(model, prompts: list[list[int]], tails: list[list[int]], gist_ids: list[int], mask: str,
-                   max_new_tokens: int, eos_id: int, pad_id: int = 0, embed=None, synced_gpus: bool = False,
-                   prefix: int = 0):
+def greedy_seq2seq(
+    model,
+    prompts: list[list[int]],
+    tails: list[list[int]],
+    gist_ids: list[int],
+    mask: str,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int = 0,
+    embed=None,
+    synced_gpus: bool = False,
+    prefix: int = 0,
+):
     """causal.greedy for encoder-decoder models: prompts (ending in the gist ids) cached under
     `mask` (pos_control: encoded whole with each input), answers after each tail. Returns (answers, cache).
     `prefix` must be 0: mask_prefix=visible is refused for T5 at config time."""
@@ -189,8 +218,9 @@ def greedy_seq2seq(model, prompts: list[list[int]], tails: list[list[int]], gist
 
 
 @torch.no_grad()
-def generate_uncached_seq2seq(model, prompts, tails, gist_ids, mask: str, max_new_tokens: int, eos_id: int,
-                              embed=None) -> list[list[int]]:
+def generate_uncached_seq2seq(
+    model, prompts, tails, gist_ids, mask: str, max_new_tokens: int, eos_id: int, embed=None
+) -> list[list[int]]:
     """Reference: the full masked encoder input, then a decoder rerun over the whole answer every step
     (no gist cache, no decoder KV cache). Slow; for checking the cached path."""
     device, _ = device_dtype(model)

@@ -1,5 +1,6 @@
 """Training objectives, one module each (config `objective:`), per model family; see base.Method for
 the interface. `method_for` is the one place the family is looked at: the Trainer never names it."""
+
 from ..model import model_config, model_family
 from .base import Method, Tokens
 from .distill import Distill

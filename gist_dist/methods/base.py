@@ -4,22 +4,24 @@ A method says how records become examples, how examples become a batch on the en
 which module the engine trains (and what stays frozen), what a checkpoint keeps, and what the
 run exports. The module's forward(**batch) returns the loss: the loop only calls it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from ..data.batches import ShardedBatches
 from ..config import RunConfig
 from ..data import IGNORE, pad_batch
-from ..masks import model_inputs
+from ..data.batches import ShardedBatches
 from ..data.packing import join, pack
+from ..masks import model_inputs
 
 
 @dataclass
 class Tokens:
     """What the tokenizer set-up tells a method: gist ids, vocabulary sizes before/after, padding."""
+
     tokenizer: object
     gist_ids: list[int]
     num_old: int  # vocabulary size before the gist tokens were added
@@ -55,6 +57,7 @@ class Method:
     """The module from `wrap` returns the loss SUMMED over the batch's target tokens; the Trainer
     divides by the target tokens of the whole global batch (all micro-batches, all ranks), so the
     loss and its gradient do not depend on how examples were grouped into micro-batches or rows."""
+
     name = ""
     trains_backbone = True  # False: checkpoints leave the (frozen) backbone's shards out
     flex_attention = True  # can take the mask as a FlexAttention BlockMask (model.attention=auto picks it on CUDA)

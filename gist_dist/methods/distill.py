@@ -7,6 +7,7 @@ the backbone's vocabulary is never resized, so every backbone weight stays bit-f
 (checked with digests of the gathered weights when train.verify_frozen is on). The student sees the
 prompt + gist under the gist mask (distill.student=gist_mask) or only the gist (no_prompt, compress).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,23 +17,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import artifact, dist, zero
-from ..data.batches import ShardedBatches
-from ..data import IGNORE
 from ..config import ConfigError
-from ..tokens import GistEmbedding, GistLayerOffsets, mean_embedding
+from ..data import IGNORE
+from ..data.batches import ShardedBatches
 from ..data.packing import join, pack
+from ..tokens import GistEmbedding, GistLayerOffsets, mean_embedding
 from .base import Method, label_tokens
 from .finetune import label_targets, labelled_rows, lm_head_rows
 
 
 def kl_on_responses(teacher_rows, student_rows, temperature: float):
     """Sum over response tokens of KL(teacher || student) at temperature T, scaled by T^2 (rows in batch order)."""
-    assert teacher_rows.shape == student_rows.shape, \
+    assert teacher_rows.shape == student_rows.shape, (
         f"teacher/student response tokens differ: {teacher_rows.shape} vs {student_rows.shape}"
+    )
     t, s = teacher_rows.float(), student_rows.float()
     if temperature != 1:  # no [tokens, vocab] copies when there is nothing to scale
         t, s = t / temperature, s / temperature
-    return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum") * temperature ** 2
+    return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum") * temperature**2
 
 
 class TeacherCache:
@@ -61,8 +63,9 @@ class DistillLoss(nn.Module):
     """Wraps a frozen causal LM; forward(teacher, student, labels_t, labels_s) returns the distillation
     loss summed over the response tokens."""
 
-    def __init__(self, model, gist_ids: list[int], init: torch.Tensor, temperature=1.0, lm_weight=0.0,
-                 cache_teacher=False):
+    def __init__(
+        self, model, gist_ids: list[int], init: torch.Tensor, temperature=1.0, lm_weight=0.0, cache_teacher=False
+    ):
         super().__init__()
         self.model = model
         for p in self.model.parameters():
@@ -73,8 +76,9 @@ class DistillLoss(nn.Module):
 
     def response_logits(self, labels, input_ids=None, inputs_embeds=None, **masks) -> torch.Tensor:
         """Logits only at the positions that predict a response token, [tokens, vocab]."""
-        hidden = self.model.get_decoder()(input_ids=input_ids, inputs_embeds=inputs_embeds, use_cache=False,
-                                          **masks).last_hidden_state
+        hidden = self.model.get_decoder()(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, use_cache=False, **masks
+        ).last_hidden_state
         return lm_head_rows(self.model, labelled_rows(hidden, labels)[0])
 
     def teacher_rows(self, teacher: dict, labels_t: torch.Tensor, keys=None) -> torch.Tensor:
@@ -142,11 +146,17 @@ class Distill(Method):
 
     def pack(self, examples, capacity):
         """Teacher and student packed alike: one row holds the same examples on both sides."""
+
         def combine(parts):
-            return {"teacher": join([p["teacher"] for p in parts]), "student": join([p["student"] for p in parts]),
-                    "key": "+".join(p["key"] for p in parts)}
-        return pack(examples, capacity, lambda e: max(len(e["teacher"]["input_ids"]), len(e["student"]["input_ids"])),
-                    combine)
+            return {
+                "teacher": join([p["teacher"] for p in parts]),
+                "student": join([p["student"] for p in parts]),
+                "key": "+".join(p["key"] for p in parts),
+            }
+
+        return pack(
+            examples, capacity, lambda e: max(len(e["teacher"]["input_ids"]), len(e["student"]["input_ids"])), combine
+        )
 
     def targets(self, examples):
         return sum(label_tokens(e["student"]) for e in examples)
@@ -159,9 +169,13 @@ class Distill(Method):
     def collate(self, examples, device):
         teacher, labels_t = self.model_batch([e["teacher"] for e in examples], "pos_control", device)
         student, labels_s = self.model_batch([e["student"] for e in examples], "gist", device)
-        return {"teacher": teacher, "student": student, "labels_t": labels_t, "labels_s": labels_s,
-                "keys": [e["key"] for e in examples] if self.cfg.distill.cache_teacher else None}, \
-            sum(len(e["student"]["input_ids"]) for e in examples)
+        return {
+            "teacher": teacher,
+            "student": student,
+            "labels_t": labels_t,
+            "labels_s": labels_s,
+            "keys": [e["key"] for e in examples] if self.cfg.distill.cache_teacher else None,
+        }, sum(len(e["student"]["input_ids"]) for e in examples)
 
     def wrap(self, model):
         d = self.cfg.distill
@@ -170,7 +184,9 @@ class Distill(Method):
         if d.layer_offsets:
             decoder = model.get_decoder()  # encoder-decoder models are refused by their method's check
             if not hasattr(decoder, "layers"):
-                raise ConfigError(f"distill.layer_offsets: {model.config.model_type}'s decoder keeps no .layers to hook")
+                raise ConfigError(
+                    f"distill.layer_offsets: {model.config.model_type}'s decoder keeps no .layers to hook"
+                )
             zeros = torch.zeros(len(decoder.layers) - 1, *init.shape, dtype=init.dtype, device=init.device)
             module.gist_rows.offsets = GistLayerOffsets(decoder, zeros)  # zeros: training starts as plain prompt tuning
         return module, list(module.gist_rows.parameters())
@@ -202,9 +218,21 @@ class Distill(Method):
             offsets = rows.offsets.stacked().clone() if rows.offsets is not None else None
         if dist.is_main():
             cfg, tok = self.cfg, self.tokens.tokenizer
-            artifact.save(out, gist, layer_offsets=offsets, meta={
-                "base_fingerprint": meta["base_fingerprint"], "base_model": cfg.model.name,
-                "num_gist": cfg.num_gist, "gist_tokens": tok.convert_ids_to_tokens(self.tokens.gist_ids),
-                "hidden_size": gist.shape[1], "tokenizer": cfg.model.tokenizer or cfg.model.name,
-                "final_loss": last_loss, "temperature": cfg.distill.temperature,
-                "student": cfg.distill.student, "template": cfg.data.template, "mask_prefix_tokens": self.prefix})
+            artifact.save(
+                out,
+                gist,
+                layer_offsets=offsets,
+                meta={
+                    "base_fingerprint": meta["base_fingerprint"],
+                    "base_model": cfg.model.name,
+                    "num_gist": cfg.num_gist,
+                    "gist_tokens": tok.convert_ids_to_tokens(self.tokens.gist_ids),
+                    "hidden_size": gist.shape[1],
+                    "tokenizer": cfg.model.tokenizer or cfg.model.name,
+                    "final_loss": last_loss,
+                    "temperature": cfg.distill.temperature,
+                    "student": cfg.distill.student,
+                    "template": cfg.data.template,
+                    "mask_prefix_tokens": self.prefix,
+                },
+            )

@@ -1,6 +1,7 @@
 """objective=finetune: the whole model trains with the LM loss under the run's mask (gist, or a
 control). The gist tokens are new vocabulary rows, mean-initialised; with train.gist_lr their input
 rows train as a separate parameter at that lr and are written back into the vocabulary on export."""
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,6 @@ from ..config import ConfigError
 from ..data import IGNORE
 from ..tokens import GistEmbedding, init_gist_embeddings
 from .base import Method
-
 
 
 def label_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -47,10 +47,14 @@ class CausalLMLoss(nn.Module):
         self.gist_rows = gist_rows
 
     def forward(self, input_ids, attention_mask, position_ids, labels):
-        tokens = {"input_ids": input_ids} if self.gist_rows is None else \
-            {"inputs_embeds": self.gist_rows(input_ids, self.model.get_input_embeddings())}
-        hidden = self.model.get_decoder()(**tokens, attention_mask=attention_mask,
-                                          position_ids=position_ids, use_cache=False).last_hidden_state
+        tokens = (
+            {"input_ids": input_ids}
+            if self.gist_rows is None
+            else {"inputs_embeds": self.gist_rows(input_ids, self.model.get_input_embeddings())}
+        )
+        hidden = self.model.get_decoder()(
+            **tokens, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
         rows, targets = labelled_rows(hidden, labels)
         return F.cross_entropy(self.logits(rows).float(), targets, reduction="sum")
 
@@ -110,8 +114,10 @@ class Finetune(Method):
         gist_rows = getattr(module, "gist_rows", None)
         if gist_rows is None:
             return super().param_groups(module, trainable)
-        return [{"params": [p for p in trainable if p is not gist_rows.gist]},
-                {"params": [gist_rows.gist], "lr": self.cfg.train.gist_lr}]
+        return [
+            {"params": [p for p in trainable if p is not gist_rows.gist]},
+            {"params": [gist_rows.gist], "lr": self.cfg.train.gist_lr},
+        ]
 
     def export(self, engine, module, out, meta, last_loss):
         """OUTPUT_DIR/final/: a plain HF folder (safetensors + tokenizer + gist_model.json + model card)."""
@@ -129,9 +135,17 @@ class Finetune(Method):
         with atomic_dir(out / "final") as tmp:
             module.model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             tok.save_pretrained(tmp)
-            (tmp / artifact.FINAL_META).write_text(json.dumps(
-                {"mask": cfg.mask, "num_gist": cfg.num_gist, "gist_tokens": gist_tokens,
-                 "mask_prefix_tokens": self.prefix}, indent=2))
+            (tmp / artifact.FINAL_META).write_text(
+                json.dumps(
+                    {
+                        "mask": cfg.mask,
+                        "num_gist": cfg.num_gist,
+                        "gist_tokens": gist_tokens,
+                        "mask_prefix_tokens": self.prefix,
+                    },
+                    indent=2,
+                )
+            )
             (tmp / "README.md").write_text(self.model_card(cfg, gist_tokens))
 
     @staticmethod
@@ -140,29 +154,40 @@ class Finetune(Method):
 
 
 TEMPLATE_TEXT = {  # data.template -> (the layout, the part run once into the cache, the rest), given the gist text
-    "alpaca": lambda gist: (f"    Instruction: {{instruction}}\\n{gist}\\nInput: {{input}}\\nOutput: {{output}}<eos>\n\n"
-                            "(`\\nInput: {input}` is left out when there is no input.)",
-                            f"`Instruction: ...\\n{gist}`", "`\\nInput: ...\\nOutput:`"),
-    "chat": lambda gist: ("The tokenizer's own chat template: one user turn `{instruction}" + gist + "\\n{input}` (no `\\n` "
-                          "without an input), the assistant turn `{output}` with its end-of-turn tokens.",
-                          f"the chat template up to the user turn's `{{instruction}}{gist}`",
-                          "the rest of the user turn and the assistant header"),
-    "chat_system": lambda gist: ("The tokenizer's own chat template: the system message `{instruction}" + gist + "`, the "
-                                 "user turn `{input}`, the assistant turn `{output}` with its end-of-turn tokens.",
-                                 f"the chat template up to the system message's `{{instruction}}{gist}`",
-                                 "the rest: the user turn and the assistant header"),
+    "alpaca": lambda gist: (
+        f"    Instruction: {{instruction}}\\n{gist}\\nInput: {{input}}\\nOutput: {{output}}<eos>\n\n"
+        "(`\\nInput: {input}` is left out when there is no input.)",
+        f"`Instruction: ...\\n{gist}`",
+        "`\\nInput: ...\\nOutput:`",
+    ),
+    "chat": lambda gist: (
+        "The tokenizer's own chat template: one user turn `{instruction}" + gist + "\\n{input}` (no `\\n` "
+        "without an input), the assistant turn `{output}` with its end-of-turn tokens.",
+        f"the chat template up to the user turn's `{{instruction}}{gist}`",
+        "the rest of the user turn and the assistant header",
+    ),
+    "chat_system": lambda gist: (
+        "The tokenizer's own chat template: the system message `{instruction}" + gist + "`, the "
+        "user turn `{input}`, the assistant turn `{output}` with its end-of-turn tokens.",
+        f"the chat template up to the system message's `{{instruction}}{gist}`",
+        "the rest: the user turn and the assistant header",
+    ),
 }
 
 
 def model_card(cfg, gist_tokens: list[str]) -> str:
     """final/README.md: what the gist tokens are and how to use the cached path with transformers alone."""
     gist = "".join(gist_tokens)
-    keep = {"gist": f"Keep only the last {cfg.num_gist} entries of every layer's keys/values (the gist tokens)",
-            "pos_control": "Keep every entry (pos_control masks nothing: the control, not a compressed model)",
-            "neg_control": "Keep no entry (neg_control hides the prompt and the gist: the floor control)"}[cfg.mask]
+    keep = {
+        "gist": f"Keep only the last {cfg.num_gist} entries of every layer's keys/values (the gist tokens)",
+        "pos_control": "Keep every entry (pos_control masks nothing: the control, not a compressed model)",
+        "neg_control": "Keep no entry (neg_control hides the prompt and the gist: the floor control)",
+    }[cfg.mask]
     if cfg.mask_prefix == "visible" and cfg.mask != "pos_control":  # trained with the fixed head visible
-        keep += (", and in front of them the first `mask_prefix_tokens` entries (gist_model.json: the fixed "
-                 "template head, the same for every instruction)")
+        keep += (
+            ", and in front of them the first `mask_prefix_tokens` entries (gist_model.json: the fixed "
+            "template head, the same for every instruction)"
+        )
     template, prompt_part, rest = TEMPLATE_TEXT[cfg.data.template](gist)
     return f"""# Gist model ({cfg.mask}, {cfg.num_gist} gist token(s))
 

@@ -12,6 +12,7 @@ whose prediction is never used: one position more than needed).
 HF's T5ForConditionalGeneration.forward gives its `attention_mask` to the encoder and to the
 cross-attention alike, so the encoder and the decoder are called here, each with its own mask.
 """
+
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -29,23 +30,31 @@ def split(example: dict, start_id: int) -> tuple[dict, dict]:
     """A template example (head + answer) -> (encoder example, decoder example)."""
     head = list(example["labels"]).count(IGNORE)  # IGNORE over the head only, then the answer
     answer = list(example["input_ids"][head:])
-    return {"input_ids": list(example["input_ids"][:head])}, \
-        {"input_ids": [start_id] + answer, "labels": [IGNORE] + answer}
+    return {"input_ids": list(example["input_ids"][:head])}, {
+        "input_ids": [start_id] + answer,
+        "labels": [IGNORE] + answer,
+    }
 
 
-def decoder_states(model, attention_mask, encoder_attention_mask, decoder_input_ids, input_ids=None,
-                   inputs_embeds=None):
+def decoder_states(
+    model, attention_mask, encoder_attention_mask, decoder_input_ids, input_ids=None, inputs_embeds=None
+):
     """The decoder's last hidden states: the encoder under its mask, cross-attention under its own."""
-    encoded = model.get_encoder()(input_ids=input_ids, inputs_embeds=inputs_embeds,
-                                  attention_mask=attention_mask).last_hidden_state
-    return model.get_decoder()(input_ids=decoder_input_ids, encoder_hidden_states=encoded,
-                               encoder_attention_mask=encoder_attention_mask, use_cache=False).last_hidden_state
+    encoded = model.get_encoder()(
+        input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask
+    ).last_hidden_state
+    return model.get_decoder()(
+        input_ids=decoder_input_ids,
+        encoder_hidden_states=encoded,
+        encoder_attention_mask=encoder_attention_mask,
+        use_cache=False,
+    ).last_hidden_state
 
 
 def head_rows(model, rows):
     """The LM head on decoder rows; original T5 (v1.0) scales them by d_model^-0.5 first, as HF's forward does."""
     if getattr(model.config, "scale_decoder_outputs", False):
-        rows = rows * model.config.d_model ** -0.5
+        rows = rows * model.config.d_model**-0.5
     return model.get_output_embeddings()(rows)
 
 
@@ -70,25 +79,33 @@ class Seq2SeqDistillLoss(DistillLoss):
 
 class Seq2Seq:
     """What both objectives do differently for encoder-decoder models: the batch and the refusals."""
+
     flex_attention = False
 
     @classmethod
     def check(cls, cfg):
         # T5's relative position bias spans every (query, key) pair of a row: one dense [S, S] bias
         if cfg.data.packing:
-            raise ConfigError("data.packing is not supported for encoder-decoder (T5) models: their relative "
-                              "position bias is dense over the whole row; set data.packing=false")
+            raise ConfigError(
+                "data.packing is not supported for encoder-decoder (T5) models: their relative "
+                "position bias is dense over the whole row; set data.packing=false"
+            )
         if cfg.mask_prefix != "hidden":
-            raise ConfigError("mask_prefix=visible is not implemented for encoder-decoder (T5) models; "
-                              "set mask_prefix=hidden")
+            raise ConfigError(
+                "mask_prefix=visible is not implemented for encoder-decoder (T5) models; set mask_prefix=hidden"
+            )
         if cfg.train.gist_lr:
             raise ConfigError("train.gist_lr is not implemented for encoder-decoder (T5) models; unset it")
         if cfg.model.attention == "flex":
-            raise ConfigError("model.attention=flex is not supported for encoder-decoder (T5) models: their "
-                              "relative position bias needs the dense mask; use model.attention=dense or auto")
+            raise ConfigError(
+                "model.attention=flex is not supported for encoder-decoder (T5) models: their "
+                "relative position bias needs the dense mask; use model.attention=dense or auto"
+            )
         if cfg.distill.layer_offsets:
-            raise ConfigError("distill.layer_offsets needs a decoder-only model; it is not implemented for "
-                              "encoder-decoder (T5) models")
+            raise ConfigError(
+                "distill.layer_offsets needs a decoder-only model; it is not implemented for "
+                "encoder-decoder (T5) models"
+            )
 
     def wrap(self, model):
         self.start_id = model.config.decoder_start_token_id

@@ -6,6 +6,7 @@
 
 Scores are F-measures from Google's `rouge_score`, averaged over examples (as the hub's "rouge").
 """
+
 import datasets
 import evaluate
 from rouge_score import rouge_scorer
@@ -23,9 +24,13 @@ Returns: {rouge_type: score}.
 class Rouge(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
-            description=_DESCRIPTION, citation="Lin (2004), ROUGE", inputs_description=_KWARGS,
-            features=datasets.Features({"predictions": datasets.Value("string"),
-                                        "references": datasets.Value("string")}))
+            description=_DESCRIPTION,
+            citation="Lin (2004), ROUGE",
+            inputs_description=_KWARGS,
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
+        )
 
     def _compute(self, predictions, references, rouge_types=None, use_stemmer=False, use_aggregator=True):
         rouge_types = rouge_types or ["rouge1", "rouge2", "rougeL", "rougeLsum"]
