@@ -10,6 +10,7 @@ import torch
 
 from conftest import gist_dist
 from gist_dist.analysis import flops
+from gist_dist.inference.decoding import cache_kwarg, returned_cache
 
 LENGTHS = [(5, 3), (26, 11), (40, 1)]  # (instruction tokens, input tokens after the gist)
 
@@ -46,7 +47,12 @@ def test_next_token_flops_match_counter():
     with torch.no_grad():
         first = net(encoder_outputs=(states,), decoder_input_ids=start, use_cache=True)
         with FlopCounterMode(display=False) as counter:
-            net(encoder_outputs=(states,), decoder_input_ids=start, cache=first.past_key_values, use_cache=True)
+            net(
+                encoder_outputs=(states,),
+                decoder_input_ids=start,
+                use_cache=True,
+                **{cache_kwarg(net): returned_cache(first)},
+            )
     measured = counter.get_total_flops()
     assert abs(shape.next_token_flops(0, 0, seen) / measured - 1) < 0.02
 

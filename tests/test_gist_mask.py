@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+from gist_dist.inference.decoding import cache_kwarg, returned_cache
 from gist_dist.masks import allowed_attention, make_attention_mask, position_ids_from
 
 GIST = [1000, 1001, 1002]
@@ -105,14 +106,14 @@ def test_prompt_reaches_later_tokens_only_through_gist_kv(attn):
             ids, attention_mask=make_attention_mask(ids, att, GIST[:k], "gist"), position_ids=position_ids_from(att)
         ).logits
         head = ids[:, : 7 + k]
-        cache = model(head, use_cache=True).past_key_values
+        cache = returned_cache(model(head, use_cache=True))
         gist_only = DynamicCache()
         for layer, entry in enumerate(cache.layers):
             gist_only.update(entry.keys[:, :, 7:].clone(), entry.values[:, :, 7:].clone(), layer)
         T = ids.shape[1]
         cont = model(
             post,
-            past_key_values=gist_only,
+            **{cache_kwarg(model): gist_only},
             position_ids=torch.arange(7 + k, T)[None],
             attention_mask=torch.zeros(1, 1, post.shape[1], k + post.shape[1]).masked_fill_(
                 ~torch.ones(post.shape[1], k + post.shape[1], dtype=torch.bool).tril(k), torch.finfo(torch.float32).min

@@ -73,6 +73,14 @@ def test_report_of_several_runs_with_eval(tiny_gist_run, tmp_path):
     for line, s in zip(held_out, ev.values()):
         assert f"exact match {s['exact_match']:.2f}, ROUGE-L {s['rougeL']:.2f} on {s['n']} tasks" in line
         assert f"in 2 gist token(s): {s['compression_ratio']['mean']:.1f}x compression" in line
+    # then the first two held-out answers of each split, beside their instruction and reference
+    outputs = [json.loads(line) for line in (k2 / "eval_outputs.jsonl").read_text().splitlines()]
+    text = summarize(k2)
+    for name in ev:
+        first = [o for o in outputs if o["split"] == name][:2]
+        assert text.count(f"example ({name}):") == len(first) == 2
+        for o in first:
+            assert f"  reference:   {' '.join(o['reference'].split())[:97]}" in text
 
 
 def test_report_bad_input(tmp_path):

@@ -1,6 +1,6 @@
 """Measured time to first token, per-token decode time and KV bytes per caching strategy.
 
-Plain HF forward passes with `past_key_values`, no `generate`, so every strategy runs the same code:
+Plain HF forward passes over a KV cache, no `generate`, so every strategy runs the same code:
     none         forward(instruction + tail)                     nothing cached
     instruction  cache = forward(instruction); forward(tail)     P tokens of KV kept per prompt
     gist         cache = forward(instruction + gist), keep only the k gist entries; forward(tail)
@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from ..inference.decoding import returned_cache
 from .strategies import STRATEGIES, first_token_input, forward_after, strategy_cache
 
 
@@ -49,7 +50,7 @@ def measure_strategy(
     first = first_token_input(prompt, tail, strategy)
     ttft = [_timed(lambda: forward_after(model, first, prefix)) for _ in range(warmup + repeats)][warmup:]
     out = forward_after(model, first, prefix)
-    cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
+    cache, token = returned_cache(out), int(out.logits[0, -1].argmax())
     decode = []
     for _ in range(warmup + decode_tokens):
         t0 = time.perf_counter()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..inference.causal import GistKVCache, build_cache, empty_layers
-from ..inference.decoding import device_dtype
+from ..inference.decoding import cache_kwarg, device_dtype
 
 STRATEGIES = ("none", "instruction", "gist")
 
@@ -53,7 +53,7 @@ def forward_after(model, ids: list[int], prefix: GistKVCache, cache=None, logits
         input_ids=torch.tensor([ids], device=device),
         attention_mask=attention_mask_4d(len(ids), past, dtype, device),
         position_ids=torch.arange(start, start + len(ids), device=device)[None],
-        past_key_values=cache,
+        **{cache_kwarg(model): cache},
         use_cache=True,
         logits_to_keep=logits_to_keep,
     )

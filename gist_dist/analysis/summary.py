@@ -1,4 +1,5 @@
-"""A few lines about a finished run: loss before/after, throughput per rank, where outputs are."""
+"""A few lines about a finished run: loss before/after, throughput per rank, where outputs are, and (after
+`gist-dist eval`) the held-out figures with a few examples side by side."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def summarize(run_dir: str | Path) -> str:
         f"outputs:      {out / 'metrics.jsonl'}, {out / 'checkpoints'}, "
         + (f"{out / 'final'}" if (out / "final").exists() else f"{out / 'gist.safetensors'}"),
     ]
-    return "\n".join(lines + eval_lines(out))
+    return "\n".join(lines + eval_lines(out) + example_lines(out))
 
 
 def eval_lines(run_dir: Path) -> list[str]:
@@ -53,3 +54,31 @@ def eval_lines(run_dir: Path) -> list[str]:
         f"{s['compression_ratio']['mean']:.1f}x compression"
         for name, s in result["splits"].items()
     ]
+
+
+def example_lines(run_dir: Path, per_split: int = 2, width: int = 100) -> list[str]:
+    """The first held-out answers of each split in RUN/eval_outputs.jsonl: instruction (and input), the
+    reference, and the gist model's answer, which saw the instruction only through its gist tokens."""
+    path = run_dir / "eval_outputs.jsonl"
+    if not path.is_file():
+        return []
+    shown: dict[str, int] = {}
+    lines = []
+    for line in path.read_text().splitlines():
+        o = json.loads(line)
+        if shown.get(o["split"], 0) >= per_split:
+            continue
+        shown[o["split"]] = shown.get(o["split"], 0) + 1
+        task = o["instruction"] + (f" | input: {o['input']}" if o["input"] else "")
+        lines += [
+            f"example ({o['split']}):",
+            f"  instruction: {_clip(task, width)}",
+            f"  reference:   {_clip(o['reference'], width)}",
+            f"  gist model:  {_clip(o['prediction'], width)}",
+        ]
+    return lines
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())  # one line
+    return text if len(text) <= width else text[: width - 3] + "..."

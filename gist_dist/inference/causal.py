@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from ..data import pad_batch
 from ..masks import model_inputs
-from .decoding import cut_at_eos, device_dtype, padded_prompts
+from .decoding import cache_kwarg, cut_at_eos, device_dtype, padded_prompts, returned_cache
 
 
 @dataclass
@@ -187,7 +187,7 @@ def build_cache(
         out = model(**inputs, use_cache=True, logits_to_keep=1)
         # the prefix's columns: each row's first real tokens (rows are left-padded)
         cols = (L - lengths.to(device))[:, None] + torch.arange(shared, device=device)
-        for layer in out.past_key_values.layers:
+        for layer in returned_cache(out).layers:
             at = cols[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
             keys.append(torch.cat([layer.keys.gather(2, at), layer.keys[:, :, L - keep :]], 2))
             values.append(torch.cat([layer.values.gather(2, at), layer.values[:, :, L - keep :]], 2))
@@ -226,7 +226,7 @@ def generate_from_cache(
         input_ids=batch["input_ids"].to(device),
         attention_mask=torch.cat([cache.attention_mask.long(), tail_mask], 1),
         position_ids=cache.next_position[:, None] + (tail_mask.cumsum(-1) - 1).clamp_min(0),
-        past_key_values=cache.dynamic_cache(),
+        **{cache_kwarg(model): cache.dynamic_cache()},
         generation_config=config,
         synced_gpus=synced_gpus,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from ..data import pad_batch
@@ -11,6 +13,18 @@ def device_dtype(model) -> tuple[torch.device, torch.dtype]:
     """Where the model's weights live and in which dtype (device "meta" for weightless FLOP counts)."""
     p = next(model.parameters())
     return p.device, p.dtype
+
+
+def cache_kwarg(model) -> str:
+    """The keyword a model's forward and `generate` take a KV cache by: `cache` in newer transformers 5.x,
+    `past_key_values` in older ones (the old name is deprecated where the new one exists)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(output):
+    """The KV cache a forward returned, under either name (see cache_kwarg)."""
+    cache = getattr(output, "cache", None)
+    return output.past_key_values if cache is None else cache
 
 
 def cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
