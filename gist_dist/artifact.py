@@ -1,5 +1,8 @@
-"""The distill artifact: `gist.safetensors` (k x hidden, and with distill.layer_offsets a (layers - 1) x
-k x hidden `layer_offsets`) + `gist_config.json`.
+"""The distill artifact: `gist.safetensors` + `gist_config.json`. What the safetensors file holds follows
+distill.params (recorded as `params` in the JSON): `gist` (k x hidden) always; with offsets also
+`layer_offsets` ((layers - 1) x k x hidden); with kv also `kv` (layers x 2 x k x kv_dim: each layer's
+k_proj / v_proj output at the gist positions, before RoPE), and then `gist_kv.safetensors` beside it holds
+the cache those entries make (inference.causal.GistKVCache's format), for serving without our hooks.
 
 Loading checks the base model's fingerprint, so gist embeddings are never used with a model
 they were not trained for.
@@ -16,7 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import replace_file
 
-WEIGHTS, CONFIG = "gist.safetensors", "gist_config.json"
+WEIGHTS, CONFIG, CACHE = "gist.safetensors", "gist_config.json", "gist_kv.safetensors"
+EXTRA = {"embeddings": (), "offsets": ("layer_offsets",), "kv": ("kv",)}  # distill.params -> tensors beside `gist`
 FINAL_META = "gist_model.json"  # a fine-tuned run's final/: which gist tokens and mask
 
 
@@ -81,14 +85,17 @@ class BaseModel:
         return fingerprints_match(saved, self.fingerprint)
 
 
-def save(directory: str | Path, gist: torch.Tensor, meta: dict, layer_offsets: torch.Tensor | None = None):
-    """Write both files atomically (temp names, then rename)."""
+def save(directory: str | Path, gist: torch.Tensor, meta: dict, **extra: torch.Tensor | None):
+    """Write both files atomically (temp names, then rename). `extra`: layer_offsets= or kv= (None: absent)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tmp_w, tmp_c = d / (WEIGHTS + ".tmp"), d / (CONFIG + ".tmp")
-    tensors = {"gist": gist, **({"layer_offsets": layer_offsets} if layer_offsets is not None else {})}
+    tensors = {"gist": gist, **{name: t for name, t in extra.items() if t is not None}}
+    params = next((p for p, names in EXTRA.items() if set(names) == set(tensors) - {"gist"}), None)
+    if params is None:
+        raise ValueError(f"an artifact holds gist with nothing, layer_offsets or kv beside it, not {sorted(tensors)}")
     save_file({name: t.detach().float().contiguous().cpu() for name, t in tensors.items()}, str(tmp_w))
-    meta = {**meta, "layer_offsets": layer_offsets is not None}
+    meta = {**meta, "params": params}
     tmp_c.write_text(json.dumps(meta, indent=2, sort_keys=True))
     replace_file(tmp_w, d / WEIGHTS)
     replace_file(tmp_c, d / CONFIG)
@@ -128,17 +135,19 @@ def load(directory: str | Path, expected_fingerprint: str | BaseModel | None = N
         ) from None
     if gist.shape[0] != meta.get("num_gist"):
         raise ArtifactError(f"{d}: {WEIGHTS} holds {gist.shape[0]} rows but config says {meta.get('num_gist')}")
-    offsets = tensors.get("layer_offsets")
-    if bool(meta.get("layer_offsets")) != (offsets is not None) or (
-        offsets is not None and (offsets.dim() != 3 or offsets.shape[1:] != gist.shape)
+    params, extra = meta.get("params", "embeddings"), sorted(set(tensors) - {"gist"})
+    offsets, kv = tensors.get("layer_offsets"), tensors.get("kv")
+    if (
+        params not in EXTRA
+        or extra != sorted(EXTRA[params])
+        or (offsets is not None and (offsets.dim() != 3 or offsets.shape[1:] != gist.shape))
+        or (kv is not None and (kv.dim() != 4 or kv.shape[1] != 2 or kv.shape[2] != gist.shape[0]))
     ):
-        raise ArtifactError(
-            f"{d}: {WEIGHTS}'s layer_offsets ({None if offsets is None else list(offsets.shape)}) do not "
-            f"match its config (layer_offsets={meta.get('layer_offsets', False)}, {list(gist.shape)} gist rows)"
-        )
+        shapes = {name: list(tensors[name].shape) for name in sorted(tensors)}
+        raise ArtifactError(f"{d}: {WEIGHTS} holds {shapes}, which does not match its config (params={params})")
     return gist, meta
 
 
-def load_layer_offsets(directory: str | Path) -> torch.Tensor | None:
-    """The artifact's [layers - 1, k, hidden] layer offsets, None when it has none (check it with `load` first)."""
-    return load_file(str(Path(directory) / WEIGHTS)).get("layer_offsets")
+def load_extra(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The artifact's tensors beside `gist` (layer_offsets or kv; none for embeddings; check it with `load` first)."""
+    return {name: t for name, t in load_file(str(Path(directory) / WEIGHTS)).items() if name != "gist"}

@@ -21,6 +21,11 @@ def _env_defaults():
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # keeps stderr to what matters
     # DeepSpeed 0.19 calls torch's renamed collectives every step; one warning per call floods logs.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.", category=FutureWarning)
+    if "DS_ACCELERATOR" not in os.environ:  # DeepSpeed finds the CPU too, but warns on every rank that it did
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def cmd_train(args) -> int:
@@ -43,14 +48,16 @@ def cmd_compress(args) -> int:
 
     overrides = [f"num_gist={args.num_gist}", *args.overrides]
     cfg = compress.prepare(
-        load_config(args.config, overrides),
+        load_config(args.config or compress.DEFAULT_CONFIG, overrides),
         args.prompt_file,
         args.queries,
         args.num_queries,
         args.answer_tokens,
         args.heldout,
         args.heldout_queries,
+        args.checks,
     )
+    dist.log(compress.plan_line(cfg))
     summary = run(cfg)
     compress.record_prompt_meta(cfg)
     if dist.is_main():
@@ -58,6 +65,9 @@ def cmd_compress(args) -> int:
 
         summary["fidelity"] = evaluate_heldout(cfg.output_dir)  # held-out queries vs the teacher
         print(json.dumps(summary))
+        print(f"compress: {summary['fidelity']['verdict']}", flush=True)
+        if summary["fidelity"]["warning"]:
+            print(f"compress: {summary['fidelity']['warning']}", file=sys.stderr, flush=True)
     return 0
 
 
@@ -216,7 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="file of queries held out for evaluation, never trained on "
         "(same format as --queries); replaces --heldout's share",
     )
-    c.add_argument("--config", default=None, help="YAML run config (model, train, zero settings)")
+    c.add_argument(
+        "--checks",
+        help='JSONL task checks, one a line: {"query": ..., "contains": [...], "regex": ..., "json_keys": [...]}; '
+        "scored for the teacher, the student and no prompt; their queries are held out",
+    )
+    c.add_argument(
+        "--config", default=None, help="YAML run config (default: configs/compress.yaml, the best measured recipe)"
+    )
     c.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=runs/sys-prompt")
     c.set_defaults(func=cmd_compress)
     g = sub.add_parser("generate", help="answer queries with a gist artifact in place of the prompt")

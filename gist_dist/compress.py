@@ -16,6 +16,7 @@ to compare, and many of them flag a broken template rather than a property of th
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 from pathlib import Path
@@ -24,12 +25,14 @@ import torch
 
 from . import dist
 from .atomic import write_text
+from .checks import Check, read_checks
 from .config import ConfigError, RunConfig
 from .data import DataError, GistTemplate
 from .data.datagen import write_jsonl
 from .inference import greedy
-from .model import load_model, load_tokenizer
+from .model import ROOT, load_model, load_tokenizer
 
+DEFAULT_CONFIG = str(ROOT / "configs" / "compress.yaml")
 QUERY_REQUEST = "\n\nWrite one short question a user could ask about the text above.\nQuestion:"
 CHAT_QUERY_REQUEST = (
     "Write one short question a user could ask you, given your instructions. Reply with the question only."
@@ -90,11 +93,13 @@ def sample_queries(model, tok, template, prompt: str, n: int) -> list[str]:
     else:
         ask = template.text_ids(prompt + QUERY_REQUEST)
     queries: list[str] = []
-    for _ in range(n * 3):
+    for tries in range(1, n * 3 + 1):
         text = tok.decode(_sample(model, tok, ask, 24), skip_special_tokens=True)
         text = text.strip().split("\n")[0].strip()
         if text and text not in queries:
             queries.append(text)
+            if len(queries) % 8 == 0 or len(queries) == n:
+                print(f"compress: sampled {len(queries)}/{n} distinct queries ({tries} tries)", flush=True)
         if len(queries) == n:
             break
     return queries
@@ -123,8 +128,9 @@ def teacher_records(
         if len(queries) < 4:
             raise DataError("compress: the model produced too few distinct queries; pass --queries FILE")
     queries = [*queries, *heldout_queries]
-    mine = []
-    for q in queries[dist.rank() :: dist.world()]:  # one at a time: no padding, the same answer at any world size
+    mine, share = [], queries[dist.rank() :: dist.world()]
+    dist.log(f"compress: the full-prompt model answers {len(queries)} queries ({answer_tokens} tokens at most each)")
+    for q in share:  # one at a time: no padding, the same answer at any world size
         ids = template.encode({"instruction": prompt, "input": q, "output": ""}, with_gist=False, with_output=False)[
             "input_ids"
         ]
@@ -132,6 +138,12 @@ def teacher_records(
             model, [ids[:-1]], [ids[-1:]], [], "pos_control", answer_tokens, tok.eos_token_id, tok.pad_token_id
         )
         mine.append(tok.decode(answer, skip_special_tokens=True).strip())
+        if len(mine) % 8 == 0 or len(mine) == len(share):
+            dist.log(f"compress: answered {len(mine)}/{len(share)} of rank 0's share")
+    del model  # the teacher's weights and the allocator's cache go before the student is built
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     shares = dist.all_gather_object(mine)
     answers = [shares[i % dist.world()][i // dist.world()] for i in range(len(queries))]
     records = [{"instruction": prompt, "input": q, "output": a} for q, a in zip(queries, answers) if a]
@@ -143,9 +155,10 @@ def teacher_records(
     return records, len(queries) - len(records)
 
 
-def _queries_sha256(queries, n_queries: int, heldout: float, heldout_queries) -> str:
-    """What decides the teacher data besides the prompt: a rerun with other queries makes new data."""
+def _queries_sha256(queries, n_queries: int, heldout: float, heldout_queries, checks=()) -> str:
+    """What decides the teacher data besides the prompt: a rerun with other queries or checks makes new data."""
     split = {"heldout_queries": heldout_queries} if heldout_queries else {"heldout": heldout}
+    split["checks"] = [c.as_dict() for c in checks]
     return hashlib.sha256(json.dumps([queries if queries is not None else n_queries, split]).encode()).hexdigest()
 
 
@@ -171,25 +184,33 @@ def _write_teacher_data(
     answer_tokens: int,
     heldout: float,
     heldout_queries: list[str] = (),
+    checks: list[Check] = (),
 ):
     """All ranks answer; rank 0 writes. prompt.json goes last: it marks the data complete. With
-    heldout_queries, those are the held-out split (never trained on); else the last `heldout` share."""
-    records, dropped = teacher_records(cfg, prompt, queries, n_queries, answer_tokens, heldout_queries)
-    if heldout_queries:
-        held = set(heldout_queries)
-        train, evals = [r for r in records if r["input"] not in held], [r for r in records if r["input"] in held]
-        if not train or not evals:
-            raise DataError(
-                f"compress: the teacher answered every {'training' if not train else 'held-out'} "
-                f"query with nothing; none left to {'train on' if not train else 'hold out'}"
-            )
-    else:
-        n_eval = max(1, int(len(records) * heldout))
-        train, evals = records[:-n_eval], records[-n_eval:]
+    heldout_queries, those are the held-out split (never trained on); else the last `heldout` share.
+    The queries of the task checks are held out too, either way."""
+    check_queries = [c.query for c in checks if c.query not in heldout_queries]
+    held = set(heldout_queries) | set(check_queries)
+    records, dropped = teacher_records(
+        cfg, prompt, queries, n_queries, answer_tokens, [*heldout_queries, *check_queries]
+    )
+    train, evals = [r for r in records if r["input"] not in held], [r for r in records if r["input"] in held]
+    if not heldout_queries and train:
+        n_eval = max(1, int(len(train) * heldout))
+        train, evals = train[:-n_eval], train[-n_eval:] + evals
+    if not train or not evals:
+        raise DataError(
+            f"compress: the teacher answered every {'training' if not train else 'held-out'} "
+            f"query with nothing; none left to {'train on' if not train else 'hold out'}"
+        )
     if not dist.is_main():
         return
     write_jsonl(train, data_dir / "train.jsonl")
     write_jsonl(evals, data_dir / "heldout.jsonl")
+    if checks:
+        write_text(data_dir / "checks.jsonl", "".join(json.dumps(c.as_dict()) + "\n" for c in checks))
+    else:
+        (data_dir / "checks.jsonl").unlink(missing_ok=True)
     tok = load_tokenizer(cfg.model)
     prompt_tokens = len(tok(prompt, add_special_tokens=False)["input_ids"])
     (data_dir / "prompt.json").write_text(
@@ -204,7 +225,8 @@ def _write_teacher_data(
                 "dropped_empty_answers": dropped,
                 "answer_tokens": answer_tokens,
                 "heldout_queries": len(evals),
-                "queries_sha256": _queries_sha256(queries, n_queries, heldout, heldout_queries),
+                "checks": len(checks),
+                "queries_sha256": _queries_sha256(queries, n_queries, heldout, heldout_queries, checks),
             },
             indent=2,
         )
@@ -219,6 +241,7 @@ def prepare(
     answer_tokens: int,
     heldout: float,
     heldout_file: str | None = None,
+    checks_file: str | None = None,
 ) -> RunConfig:
     """Make the teacher data (all ranks answer, rank 0 writes), then return the distill run config that trains on it."""
     p = Path(prompt_file)
@@ -231,23 +254,25 @@ def prepare(
         raise ConfigError("--heldout must be between 0 and 1")
     queries = read_queries(queries_file) if queries_file else None
     heldout_queries = read_queries(heldout_file) if heldout_file else []
+    checks = read_checks(checks_file) if checks_file else []
     training = set(queries or ())
-    both = [q for q in heldout_queries if q in training]
-    if both:
-        raise DataError(
-            f"{heldout_file}: {len(both)} held-out queries are also training queries in {queries_file} "
-            f"(first: {both[0]!r}); a held-out query must not be trained on"
-        )
+    for source, held in ((heldout_file, heldout_queries), (checks_file, [c.query for c in checks])):
+        both = [q for q in held if q in training]
+        if both:
+            raise DataError(
+                f"{source}: {len(both)} held-out queries are also training queries in {queries_file} "
+                f"(first: {both[0]!r}); a held-out query must not be trained on"
+            )
     data_dir = Path(cfg.output_dir) / "compress_data"
     dist.init(cfg.timeout_s)
     tok = load_tokenizer(cfg.model)
     kind = template_for(tok)
     if _same_prompt_data(
-        data_dir, prompt, cfg.num_gist, kind, _queries_sha256(queries, n_queries, heldout, heldout_queries)
+        data_dir, prompt, cfg.num_gist, kind, _queries_sha256(queries, n_queries, heldout, heldout_queries, checks)
     ):
         dist.log(f"gist-dist: reusing teacher data in {data_dir} (same prompt and queries; e.g. a requeued job)")
     else:
-        _write_teacher_data(cfg, data_dir, prompt, queries, n_queries, answer_tokens, heldout, heldout_queries)
+        _write_teacher_data(cfg, data_dir, prompt, queries, n_queries, answer_tokens, heldout, heldout_queries, checks)
     dist.barrier()
     # The teacher sees the whole prompt: make room for the longest teacher example.
     longest, template = 0, GistTemplate(tok, [], max_length=1 << 30, template=kind)
@@ -275,3 +300,21 @@ def record_prompt_meta(cfg: RunConfig):
     meta = json.loads((out / "gist_config.json").read_text())
     meta.update(json.loads((out / "compress_data" / "prompt.json").read_text()))
     write_text(out / "gist_config.json", json.dumps(meta, indent=2, sort_keys=True))
+
+
+def plan_line(cfg: RunConfig) -> str:
+    """What compress is about to train, in one line (the progress lines then give an eta)."""
+    meta = json.loads((Path(cfg.data.train).parent / "prompt.json").read_text())
+    trains = {
+        "embeddings": "gist embeddings",
+        "offsets": "gist embeddings and a per-layer offset each",
+        "kv": "gist tokens' keys and values at every layer",
+    }[cfg.distill.params]
+    trained_on = meta["queries"] - meta["heldout_queries"] - meta["dropped_empty_answers"]
+    checks = f", {meta['checks']} task checks" if meta.get("checks") else ""
+    return (
+        f"compress: {cfg.num_gist} {trains} for a {meta['prompt_tokens']}-token prompt "
+        f"({meta['compression_ratio']:.0f}x), {cfg.train.max_steps} steps of {cfg.train.micro_batch_size} "
+        f"queries per rank x {dist.world()} rank(s) at lr {cfg.train.lr:g} on {trained_on} teacher answers; "
+        f"{meta['heldout_queries']} held out{checks}"
+    )

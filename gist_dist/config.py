@@ -72,9 +72,11 @@ class DistillConfig:
     # gist_mask: the student sees the prompt and gist under the gist mask; no_prompt: only the gist (compress)
     student: Literal["gist_mask", "no_prompt"] = "gist_mask"
     cache_teacher: bool = False  # keep teacher logits per training example (fixed data, e.g. compress)
-    # also train one [k, hidden] offset per decoder layer (after the first) at the gist positions (deep prompts):
-    # more capacity for the same k cached tokens (docs/recipes.md); decoder-only models
-    layer_offsets: bool = False
+    # What trains, always for the same k cached tokens (decoder-only models beyond embeddings; docs/recipes.md):
+    # embeddings: the k gist input rows (prompt tuning); offsets: also one [k, hidden] offset per decoder layer
+    # after the first at the gist positions (deep prompts); kv: the gist positions' keys and values at every
+    # layer, i.e. the cache itself (prefix tuning; needs student=no_prompt, a prompt-independent cache)
+    params: Literal["embeddings", "offsets", "kv"] = "embeddings"
 
 
 @dataclass
@@ -181,9 +183,9 @@ class RunConfig:
             (self.distill.temperature > 0, "distill.temperature must be > 0"),
             (0.0 <= self.distill.lm_weight <= 1.0, "distill.lm_weight must be in [0, 1]"),
             (
-                not (self.distill.layer_offsets and self.train.activation_checkpointing),
-                "distill.layer_offsets cannot be combined with train.activation_checkpointing (the recomputed layers "
-                "would miss the offsets)",
+                self.distill.params == "embeddings" or not self.train.activation_checkpointing,
+                f"distill.params={self.distill.params} cannot be combined with train.activation_checkpointing (the "
+                "recomputed layers would miss what trains at the gist positions)",
             ),
             (self.timeout_s > 0, "timeout_s must be > 0"),
             (
@@ -285,6 +287,8 @@ def _apply(obj, updates: dict, prefix: str = ""):
         if full == "mode":
             hint = REMOVED_MODE.get(str(value), "objective=finetune|distill and mask=gist|pos_control|neg_control")
             raise ConfigError(f"mode={value} was removed: write {hint} instead")
+        if full == "distill.layer_offsets":
+            raise ConfigError("distill.layer_offsets was removed: write distill.params=offsets instead")
         if key not in names:
             raise ConfigError(f"unknown config key {full!r} (known: {', '.join(sorted(names))})")
         current = getattr(obj, key)

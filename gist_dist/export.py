@@ -39,10 +39,10 @@ def _no_prompt_artifact(run_dir: str | Path) -> tuple[torch.Tensor, dict]:
             f"(distill.student={student}); only no-prompt artifacts (compress, "
             f"distill.student=no_prompt) stand alone as a prompt-tuning adapter"
         )
-    if meta.get("layer_offsets"):
+    if meta.get("params", "embeddings") != "embeddings":
         raise ArtifactError(
-            f"{run_dir}: it was trained with distill.layer_offsets (an offset per layer at the gist "
-            f"positions); PEFT prompt tuning and prompt_embeds carry input rows only"
+            f"{run_dir}: it was trained with distill.params={meta['params']} (what trains reaches past the input "
+            f"rows); PEFT prompt tuning and prompt_embeds carry input rows only"
         )
     before, _ = _text_around_gist(meta)
     if before:

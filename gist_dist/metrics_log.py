@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from .config import ConfigError, RunConfig
@@ -121,6 +122,7 @@ class Progress:
 
     def __init__(self, total: int, initial: int, every: int, main: bool, desc: str, mode: str = "auto"):
         self.total, self.every, self.main, self.desc = total, every, main, desc
+        self.initial, self.started = initial, time.perf_counter()
         self.bar = None
         use_bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
         if main and use_bar:
@@ -135,9 +137,10 @@ class Progress:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.4f}")
         elif step % self.every == 0 or step == self.total:
+            left = (time.perf_counter() - self.started) / max(1, step - self.initial) * (self.total - step)
             print(
                 f"{self.desc} step {step}/{self.total} loss {loss:.4f} tokens/s {tokens_per_s:.1f} "
-                f"step_time {step_time:.2f}s",
+                f"step_time {step_time:.2f}s eta {left / 60:.1f} min",
                 file=sys.stderr,
                 flush=True,
             )

@@ -4,8 +4,9 @@ Two ways to hold the gist embeddings, one per objective:
 - fine-tune: the vocabulary grows by k rows (`init_gist_embeddings`), trained with the model;
 - distill: the vocabulary is untouched and a separate [k, hidden] parameter (`GistEmbedding`)
   is spliced in at the gist positions, PEFT prompt-tuning style; training and inference share it.
-  With distill.layer_offsets it also carries one trained [k, hidden] offset per decoder layer
-  (`GistLayerOffsets`), P-tuning v2 style.
+  With distill.params=offsets it also carries one trained [k, hidden] offset per decoder layer
+  (`GistLayerOffsets`), P-tuning v2 style; with distill.params=kv the gist positions' keys and values
+  at every layer are the trained parameters themselves (`GistKV`, prefix tuning).
 ZeRO-3 gathering is passed in as a context (`zero.gather`).
 """
 
@@ -59,9 +60,11 @@ class GistEmbedding(nn.Module):
     """k trainable rows that replace the embeddings of the gist ids (which must be consecutive, as
     `add_gist_tokens` makes them: the row is the id's offset from the first)."""
 
-    def __init__(self, gist_ids: list[int], init: torch.Tensor, offsets: GistLayerOffsets | None = None):
+    def __init__(
+        self, gist_ids: list[int], init: torch.Tensor, offsets: GistLayerOffsets | None = None, kv: GistKV | None = None
+    ):
         super().__init__()
-        self.offsets = offsets  # told where the gist tokens are in each forward
+        self.offsets, self.kv = offsets, kv  # told where the gist tokens are in each forward
         ids = list(gist_ids)
         if ids != list(range(ids[0], ids[0] + len(ids))):
             raise ValueError(f"gist ids must be consecutive, got {ids}")
@@ -85,8 +88,9 @@ class GistEmbedding(nn.Module):
         is_gist = torch.isin(input_ids, self.gist_ids)
         emb = embedding(torch.where(is_gist, torch.zeros_like(input_ids), input_ids))
         index = (input_ids - self.gist_ids[0]).clamp(0, len(self.gist_ids) - 1)
-        if self.offsets is not None:
-            self.offsets.where = (is_gist.nonzero(as_tuple=True), index[is_gist])
+        for deep in (self.offsets, self.kv):
+            if deep is not None:
+                deep.where = (is_gist.nonzero(as_tuple=True), index[is_gist])
         return torch.where(is_gist[..., None], self.gist[index].to(emb.dtype), emb)
 
 
@@ -139,3 +143,76 @@ class GistLayerOffsets(nn.Module):
     def stacked(self) -> torch.Tensor:
         """[layers - 1, k, hidden]: the artifact's layer_offsets (call inside zero.gather of `parameters()`)."""
         return torch.stack([layer.rows.detach() for layer in self.layers])
+
+
+class _LayerKV(nn.Module):
+    """One decoder layer's trained keys and values for the k gist positions, [k, kv_heads * head_dim] each,
+    as the layer's k_proj / v_proj would output them (before RoPE and any k norm, which the layer applies)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.keys, self.values = nn.Parameter(keys.clone()), nn.Parameter(values.clone())
+
+    def forward(self, projected: torch.Tensor, where, which: str) -> torch.Tensor:
+        positions, row = where
+        rows = self.keys if which == "keys" else self.values
+        return projected.index_put(positions, rows[row].to(projected.dtype))
+
+
+def kv_projections(decoder: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(k_proj, v_proj) of every decoder layer; ValueError for attention that keeps no separate ones."""
+    attention = [getattr(layer, "self_attn", None) for layer in getattr(decoder, "layers", None) or []]
+    pairs = [(getattr(a, "k_proj", None), getattr(a, "v_proj", None)) for a in attention]
+    if not pairs or any(k is None or v is None for k, v in pairs):
+        raise ValueError("its decoder layers keep no separate self_attn.k_proj and v_proj to train")
+    return pairs
+
+
+class GistKV(nn.Module):
+    """The gist positions' keys and values at every decoder layer as trained parameters (prefix tuning; what a
+    gist KV cache stores, so what is trained is what is kept). Forward hooks on each layer's k_proj and v_proj
+    replace their output at the gist positions; the layer then applies its own RoPE (and k norm) at those
+    positions, so a forward over [header, gist, tail] gives the tail exactly what a cache of these entries
+    gives it. `where` is set and cleared as for `GistLayerOffsets`. Initialised from the frozen model's own
+    projections of the gist tokens read after the prompt (`capture`), so training starts from the untrained
+    gist cache."""
+
+    def __init__(self, decoder: nn.Module, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        pairs = kv_projections(decoder)
+        if keys.shape[0] != len(pairs) or values.shape != keys.shape:
+            raise ValueError(f"gist keys/values for {keys.shape[0]} layers, the decoder has {len(pairs)}")
+        self.layers = nn.ModuleList(_LayerKV(k, v) for k, v in zip(keys, values))
+        self.where = None
+        for (k_proj, v_proj), layer in zip(pairs, self.layers):
+            k_proj.register_forward_hook(self._hook(layer, "keys"))
+            v_proj.register_forward_hook(self._hook(layer, "values"))
+        decoder.register_forward_hook(lambda *_: setattr(self, "where", None))
+
+    def _hook(self, layer: _LayerKV, which: str):
+        def replace(_module, _args, output):
+            return None if self.where is None else layer(output, self.where, which)
+
+        return replace
+
+    def stacked(self) -> torch.Tensor:
+        """[layers, 2, k, kv_dim]: the artifact's `kv` (call inside zero.gather of `parameters()`)."""
+        return torch.stack([torch.stack([layer.keys.detach(), layer.values.detach()]) for layer in self.layers])
+
+    @staticmethod
+    @torch.no_grad()
+    def capture(decoder: nn.Module, run, gist_mask: torch.Tensor) -> torch.Tensor:
+        """[layers, 2, k, kv_dim]: what each layer's k_proj / v_proj output at the gist positions during
+        `run()` (a forward of one prompt + gist row; gist_mask [1, T] marks the gist positions)."""
+        seen: list[torch.Tensor] = []
+        hooks = [
+            proj.register_forward_hook(lambda _m, _a, out: seen.append(out[gist_mask].detach().clone()))
+            for pair in kv_projections(decoder)
+            for proj in pair
+        ]
+        try:
+            run()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return torch.stack(seen).unflatten(0, (-1, 2))

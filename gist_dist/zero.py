@@ -173,15 +173,16 @@ def is_partitioned(p: torch.nn.Parameter) -> bool:
 
 
 @contextlib.contextmanager
-def gather(params):
-    """Make partitioned (ZeRO-3) params whole for the block, writable on rank 0; a no-op otherwise."""
+def gather(params, read_only: bool = False):
+    """Make partitioned (ZeRO-3) params whole for the block, writable on rank 0 (its values broadcast on
+    exit), or `read_only` (nothing broadcast); a no-op otherwise."""
     params = [p for p in params if is_partitioned(p)]
     if not params:
         yield
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None if read_only else 0):
         yield
 
 

@@ -44,9 +44,10 @@ BAD_OVERRIDES = [
     (["zero.stage=5"], "zero.stage must be one of 0, 1, 2, 3, got '5'"),
     (["max_steps"], "override 'max_steps' is not key=value"),
     (
-        ["objective=distill", "distill.layer_offsets=true", "train.activation_checkpointing=true"],
-        "distill.layer_offsets cannot be combined with train.activation_checkpointing",
+        ["objective=distill", "distill.params=offsets", "train.activation_checkpointing=true"],
+        "distill.params=offsets cannot be combined with train.activation_checkpointing",
     ),
+    (["distill.layer_offsets=true"], "distill.layer_offsets was removed: write distill.params=offsets instead"),
 ]
 
 
@@ -124,6 +125,7 @@ def test_fuzzed_overrides_give_a_config_or_a_config_error(items):
         (["zero.stage=2"], "zero.stage=2 but configs/zero3.json says stage 3"),
         (["zero.json=/nonexistent/ds.json"], "DeepSpeed config not found"),
         (["num_gist=0"], "num_gist must be between 1 and 64"),
+        (["objective=distill", "distill.params=kv"], "distill.params=kv trains one fixed cache"),
     ],
 )
 def test_cli_process_exit_code_2_and_nothing_written(overrides, message, tmp_path):

@@ -66,18 +66,22 @@ def test_wrong_base_model_fails_clearly(distill_run, tmp_path):
     assert "trained for base model" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("mask_prefix, layer_offsets", [("hidden", False), ("visible", True)])
-def test_compress_one_prompt_end_to_end(tmp_path, mask_prefix, layer_offsets):
+@pytest.mark.parametrize("mask_prefix, params", [("hidden", "embeddings"), ("visible", "offsets"), ("hidden", "kv")])
+def test_compress_one_prompt_end_to_end(tmp_path, mask_prefix, params):
     """visible: the chat header before the gist (SmolLM2's tokenizer: its system turn's opening)
     stays visible to the queries in training, and the artifact tells inference so. With
-    distill.layer_offsets the artifact carries them and generate / fidelity use it."""
-    prompt = tmp_path / "system.txt"
+    distill.params=offsets or kv the artifact carries them and generate / fidelity use it. A task check's query
+    is held out and scored for teacher, student and no prompt; the run ends with the verdict line."""
+    prompt, checks = tmp_path / "system.txt", tmp_path / "checks.jsonl"
+    checks.write_text('{"query": "Which task is this?", "regex": "\\\\w"}\n')
     task = generate(1, "seen", seed=5)[0]
     prompt.write_text("You are a helpful assistant. " * 12 + task["instruction"])
     out = tmp_path / "run"
-    torchrun(
+    proc = torchrun(
         [
             "compress",
+            "--checks",
+            checks,
             "--prompt-file",
             prompt,
             "--num-gist",
@@ -92,12 +96,13 @@ def test_compress_one_prompt_end_to_end(tmp_path, mask_prefix, layer_offsets):
             "train.max_steps=8",
             "train.lr=0.05",
             f"mask_prefix={mask_prefix}",
-            f"distill.layer_offsets={str(layer_offsets).lower()}",
+            f"distill.params={params}",
         ]
     )
     meta = json.loads((out / artifact.CONFIG).read_text())
-    assert meta["layer_offsets"] is layer_offsets
-    assert ("layer_offsets" in load_file(str(out / artifact.WEIGHTS))) is layer_offsets
+    assert meta["params"] == params
+    assert set(load_file(str(out / artifact.WEIGHTS))) == {"gist", *artifact.EXTRA[params]}
+    assert (out / artifact.CACHE).is_file() is (params == "kv")
     gm = GistModel.load(out)
     header = gm.template.prefix
     assert meta["template"] != "alpaca" and header  # the chat template: a header precedes the gist
@@ -115,6 +120,11 @@ def test_compress_one_prompt_end_to_end(tmp_path, mask_prefix, layer_offsets):
     assert fidelity["records"] == len(held) and fidelity["compression_ratio"] == meta["compression_ratio"]
     for who in ("student", "baseline"):
         assert 0 <= fidelity[f"{who}_agreement"] <= 1 and fidelity[f"{who}_kl"] >= 0
+    assert any(json.loads(line)["input"] == "Which task is this?" for line in held)
+    assert fidelity["checks"]["checks"] + fidelity["checks"]["unscored_empty_teacher_answer"] == 1
+    assert f"compress: {fidelity['verdict']}" in proc.stdout.splitlines()
+    assert (fidelity["warning"] is None) == ("WARNING" not in proc.stderr)
+    assert "compress: 2 gist " in proc.stdout and "answered" in proc.stdout  # the plan and progress
 
 
 def test_teacher_cache_gives_the_same_loss():

@@ -1,4 +1,4 @@
-"""distill.layer_offsets: a trained offset per decoder layer at the gist positions (deep gist tokens).
+"""distill.params=offsets: a trained offset per decoder layer at the gist positions (deep gist tokens).
 
 First against the definition on the tiny model, then in a real 2-rank ZeRO-3 run of the tiny config
 (every parameter partitioned, the offsets too): only the gist rows and offsets train, the backbone
@@ -27,7 +27,7 @@ STEPS, SAVE_EVERY, K = 8, 4, 2
 ARGS = [
     "objective=distill",
     f"num_gist={K}",
-    "distill.layer_offsets=true",
+    "distill.params=offsets",
     "train.lr=0.01",
     f"train.max_steps={STEPS}",
     f"train.save_every={SAVE_EVERY}",
@@ -80,7 +80,7 @@ def test_only_gist_rows_and_offsets_train_and_the_artifact_carries_them(run):
     assert log[-1]["frozen_digest_before"] == log[-1]["frozen_digest_after"]  # the backbone, bit for bit
     saved = load_file(str(run / artifact.WEIGHTS))
     assert saved["layer_offsets"].shape == (layers - 1, K, hidden) and saved["layer_offsets"].abs().min() > 0
-    assert json.loads((run / artifact.CONFIG).read_text())["layer_offsets"] is True
+    assert json.loads((run / artifact.CONFIG).read_text())["params"] == "offsets"
 
 
 def test_cached_generation_equals_uncached_and_the_offsets_are_used(run, tmp_path):
@@ -92,7 +92,7 @@ def test_cached_generation_equals_uncached_and_the_offsets_are_used(run, tmp_pat
     cached, _ = greedy(gm.model, prompts, tails, *args, gm.tok.pad_token_id, embed=gm.run.embed)
     assert cached == generate_uncached(gm.model, prompts, tails, *args, embed=gm.run.embed)
     # The same gist rows without the offsets score otherwise: inference applies them.
-    artifact.save(tmp_path, gm.run.gist, {k: v for k, v in gm.meta.items() if k != "layer_offsets"})
+    artifact.save(tmp_path, gm.run.gist, {k: v for k, v in gm.meta.items() if k != "params"})
     ids = prompts[0] + tails[0]
     assert not torch.allclose(gm.logits(ids), GistModel.load(tmp_path).logits(ids))
 
@@ -109,13 +109,13 @@ def test_resume_is_exact(run, tmp_path):
 
 def test_artifact_whose_offsets_disagree_with_its_config_is_refused(tmp_path):
     artifact.save(tmp_path, torch.zeros(K, 8), {"num_gist": K}, layer_offsets=torch.zeros(3, K, 8))
-    assert artifact.load(tmp_path)[1]["layer_offsets"] is True
+    assert artifact.load(tmp_path)[1]["params"] == "offsets"
     config = tmp_path / artifact.CONFIG
-    config.write_text(json.dumps({**json.loads(config.read_text()), "layer_offsets": False}))
-    with pytest.raises(ArtifactError, match="layer_offsets"):
+    config.write_text(json.dumps({**json.loads(config.read_text()), "params": "embeddings"}))
+    with pytest.raises(ArtifactError, match=r"holds .*'layer_offsets': \[3, 2, 8\].* does not match its config"):
         artifact.load(tmp_path)
     artifact.save(tmp_path, torch.zeros(K, 8), {"num_gist": K}, layer_offsets=torch.zeros(3, K, 4))
-    with pytest.raises(ArtifactError, match="do not match"):
+    with pytest.raises(ArtifactError, match="does not match its config"):
         artifact.load(tmp_path)
 
 
@@ -127,20 +127,18 @@ def test_export_refuses_offsets_in_one_line(tmp_path):
         layer_offsets=torch.zeros(2, K, 64),
     )
     proc = gist_dist(["export", str(tmp_path), "--prompt-embeds", str(tmp_path / "e.safetensors")], check=False)
-    assert proc.returncode != 0 and "distill.layer_offsets" in proc.stderr
+    assert proc.returncode != 0 and "distill.params=offsets" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "e.safetensors").exists()
 
 
 @pytest.mark.parametrize(
     "config, args, message",
     [
-        (T5, ["objective=distill"], "distill.layer_offsets needs a decoder-only model"),
-        (TINY, ["objective=finetune"], "distill.layer_offsets is for objective=distill"),
+        (T5, ["objective=distill"], "distill.params=offsets needs a decoder-only model"),
+        (TINY, ["objective=finetune"], "distill.params=offsets is for objective=distill"),
     ],
 )
 def test_refused_in_one_line_before_anything_is_written(tmp_path, config, args, message):
-    proc = gist_dist(
-        ["train", config, *args, "distill.layer_offsets=true", f"output_dir={tmp_path / 'r'}"], check=False
-    )
+    proc = gist_dist(["train", config, *args, "distill.params=offsets", f"output_dir={tmp_path / 'r'}"], check=False)
     assert proc.returncode == 2 and message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()

@@ -77,9 +77,13 @@ def test_wandb_sink_is_offline_and_gets_the_scalars_of_metrics_jsonl(tmp_path, m
 
 
 @pytest.mark.parametrize("mode", ["bar", "lines"])
-def test_progress_is_a_bar_or_plain_lines(mode, capsys):
+def test_progress_is_a_bar_or_plain_lines(mode, capsys, monkeypatch):
+    from gist_dist import metrics_log
     from gist_dist.metrics_log import Progress
 
+    clock = iter([0, 60, 120])  # read at the start and at each printed line: 30 s a step
+    # the eta is the mean step time so far times the steps left
+    monkeypatch.setattr(metrics_log.time, "perf_counter", lambda: next(clock))
     progress = Progress(total=4, initial=0, every=2, main=True, desc="train[gist]", mode=mode)
     for step in range(1, 5):
         progress.update(step, loss=1.0 / step, tokens_per_s=10.0, step_time=0.5)
@@ -89,8 +93,8 @@ def test_progress_is_a_bar_or_plain_lines(mode, capsys):
         assert "\r" in err and "4/4" in err
     else:  # a Slurm output file: one line every 2 steps, no carriage return
         assert "\r" not in err and err.splitlines() == [
-            "train[gist] step 2/4 loss 0.5000 tokens/s 10.0 step_time 0.50s",
-            "train[gist] step 4/4 loss 0.2500 tokens/s 10.0 step_time 0.50s",
+            "train[gist] step 2/4 loss 0.5000 tokens/s 10.0 step_time 0.50s eta 1.0 min",
+            "train[gist] step 4/4 loss 0.2500 tokens/s 10.0 step_time 0.50s eta 0.0 min",
         ]
 
 

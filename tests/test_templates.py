@@ -178,6 +178,8 @@ def test_query_intervals_resample_whole_queries():
         "baseline_exact_match": 0.0,
         "student_rougeL": 0.5,
         "baseline_rougeL": 0.25,
+        "student_kl_sum": 1.0,
+        "baseline_kl_sum": 2.0,
     }
     same = query_intervals([row] * 5)
     assert same["student_agreement"] == [0.9, 0.9] and same["baseline_answer_rougeL"] == [0.25, 0.25]

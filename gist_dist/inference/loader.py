@@ -20,7 +20,7 @@ import yaml
 from .. import artifact, zero
 from ..config import ModelConfig
 from ..model import load_model, load_tokenizer, model_family
-from ..tokens import GistEmbedding, GistLayerOffsets, add_gist_tokens
+from ..tokens import GistEmbedding, GistKV, GistLayerOffsets, add_gist_tokens
 from .causal import greedy
 from .seq2seq import greedy_seq2seq
 
@@ -122,10 +122,11 @@ def load_run(run_dir, model_cfg: ModelConfig | None = None, ds_config: dict | No
     with zero.gather([embedding.weight]):  # the fingerprint check reads the whole embedding
         gist, meta = artifact.load(out, expected_fingerprint=artifact.BaseModel(model.config, embedding.weight))
     like = dict(device=embedding.weight.device, dtype=embedding.weight.dtype)
-    offsets = artifact.load_layer_offsets(out)
-    if offsets is not None:  # hooked onto the decoder's layers: every forward of this model with gist rows adds them
-        offsets = GistLayerOffsets(model.get_decoder(), offsets.to(**like))
-    rows = GistEmbedding(gist_ids, gist.to(**like), offsets).eval()
+    extra = {name: t.to(**like) for name, t in artifact.load_extra(out).items()}
+    # hooked onto the decoder's layers: every forward of this model with gist rows applies them
+    offsets = GistLayerOffsets(model.get_decoder(), extra["layer_offsets"]) if "layer_offsets" in extra else None
+    kv = GistKV(model.get_decoder(), extra["kv"][:, 0], extra["kv"][:, 1]) if "kv" in extra else None
+    rows = GistEmbedding(gist_ids, gist.to(**like), offsets, kv).eval()
     return RunModel(
         model,
         tok,

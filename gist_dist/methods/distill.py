@@ -2,7 +2,8 @@
 (the same frozen model seeing the full prompt) on the response tokens.
 
 The trainable part is one [k, hidden] parameter spliced in at the gist positions (tokens.GistEmbedding),
-and with distill.layer_offsets one more per decoder layer (tokens.GistLayerOffsets);
+with distill.params=offsets one more per decoder layer (tokens.GistLayerOffsets), and with params=kv the
+gist positions' keys and values at every layer instead (tokens.GistKV: what the gist cache keeps);
 the backbone's vocabulary is never resized, so every backbone weight stays bit-for-bit what it was
 (checked with digests of the gathered weights when train.verify_frozen is on). The student sees the
 prompt + gist under the gist mask (distill.student=gist_mask) or only the gist (no_prompt, compress).
@@ -11,6 +12,7 @@ prompt + gist under the gist mask (distill.student=gist_mask) or only the gist (
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,9 @@ from ..config import ConfigError
 from ..data import IGNORE
 from ..data.batches import ShardedBatches
 from ..data.packing import join, pack
-from ..tokens import GistEmbedding, GistLayerOffsets, mean_embedding
+from ..inference.causal import build_cache
+from ..masks import model_inputs
+from ..tokens import GistEmbedding, GistKV, GistLayerOffsets, mean_embedding
 from .base import Method, label_tokens
 from .finetune import label_targets, labelled_rows, lm_head_rows
 
@@ -125,12 +129,27 @@ class Distill(Method):
     trains_backbone = False  # the frozen backbone is rebuilt from the base model on resume
     loss_module = DistillLoss  # what wraps the frozen model (the encoder-decoder family swaps it)
 
+    @classmethod
+    def check(cls, cfg):
+        # here, not in RunConfig.validate: compress loads a config and sets the student afterwards
+        if cfg.distill.params == "kv" and cfg.distill.student != "no_prompt":
+            raise ConfigError(
+                "distill.params=kv trains one fixed cache, so the student must not see a prompt: set "
+                "distill.student=no_prompt (gist-dist compress does)"
+            )
+
     def encode(self, template, records, stats, split):
         # mask_prefix=visible: the student's leading template tokens (the fixed head before the
         # instruction, or with no_prompt what stays before the gist: BOS / chat header) stay visible.
         with_prompt = self.cfg.distill.student == "gist_mask"
         head = template.fixed_head if with_prompt else template.prefix
         self.prefix = len(head) if self.cfg.mask_prefix == "visible" else 0
+        if split == "train" and self.cfg.distill.params == "kv" and len(records):
+            # params=kv starts from the gist entries the frozen model writes after reading the prompt (wrap),
+            # and the artifact's cache is the student's own prefix + gist (export)
+            read = template.encode(records[0], with_output=False)["input_ids"]
+            self.kv_reading = read[: max(i for i, t in enumerate(read) if t in self.tokens.gist_ids) + 1]
+            self.kv_student_head = template.prefix + self.tokens.gist_ids
         out = []
         for rec in records:
             teacher = template.encode(rec, stats, with_gist=False)
@@ -181,15 +200,36 @@ class Distill(Method):
         d = self.cfg.distill
         init = mean_embedding(model, zero.gather).expand(self.cfg.num_gist, -1)
         module = self.loss_module(model, self.tokens.gist_ids, init, d.temperature, d.lm_weight, d.cache_teacher)
-        if d.layer_offsets:
-            decoder = model.get_decoder()  # encoder-decoder models are refused by their method's check
+        decoder = model.get_decoder()  # encoder-decoder models are refused by their method's check
+        if d.params == "offsets":
             if not hasattr(decoder, "layers"):
                 raise ConfigError(
-                    f"distill.layer_offsets: {model.config.model_type}'s decoder keeps no .layers to hook"
+                    f"distill.params=offsets: {model.config.model_type}'s decoder keeps no .layers to hook"
                 )
             zeros = torch.zeros(len(decoder.layers) - 1, *init.shape, dtype=init.dtype, device=init.device)
             module.gist_rows.offsets = GistLayerOffsets(decoder, zeros)  # zeros: training starts as plain prompt tuning
+        if d.params == "kv":
+            try:
+                kv = self.untrained_gist_kv(model, module.gist_rows)
+                module.gist_rows.kv = GistKV(decoder, kv[:, 0], kv[:, 1])
+            except ValueError as e:
+                raise ConfigError(f"distill.params=kv: {model.config.model_type}: {e}") from None
+            module.gist_rows.gist.requires_grad_(False)  # the gist entries replace all the input row could change
+            return module, list(module.gist_rows.kv.parameters())
         return module, list(module.gist_rows.parameters())
+
+    def untrained_gist_kv(self, model, rows: GistEmbedding) -> torch.Tensor:
+        """[layers, 2, k, kv_dim]: each layer's k_proj / v_proj output at the gist positions when the frozen
+        model reads the first training record's prompt and then the gist tokens (their initial rows) under
+        the gist mask: the untrained gist cache, where params=kv training starts. Under ZeRO-3 the model is
+        gathered whole for this one forward (read-only)."""
+        ids = torch.tensor([self.kv_reading], device=rows.gist.device)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        inputs = model_inputs(batch, self.tokens.gist_ids, "gist", self.dtype, prefix=self.prefix)
+        decoder = model.get_decoder()
+        with zero.gather([*model.parameters(), *rows.parameters()], read_only=True):
+            inputs["inputs_embeds"] = rows(inputs.pop("input_ids"), model.get_input_embeddings())
+            return GistKV.capture(decoder, lambda: decoder(**inputs, use_cache=False), torch.isin(ids, rows.gist_ids))
 
     def start(self, module):
         embedding = module.model.get_input_embeddings().weight
@@ -216,12 +256,28 @@ class Distill(Method):
         with zero.gather(list(rows.parameters())):
             gist = rows.gist.detach().clone()
             offsets = rows.offsets.stacked().clone() if rows.offsets is not None else None
+            kv = rows.kv.stacked().clone() if rows.kv is not None else None
+        cache = None
+        if kv is not None:  # every rank runs the forward (ZeRO-3); the cache those entries make, for serving
+            embedding = module.model.get_input_embeddings()
+            head = [self.kv_student_head]
+            cache = build_cache(
+                module.model,
+                head,
+                self.tokens.gist_ids,
+                "gist",
+                embed=lambda ids: rows(ids, embedding),
+                prefix=self.prefix,
+            )
         if dist.is_main():
             cfg, tok = self.cfg, self.tokens.tokenizer
+            if cache is not None:
+                cache.save(Path(out) / artifact.CACHE, meta={"base_model": cfg.model.name, "num_gist": cfg.num_gist})
             artifact.save(
                 out,
                 gist,
                 layer_offsets=offsets,
+                kv=kv,
                 meta={
                     "base_fingerprint": meta["base_fingerprint"],
                     "base_model": cfg.model.name,

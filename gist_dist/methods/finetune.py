@@ -86,8 +86,10 @@ class Finetune(Method):
     @classmethod
     def check(cls, cfg):
         # here, not in RunConfig.validate: compress loads a fine-tune config and makes it distill afterwards
-        if cfg.distill.layer_offsets:
-            raise ConfigError("distill.layer_offsets is for objective=distill (fine-tuning trains every layer already)")
+        if cfg.distill.params != "embeddings":
+            raise ConfigError(
+                f"distill.params={cfg.distill.params} is for objective=distill (fine-tuning trains every layer already)"
+            )
 
     def encode(self, template, records, stats, split):
         self.prefix = len(template.fixed_head) if self.cfg.mask_prefix == "visible" else 0

@@ -101,9 +101,9 @@ class Seq2Seq:
                 "model.attention=flex is not supported for encoder-decoder (T5) models: their "
                 "relative position bias needs the dense mask; use model.attention=dense or auto"
             )
-        if cfg.distill.layer_offsets:
+        if cfg.distill.params != "embeddings":
             raise ConfigError(
-                "distill.layer_offsets needs a decoder-only model; it is not implemented for "
+                f"distill.params={cfg.distill.params} needs a decoder-only model; it is not implemented for "
                 "encoder-decoder (T5) models"
             )
 
