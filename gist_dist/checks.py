@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data import DataError
+from .data.sources import text_lines
 
 TESTS = ("contains", "regex", "json_keys")
 
@@ -98,15 +99,8 @@ def parse_check(line: str, where: str) -> Check:
 
 def read_checks(path: str | Path) -> list[Check]:
     """Every check of a JSONL file; the first bad line raises DataError naming the file and line."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{path}: checks file not found")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not valid UTF-8") from None
     checks, seen = [], {}
-    for lineno, line in enumerate(lines, 1):
+    for lineno, line in enumerate(text_lines(path, "checks"), 1):
         if not line.strip():
             continue
         check = parse_check(line, f"{path}:{lineno}")

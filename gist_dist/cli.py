@@ -134,16 +134,9 @@ def cmd_flops(args) -> int:
     from .analysis import flops, latency
 
     prefix = flops.visible_prefix_tokens(args.model, args.tokenizer) if args.mask_prefix == "visible" else 0
+    sizes = {"prompt_tokens": args.prompt_tokens, "tail_tokens": args.tail_tokens, "prefix": prefix}
     result = flops.flops_for(
-        args.model,
-        args.num_gist,
-        data=args.data,
-        prompt_tokens=args.prompt_tokens,
-        tail_tokens=args.tail_tokens,
-        n=args.n,
-        dtype=args.dtype,
-        tokenizer=args.tokenizer,
-        prefix=prefix,
+        args.model, args.num_gist, data=args.data, n=args.n, dtype=args.dtype, tokenizer=args.tokenizer, **sizes
     )
     text = [flops.format_table(result)]
     if args.measure:  # FlopCounterMode on forward passes; shape files run on the meta device (no weights)
@@ -157,14 +150,7 @@ def cmd_flops(args) -> int:
         text.append(flops.format_check(result["measured_check"]))
     if args.latency:
         result["latency"] = latency.latency_for(
-            args.model,
-            args.num_gist,
-            data=args.data,
-            n=args.latency_examples,
-            prompt_tokens=args.prompt_tokens,
-            tail_tokens=args.tail_tokens,
-            repeats=args.repeats,
-            prefix=prefix,
+            args.model, args.num_gist, data=args.data, n=args.latency_examples, repeats=args.repeats, **sizes
         )
         text.append(latency.format_latency(result["latency"]))
     if args.out:

@@ -29,6 +29,7 @@ from .checks import Check, read_checks
 from .config import ConfigError, RunConfig
 from .data import DataError, GistTemplate
 from .data.datagen import write_jsonl
+from .data.sources import text_lines
 from .inference import greedy
 from .model import ROOT, load_model, load_tokenizer
 
@@ -45,15 +46,8 @@ def template_for(tok) -> str:
 
 
 def read_queries(path: str) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{path}: queries file not found")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not valid UTF-8") from None
     queries = []
-    for lineno, line in enumerate(lines, 1):
+    for lineno, line in enumerate(text_lines(path, "queries"), 1):
         line = line.strip()
         if line.startswith("{"):
             try:

@@ -422,18 +422,7 @@ def visible_prefix_tokens(model: str, tokenizer: str = "") -> int:
     return len(GistTemplate(tokenizer_for(model, tokenizer)[0], [], max_length=1 << 30).fixed_head)
 
 
-def flops_for(
-    model: str,
-    num_gist: int,
-    *,
-    data: str = "",
-    prompt_tokens: int = 0,
-    tail_tokens: int = 4,
-    n: int = 0,
-    dtype: str = "bf16",
-    tokenizer: str = "",
-    prefix: int = 0,
-) -> dict:
+def flops_for(model, num_gist, *, data="", prompt_tokens=0, tail_tokens=4, n=0, dtype="bf16", tokenizer="", prefix=0):
     """`gist-dist flops`: one prompt length, or the real lengths of a data file's records. `prefix`: the
     instruction's first tokens kept visible (mask_prefix=visible), counted inside its length."""
     if num_gist < 1:

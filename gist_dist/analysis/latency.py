@@ -98,18 +98,8 @@ def measure_strategies(
 
 
 def latency_for(
-    model: str,
-    num_gist: int,
-    *,
-    data: str = "",
-    n: int = 4,
-    prompt_tokens: int = 0,
-    tail_tokens: int = 3,
-    repeats: int = 10,
-    warmup: int = 2,
-    decode_tokens: int = 8,
-    prefix: int = 0,
-) -> dict:
+    model, num_gist, *, data="", n=4, prompt_tokens=0, tail_tokens=3, repeats=10, warmup=2, decode_tokens=8, prefix=0
+):
     """`gist-dist flops --latency`: load the model (sdpa attention, fp32 on CPU) and time each strategy
     on the first `n` records of `data`, or on one synthetic prompt of the given lengths; `prefix`: the
     prompts' first tokens the gist strategy keeps visible (mask_prefix=visible)."""

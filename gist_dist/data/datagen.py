@@ -26,6 +26,16 @@ def _nums(rng, lo=3, hi=7):
     return [rng.randint(0, 99) for _ in range(rng.randint(lo, hi))]
 
 
+def words(lo=3, hi=7):
+    """An input maker: lo to hi distinct words."""
+    return lambda rng: " ".join(_words(rng, lo, hi))
+
+
+def numbers(lo=3, hi=7):
+    """An input maker: lo to hi numbers from 0 to 99."""
+    return lambda rng: " ".join(map(str, _nums(rng, lo, hi)))
+
+
 # family name -> (paraphrased instructions, input maker, answer function)
 FAMILIES = {
     "reverse_words": (
@@ -34,17 +44,17 @@ FAMILIES = {
             "Write the words in reverse order.",
             "List these words from last to first.",
         ],
-        lambda r: " ".join(_words(r)),
+        words(),
         lambda x: " ".join(x.split()[::-1]),
     ),
     "uppercase": (
         ["Convert the text to upper case.", "Rewrite the text in capital letters.", "Make every letter uppercase."],
-        lambda r: " ".join(_words(r)),
+        words(),
         str.upper,
     ),
     "count_words": (
         ["How many words are in the text?", "Count the words.", "Give the number of words in the input."],
-        lambda r: " ".join(_words(r, 2, 9)),
+        words(2, 9),
         lambda x: str(len(x.split())),
     ),
     "sort_numbers": (
@@ -53,47 +63,47 @@ FAMILIES = {
             "Order these numbers from smallest to largest.",
             "Arrange the numbers in increasing order.",
         ],
-        lambda r: " ".join(map(str, _nums(r))),
+        numbers(),
         lambda x: " ".join(map(str, sorted(map(int, x.split())))),
     ),
     "sum_numbers": (
         ["Add up the numbers.", "What is the sum of these numbers?", "Compute the total of the numbers."],
-        lambda r: " ".join(map(str, _nums(r, 2, 5))),
+        numbers(2, 5),
         lambda x: str(sum(map(int, x.split()))),
     ),
     "max_number": (
         ["Which number is the largest?", "Find the maximum.", "Give the biggest number in the list."],
-        lambda r: " ".join(map(str, _nums(r))),
+        numbers(),
         lambda x: str(max(map(int, x.split()))),
     ),
     "first_word": (
         ["What is the first word?", "Repeat only the first word.", "Give the word that comes first."],
-        lambda r: " ".join(_words(r)),
+        words(),
         lambda x: x.split()[0],
     ),
     "last_word": (
         ["What is the last word?", "Repeat only the final word.", "Give the word that comes last."],
-        lambda r: " ".join(_words(r)),
+        words(),
         lambda x: x.split()[-1],
     ),
     "sort_words": (
         ["Sort the words alphabetically.", "Put the words in alphabetical order.", "Arrange the words from A to Z."],
-        lambda r: " ".join(_words(r)),
+        words(),
         lambda x: " ".join(sorted(x.split())),
     ),
     "initials": (
         ["Give the first letter of each word.", "Write the initials of the words.", "List each word's first letter."],
-        lambda r: " ".join(_words(r)),
+        words(),
         lambda x: " ".join(w[0] for w in x.split()),
     ),
     "min_number": (
         ["Which number is the smallest?", "Find the minimum.", "Give the smallest number in the list."],
-        lambda r: " ".join(map(str, _nums(r))),
+        numbers(),
         lambda x: str(min(map(int, x.split()))),
     ),
     "double_numbers": (
         ["Double each number.", "Multiply every number by two.", "Write each number times 2."],
-        lambda r: " ".join(map(str, _nums(r, 2, 5))),
+        numbers(2, 5),
         lambda x: " ".join(str(2 * int(n)) for n in x.split()),
     ),
     "word_lengths": (
@@ -102,12 +112,12 @@ FAMILIES = {
             "How many letters does each word have?",
             "Write the letter count of every word.",
         ],
-        lambda r: " ".join(_words(r)),
+        words(),
         lambda x: " ".join(str(len(w)) for w in x.split()),
     ),
     "duplicate_words": (
         ["Write each word twice.", "Repeat every word two times.", "Double each word."],
-        lambda r: " ".join(_words(r, 2, 4)),
+        words(2, 4),
         lambda x: " ".join(w + " " + w for w in x.split()),
     ),
 }

@@ -165,3 +165,15 @@ def load_records(
         records = records[:n]
     stats.records = len(records)
     return records
+
+
+def text_lines(path: str | Path, what: str) -> list[str]:
+    """The lines of a small UTF-8 text file the user names (queries, checks); DataError when it is missing
+    or not text."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{path}: {what} file not found")
+    try:
+        return p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not valid UTF-8") from None

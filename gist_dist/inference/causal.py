@@ -234,36 +234,17 @@ def generate_from_cache(
 
 
 def greedy(
-    model,
-    prompts: list[list[int]],
-    tails: list[list[int]],
-    gist_ids: list[int],
-    mask: str,
-    max_new_tokens: int,
-    eos_id: int,
-    pad_id: int = 0,
-    embed=None,
-    synced_gpus: bool = False,
-    prefix: int = 0,
+    model, prompts, tails, gist_ids, mask, max_new_tokens, eos_id, pad_id=0, embed=None, synced_gpus=False, prefix=0
 ):
-    """The batched greedy decoder: cache each prompt (ending in the gist ids; none for a plain prompt
-    cache, mask pos_control) under `mask`, then answer after each tail. Returns (answers, cache)."""
+    """The batched greedy decoder: cache each prompt (token ids ending in the gist ids; none for a plain
+    prompt cache, mask pos_control) under `mask`, then answer after each tail (token ids). Returns
+    (answers, cache). The seq2seq decoder takes the same arguments (loader.DECODERS)."""
     cache = build_cache(model, prompts, gist_ids, mask, embed=embed, prefix=prefix)
     return generate_from_cache(model, cache, tails, max_new_tokens, eos_id, pad_id, synced_gpus), cache
 
 
 @torch.no_grad()
-def generate_uncached(
-    model,
-    prompts: list[list[int]],
-    tails: list[list[int]],
-    gist_ids: list[int],
-    mask: str,
-    max_new_tokens: int,
-    eos_id: int,
-    embed=None,
-    prefix: int = 0,
-) -> list[list[int]]:
+def generate_uncached(model, prompts, tails, gist_ids, mask, max_new_tokens, eos_id, embed=None, prefix=0):
     """Reference: greedy decoding that reruns the whole prompt + gist + tail + answer under the mask
     every step (no cache at all). Slow; for checking the cached path."""
     device, dtype = device_dtype(model)

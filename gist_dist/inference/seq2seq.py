@@ -190,17 +190,7 @@ def generate_from_encoder(
 
 
 def greedy_seq2seq(
-    model,
-    prompts: list[list[int]],
-    tails: list[list[int]],
-    gist_ids: list[int],
-    mask: str,
-    max_new_tokens: int,
-    eos_id: int,
-    pad_id: int = 0,
-    embed=None,
-    synced_gpus: bool = False,
-    prefix: int = 0,
+    model, prompts, tails, gist_ids, mask, max_new_tokens, eos_id, pad_id=0, embed=None, synced_gpus=False, prefix=0
 ):
     """causal.greedy for encoder-decoder models: prompts (ending in the gist ids) cached under
     `mask` (pos_control: encoded whole with each input), answers after each tail. Returns (answers, cache).
