@@ -39,7 +39,7 @@ class ModelConfig:
     name: str = "smollm2"
     tokenizer: str = ""  # defaults to the model's; shape files need one (e.g. "smollm2")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "sdpa"  # HF attention for the dense mask: sdpa or eager
     # How the gist mask reaches attention in training: dense (a 4D float mask: CPU, sdpa/eager),
     # flex (FlexAttention BlockMask: skips fully masked blocks; CUDA only, no CPU backward), auto:
     # flex on CUDA, dense elsewhere.
@@ -50,24 +50,24 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: str = "generated"  # "generated" or a JSON/JSONL path or a datasets name
-    eval: str = "generated"
+    eval: str = "generated"  # held-out records for the eval loss during training, same forms as train
     eval_splits: dict = field(default_factory=dict)  # name -> path, for `gist-dist eval`
     columns: dict = field(default_factory=dict)  # our field -> the source's: instruction=question, output=answer
     # 0: every record of a file or dataset (nothing is cut unless asked); generated data then makes
     # GENERATED_DEFAULT records. A limit takes the first N records, and the start record says so.
     num_train: int = 0
     num_eval: int = 0
-    max_length: int = 256
+    max_length: int = 256  # tokens per example (per packed row with packing)
     overlong: Literal["truncate", "drop"] = "truncate"  # an example longer than max_length: its answer cut, or left out
     template: Template = "alpaca"  # alpaca (the paper's) | chat | chat_system (the tokenizer's chat template)
     packing: bool = False  # several examples per row of up to max_length tokens (gist_dist/data/packing.py)
     bad_records: Literal["error", "skip"] = "error"  # a malformed record stops the run, or is counted and skipped
-    seed: int = 0
+    seed: int = 0  # generated data and the record order
 
 
 @dataclass
 class DistillConfig:
-    temperature: float = 1.0
+    temperature: float = 1.0  # of the KL (scaled by T^2)
     lm_weight: float = 0.0  # mix: (1-w) * KL + w * LM loss
     # gist_mask: the student sees the prompt and gist under the gist mask; no_prompt: only the gist (compress)
     student: Literal["gist_mask", "no_prompt"] = "gist_mask"
@@ -81,35 +81,35 @@ class DistillConfig:
 
 @dataclass
 class TrainConfig:
-    micro_batch_size: int = 4
-    grad_accum: int = 1
-    max_steps: int = 100
-    lr: float = 1e-4
+    micro_batch_size: int = 4  # examples (or packed rows) per rank per forward
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 100  # optimizer steps
+    lr: float = 1e-4  # peak, after linear warmup; cosine down to min_lr_ratio * lr
     # objective=finetune: the gist tokens' input rows train as their own parameter at this lr (0: train.lr).
     # A new embedding row moves about lr per step under Adam, so at the backbone's lr one new token is barely
     # learnt in a short run; distill trains only those rows and uses train.lr for them.
     gist_lr: float = 0.0
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW's
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    log_every: int = 1
+    grad_clip: float = 1.0  # global gradient norm
+    log_every: int = 1  # steps between progress lines (metrics.jsonl has every step)
     eval_every: int = 0  # 0: only at the end
-    eval_batches: int = 4
+    eval_batches: int = 4  # micro-batches per rank in each eval loss
     save_every: int = 0  # 0: only at the end
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # newest checkpoints kept; older ones are deleted
     # Recompute each decoder layer in backward (HF gradient checkpointing, non-reentrant, so it works
     # for distill too, where the only trainable tensor sits at the input): activations drop to one
     # hidden state per layer, as `gist-dist plan --checkpointing` counts.
     activation_checkpointing: bool = False
     verify_frozen: bool = True  # distill: digest every frozen weight before and after training
-    seed: int = 0
+    seed: int = 0  # batch order
 
 
 @dataclass
 class ZeroConfig:
     json: str = "configs/zero3.json"  # DeepSpeed config with "auto" values
-    stage: Literal[0, 1, 2, 3] = 3
+    stage: Literal[0, 1, 2, 3] = 3  # ZeRO stage; 3 shards the parameters too
     persistence_threshold: int = -1  # -1: auto (10 * hidden)
     offload_param: Literal["none", "cpu", "nvme"] = "none"  # where ZeRO-3 keeps the parameters between uses
     offload_optimizer: Literal["none", "cpu", "nvme"] = "none"  # where the Adam state and fp32 weights live
@@ -119,22 +119,20 @@ class ZeroConfig:
 @dataclass
 class LogConfig:
     backends: list[LogBackend] = field(default_factory=lambda: ["jsonl"])  # jsonl is required; wandb runs offline
-    progress: Literal["auto", "bar", "lines"] = (
-        "auto"  # auto: a tqdm bar on a terminal, plain lines every train.log_every steps otherwise; bar | lines
-    )
+    # auto: a tqdm bar on a terminal, plain lines every train.log_every steps otherwise
+    progress: Literal["auto", "bar", "lines"] = "auto"
 
 
 @dataclass
 class RunConfig:
-    objective: Objective = (
-        "finetune"  # finetune: the whole model with the LM loss | distill: only gist embeddings, by KL
-    )
+    # finetune: the whole model with the LM loss | distill: a frozen model, only what distill.params names, by KL
+    objective: Objective = "finetune"
     mask: Mask = "gist"  # what later tokens may see (distill: the student's mask, gist)
     # visible: the template's fixed leading tokens (BOS, "Instruction:", a chat header) stay visible to
     # every query under gist and neg_control too (an attention sink that carries no prompt); masks.py
     mask_prefix: Literal["hidden", "visible"] = "hidden"
-    num_gist: int = 1
-    output_dir: str = "runs/default"
+    num_gist: int = 1  # k, the gist tokens after each prompt
+    output_dir: str = "runs/default"  # checkpoints, metrics, the final model; an existing one resumes
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -142,8 +140,8 @@ class RunConfig:
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     log: LogConfig = field(default_factory=LogConfig)
     timeout_s: int = 600  # collective timeout
-    eval_max_new_tokens: int = 32
-    eval_batch_size: int = 8
+    eval_max_new_tokens: int = 32  # `gist-dist eval`: greedy answer length
+    eval_batch_size: int = 8  # `gist-dist eval`: prompts per batch per rank
 
     @property
     def run_kind(self) -> str:
