@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue-3 fidelity: compress a 480-token system prompt into 8 gist tokens on SmolLM2-135M-Instruct
+# Compress fidelity (benchmark 4): compress a 480-token system prompt into 8 gist tokens on SmolLM2-135M-Instruct
 # (2 CPU ranks, ZeRO-3, frozen backbone), then measure KL and greedy next-token agreement with the
 # full-prompt teacher on held-out queries, against a no-prompt baseline (written to fidelity.json).
 #   [EXTRA_QUERIES=FILE] benchmarks/compress_fidelity.sh [OUT_DIR] [key=value ...]

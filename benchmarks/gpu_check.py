@@ -1,4 +1,4 @@
-"""The prepared GPU check (issue 13), the Python half of benchmarks/gpu_check.sh (which installs the
+"""The prepared GPU check, the Python half of benchmarks/gpu_check.sh (which installs the
 carried wheels first). Only the public CLI (`gist-dist train/eval/compress/generate`) and the files a
 run writes (metrics.jsonl, eval_outputs.jsonl) are used, so the trainer's internals can change freely.
 
@@ -466,7 +466,7 @@ def main() -> int:
         entry["seconds"] = round(time.time() - t, 1)
         check.step("compress", entry)
 
-    # 7. packed rows, FlexAttention's BlockMask vs the dense 4D mask (issue 14): same rows, same steps
+    # 7. packed rows, FlexAttention's BlockMask vs the dense 4D mask: same rows, same steps
     length, rows = s["packed"]
     packed = ["data.packing=true", f"data.max_length={length}", f"train.micro_batch_size={rows}"]
     train_variant("packed_dense", [*packed, "model.attention=dense"], rows)

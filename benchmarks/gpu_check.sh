@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issue 13): under 8 minutes on one GPU; writes OUT_DIR/gpu_check.json and
+# The prepared GPU check: under 8 minutes on one GPU; writes OUT_DIR/gpu_check.json and
 # OUT_DIR/gpu_check.log (default OUT_DIR: $OUT, the device tool's folder that comes back).
 #
 #   benchmarks/gpu_check.sh [--dry-run] [OUT_DIR]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# mask_prefix hidden vs visible on the generated tasks (issue 18's sink lead), same recipe and budget:
+# mask_prefix hidden vs visible on the generated tasks, same recipe and budget:
 # the demo's config (SmolLM2-135M-Instruct, packed rows, 2 ranks, ZeRO-3) trained STEPS steps in
 # gist and neg_control under each prefix rule, and pos_control once (the prefix rule does not touch
 # it); every run evaluated greedily on NUM_EVAL held-out tasks of seen and of unseen families; then
