@@ -225,7 +225,7 @@ def format_markdown(result: dict) -> str:
     lines = [
         f"# Evaluation of {result['run']}",
         "",
-        f"mode {result['mask']}, {result['num_gist']} gist token(s), model {result['model']}, "
+        f"mask {result['mask']}, {result['num_gist']} gist token(s), model {result['model']}, "
         f"{result['world_size']} rank(s){' ZeRO-3' if result['zero3'] else ''}, greedy, "
         f"max {result['max_new_tokens']} new tokens",
         "",
