@@ -208,12 +208,12 @@ def meta_model(cfg, vocab_min: int):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from gist_dist.model import is_shape_file, llama_config_from_shape, resolve_model_path
+    from gist_dist.model import config_from_shape, is_shape_file, resolve_model_path
 
     path = resolve_model_path(cfg.model.name)
     if not is_shape_file(path):
         raise SystemExit(f"scale_zero3: model.name must be a shape file (configs/models/*.yaml), got {cfg.model.name}")
-    config = llama_config_from_shape(path, vocab_min)
+    config = config_from_shape(path, vocab_min)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32), config
 

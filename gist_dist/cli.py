@@ -279,7 +279,6 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument(
         "--objective",
         default="finetune",
-        choices=("finetune", "distill"),
         help="finetune (the whole model trains) or distill (gist embeddings only)",
     )
     pl.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
