@@ -45,11 +45,14 @@ LONGEST_FIRST = (
     "test_faults",
     "test_resume",
     "test_gpu_check",
+    "test_deepspeed_config",
     "test_distill",
     "test_seq2seq_train",
     "test_launchers",
     "test_activation_checkpointing",
     "test_seq2seq_inference",
+    "test_packing_zero3",
+    "test_gist_kv",
 )
 
 
