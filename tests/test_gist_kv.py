@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_resume import fresh_dir_resuming_from, losses
+from test_resume import resume_at_the_checkpoint_is_exact
 
 from conftest import TINY, gist_dist, torchrun
 from gist_dist import artifact
@@ -121,12 +121,7 @@ def test_the_cache_gives_the_logits_of_the_training_forward_and_cached_equals_un
 
 
 def test_resume_is_exact(run, tmp_path):
-    out = fresh_dir_resuming_from(run, f"step{SAVE_EVERY:08d}", tmp_path / "resumed")
-    torchrun(["train", TINY, f"output_dir={out}", *ARGS])
-    reference, resumed = losses(run), losses(out)
-    assert sorted(resumed) == list(range(SAVE_EVERY + 1, STEPS + 1))
-    assert resumed == {s: reference[s] for s in resumed}
-    assert torch.equal(load_file(out / artifact.WEIGHTS)["kv"], load_file(run / artifact.WEIGHTS)["kv"])
+    resume_at_the_checkpoint_is_exact(run, f"step{SAVE_EVERY:08d}", tmp_path / "resumed", ARGS, ("kv",))
 
 
 def test_export_refuses_a_kv_artifact_in_one_line(run, tmp_path):

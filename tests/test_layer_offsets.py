@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_resume import fresh_dir_resuming_from, losses
+from test_resume import resume_at_the_checkpoint_is_exact
 
 from conftest import T5, TINY, gist_dist, torchrun
 from gist_dist import artifact
@@ -98,13 +98,9 @@ def test_cached_generation_equals_uncached_and_the_offsets_are_used(run, tmp_pat
 
 
 def test_resume_is_exact(run, tmp_path):
-    out = fresh_dir_resuming_from(run, f"step{SAVE_EVERY:08d}", tmp_path / "resumed")
-    torchrun(["train", TINY, f"output_dir={out}", *ARGS])
-    reference, resumed = losses(run), losses(out)
-    assert sorted(resumed) == list(range(SAVE_EVERY + 1, STEPS + 1))
-    assert resumed == {s: reference[s] for s in resumed}
-    for name in ("gist", "layer_offsets"):
-        assert torch.equal(load_file(out / artifact.WEIGHTS)[name], load_file(run / artifact.WEIGHTS)[name])
+    resume_at_the_checkpoint_is_exact(
+        run, f"step{SAVE_EVERY:08d}", tmp_path / "resumed", ARGS, ("gist", "layer_offsets")
+    )
 
 
 def test_artifact_whose_offsets_disagree_with_its_config_is_refused(tmp_path):

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY, free_port, gist_dist, torchrun
+from gist_dist import artifact
 
 STEPS, SAVE_EVERY = 8, 4
 ARGS = [f"train.max_steps={STEPS}", f"train.save_every={SAVE_EVERY}"]
@@ -37,6 +38,18 @@ def fresh_dir_resuming_from(run: Path, tag: str, target: Path) -> Path:
     shutil.copytree(run / "checkpoints" / tag, target / "checkpoints" / tag)
     (target / "checkpoints" / "latest").write_text(tag)
     return target
+
+
+def resume_at_the_checkpoint_is_exact(run: Path, tag: str, out: Path, args: list[str], tensors: tuple[str, ...]):
+    """Resume a copy of `run` from its checkpoint `tag` with the same `args`: every later step's loss equals
+    the uninterrupted run's, and the artifact's `tensors` are equal bit for bit."""
+    fresh_dir_resuming_from(run, tag, out)
+    torchrun(["train", TINY, f"output_dir={out}", *args])
+    reference, resumed = losses(run), losses(out)
+    steps = [r for r in reference if r > int(tag.removeprefix("step"))]
+    assert steps and sorted(resumed) == steps and resumed == {s: reference[s] for s in resumed}
+    for name in tensors:
+        assert torch.equal(load_file(out / artifact.WEIGHTS)[name], load_file(run / artifact.WEIGHTS)[name])
 
 
 @pytest.fixture(scope="module")
